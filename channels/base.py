@@ -1,0 +1,150 @@
+"""The interface every channel implements, and what the server hands to channels.
+
+Channels never import Starlette or the session layer: they validate params, produce an async
+stream of chunks, read pushed input from their context, and clean up in `finally` blocks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from abc import ABC, abstractmethod
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Literal, Protocol
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from server.config import Settings
+from server.protocol import ErrorCode, validation_details
+
+
+@dataclass(frozen=True, slots=True)
+class Binary:
+    """A chunk whose payload travels in a binary frame (media)."""
+
+    payload: bytes
+
+
+class ChannelError(Exception):
+    """A failure to report to the client: at subscribe time as `error`, mid-stream as `end` with reason `error`."""
+
+    def __init__(self, code: ErrorCode, message: str, details: list[dict[str, Any]] | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.details = details
+
+
+class ParamsModel(BaseModel):
+    """Base of every channel's params: unknown fields are errors, not silently ignored."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+Publish = Callable[[Any], None]
+Producer = Callable[[Publish], Awaitable[None]]
+
+
+class Feeds(Protocol):
+    """Shared fan-out streams (the hub): one producer per topic, however many subscribers."""
+
+    def subscribe(
+        self, topic: str, producer: Producer | None = None, depth: int = 64
+    ) -> AbstractAsyncContextManager[AsyncIterator[Any]]: ...
+
+
+class LogSource(Protocol):
+    """The server's own log records: a ring buffer of recent ones, and their broker topic."""
+
+    topic: str
+
+    def recent(self) -> list[dict[str, Any]]: ...
+
+
+@dataclass
+class Services:
+    """What the server lends to channels; later issues add the engine."""
+
+    settings: Settings
+    feeds: Feeds
+    logs: LogSource
+    stats: Callable[[], dict[str, Any]]
+    extras: dict[str, Any] = field(default_factory=dict)
+
+
+class EndOfInput:
+    """Marks the end of pushed input (`{"op":"push","end":true}`)."""
+
+
+END_OF_INPUT = EndOfInput()
+
+
+@dataclass
+class StreamContext:
+    """Per-stream state a channel sees: its id and the input pushed by the client."""
+
+    stream_id: str
+    inbox: asyncio.Queue[Any]
+
+    async def pushed(self) -> AsyncIterator[Any]:
+        """Yield pushed items (JSON values or bytes) until the client ends its input."""
+        while True:
+            item = await self.inbox.get()
+            if item is END_OF_INPUT:
+                return
+            yield item
+
+
+Status = Literal["available", "loading", "unavailable"]
+
+
+@dataclass(frozen=True)
+class ChannelStatus:
+    """Whether a channel can serve now, and why not."""
+
+    state: Status
+    reason: str | None = None
+
+
+AVAILABLE = ChannelStatus("available")
+
+
+class Channel(ABC):
+    """One kind of content. Subclasses set the class attributes and implement `stream`."""
+
+    name: ClassVar[str]
+    summary: ClassVar[str]
+    Params: ClassVar[type[ParamsModel]]
+    lossy: ClassVar[bool] = False
+    accepts_push: ClassVar[bool] = False
+
+    def __init__(self, services: Services) -> None:
+        self.services = services
+        self.settings = services.settings
+
+    async def start(self) -> None:
+        """Called once at server start (load models here, in the background)."""
+
+    async def stop(self) -> None:
+        """Called once at server stop."""
+
+    def status(self) -> ChannelStatus:
+        """Whether the channel can take subscriptions now."""
+        return AVAILABLE
+
+    def parse(self, raw: dict[str, Any]) -> ParamsModel:
+        """Validate subscribe params; raise ChannelError(invalid_params, ...) with field details."""
+        try:
+            params = self.Params.model_validate(raw)
+        except ValidationError as exc:
+            raise ChannelError(ErrorCode.INVALID_PARAMS, f"invalid params for channel {self.name!r}", validation_details(exc)) from None
+        self.check(params)
+        return params
+
+    def check(self, params: Any) -> None:
+        """Checks beyond the schema (files exist, paths stay inside their folder); raise ChannelError."""
+
+    @abstractmethod
+    def stream(self, params: Any, ctx: StreamContext) -> AsyncIterator[Any]:
+        """Yield chunks: JSON-serialisable data, or Binary for media."""

@@ -1,0 +1,72 @@
+"""One settings object, read from the environment (`STREAMPLEX_*`) and overridden by CLI flags.
+
+Each field's description is its documentation: docs/configuration.md is generated from it
+(`python -m server.config`), and a test keeps the two in step.
+"""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+ROOT = Path(__file__).resolve().parent.parent
+SAMPLES = ROOT / "samples"
+
+
+class Settings(BaseSettings):
+    """Every setting of the server, with its default."""
+
+    model_config = SettingsConfigDict(env_prefix="STREAMPLEX_", extra="ignore")
+
+    host: str = Field("127.0.0.1", description="Address to listen on.")
+    port: int = Field(8000, ge=0, le=65535, description="TCP port to listen on (0 picks a free one).")
+    node: str = Field(default_factory=socket.gethostname, description="This node's name in logs and metrics (default: the hostname).")
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = Field("INFO", description="Lowest level the server logs.")
+    log_buffer: int = Field(2000, ge=1, le=1_000_000, description="Log records kept in memory for the logs channel's backlog.")
+
+    api_keys: str = Field("", description="Comma-separated API keys, each optionally scoped to channels as `key:chat|metrics`. With no keys here nor in the keys file, one key is generated at start and logged once.")
+    keys_file: Path | None = Field(None, description="File of API keys, one per line: `KEY [channel,...]`, or `sha256:HEX [channel,...]` to store only the key's hash. `#` starts a comment.")
+    auth_timeout: float = Field(5.0, gt=0, description="Seconds a client has to send its `auth` frame when no key came on the upgrade request.")
+    auth_fail_limit: int = Field(10, ge=1, description="Failed authentications allowed per client address within `auth_fail_window`; past it the address is refused with close code 4003.")
+    auth_fail_window: float = Field(60.0, gt=0, description="Seconds over which failed authentications are counted.")
+
+    max_frame_bytes: int = Field(1_048_576, ge=1024, description="Largest incoming WebSocket message in bytes; a larger one closes the connection with 1009.")
+    max_streams: int = Field(64, ge=1, description="Streams one connection may have open at once.")
+    rate: float = Field(100.0, gt=0, description="Incoming ops per second each connection may send (token-bucket refill rate).")
+    burst: int = Field(200, ge=1, description="Token-bucket capacity: ops a connection may send in a burst.")
+    rate_limit_strikes: int = Field(100, ge=1, description="Consecutive refused ops after which the connection is closed with 4008.")
+    push_queue: int = Field(64, ge=1, description="Pushed inputs buffered per stream before pushes are refused with rate_limited.")
+    heartbeat_interval: float = Field(20.0, ge=0, description="Seconds between WebSocket pings to each client (0 disables them).")
+    heartbeat_timeout: float = Field(20.0, gt=0, description="Seconds to wait for a pong before the connection is dropped.")
+    per_message_deflate: bool = Field(True, description="Offer permessage-deflate compression to clients.")
+
+    outbox_bytes: int = Field(1_048_576, ge=4096, description="Bytes of outgoing frames buffered per connection; lossless streams wait when it is full, lossy ones start to drop.")
+    lossy_depth: int = Field(32, ge=1, description="Frames a lossy stream (logs, metrics) keeps pending once the outbox is full; older ones are dropped and counted.")
+    slow_consumer_timeout: float = Field(10.0, gt=0, description="Seconds a send may stay blocked on a client that does not read before it is closed with 4009.")
+    shutdown_timeout: float = Field(10.0, ge=0, description="Seconds to drain on SIGTERM: streams end with reason `shutdown`, connections close with 1001.")
+
+    documents_dir: Path = Field(SAMPLES / "documents", description="Folder the text channel's `document` param reads from.")
+    data_dir: Path = Field(SAMPLES / "data", description="Folder the data channel's `dataset` param reads from.")
+    metrics_min_interval_ms: int = Field(100, ge=10, description="Smallest `interval_ms` the metrics channel accepts.")
+
+
+def settings_table() -> str:
+    """The settings as a Markdown table (for docs/configuration.md)."""
+    rows = ["| environment variable | flag | default | meaning |", "| --- | --- | --- | --- |"]
+    for name, field in Settings.model_fields.items():
+        if field.default_factory is not None:
+            default = "(computed)"
+        elif isinstance(field.default, Path):
+            default = f"`{field.default.relative_to(ROOT)}`" if field.default.is_relative_to(ROOT) else f"`{field.default}`"
+        else:
+            default = f"`{field.default!s}`" if field.default not in (None, "") else "(none)"
+        rows.append(f"| `STREAMPLEX_{name.upper()}` | `--{name.replace('_', '-')}` | {default} | {field.description} |")
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    print(settings_table())
