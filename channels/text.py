@@ -1,0 +1,112 @@
+"""text: a document in chunks of characters, words, sentences or UTF-8 bytes, as fast as read or paced."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import AsyncIterator, Iterator
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from channels.base import Channel, ParamsModel, StreamContext
+from channels.files import read_text_blocks, resolve_inside
+from channels.pacing import Pacer
+
+MAX_INLINE_CHARS = 1_000_000
+
+# A word is a run of non-space with the whitespace that follows it; a sentence runs through its
+# closing punctuation (and any closing quotes or brackets) and the whitespace after it.
+_WORD = re.compile(r"\s*\S+\s*" r"|\s+")
+_SENTENCE = re.compile(r".*?(?:[.!?\u2026\u3002\uff01\uff1f]+[\"'\u2019\u201d)\]]*(?:\s+|$)|\n\s*\n\s*)", re.DOTALL)
+
+
+class TextParams(ParamsModel):
+    text: str | None = Field(None, max_length=MAX_INLINE_CHARS, description="Inline text to stream.")
+    document: str | None = Field(None, max_length=1024, description="A file under the server's documents folder (UTF-8).")
+    unit: Literal["chars", "words", "sentences", "bytes"] = Field("chars", description="What `chunk_size` counts.")
+    chunk_size: int = Field(10, ge=1, le=65536, description="Units per chunk.")
+    interval_ms: int = Field(0, ge=0, le=60000, description="Pause between chunks; 0 streams as fast as the client reads.")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> TextParams:
+        if (self.text is None) == (self.document is None):
+            raise ValueError("give exactly one of `text` or `document`")
+        return self
+
+
+def split_units(text: str, unit: str, final: bool) -> tuple[list[str], str]:
+    """Split `text` into complete units plus the unfinished remainder (empty when `final`)."""
+    if unit == "chars":
+        return list(text), ""
+    if unit == "bytes":
+        return [text], ""
+    pattern = _WORD if unit == "words" else _SENTENCE
+    units = [m.group(0) for m in pattern.finditer(text) if m.group(0)]
+    consumed = sum(map(len, units))
+    rest = text[consumed:]
+    if not final and units and consumed == len(text):
+        rest = units.pop()
+    if final and rest:
+        units.append(rest)
+        rest = ""
+    return units, rest
+
+
+def utf8_pieces(text: str, size: int) -> Iterator[str]:
+    """Pieces of at most `size` UTF-8 bytes that never split a character (a wider character stands alone)."""
+    start, budget = 0, 0
+    for i, ch in enumerate(text):
+        width = len(ch.encode("utf-8"))
+        if budget and budget + width > size:
+            yield text[start:i]
+            start, budget = i, 0
+        budget += width
+    if start < len(text):
+        yield text[start:]
+
+
+class TextChannel(Channel):
+    name = "text"
+    summary = "A document in chunks of chars, words, sentences or bytes; the chunks concatenate to the exact text."
+    Params = TextParams
+
+    def check(self, params: TextParams) -> None:
+        if params.document is not None:
+            resolve_inside(self.settings.documents_dir, params.document, "document")
+
+    async def _blocks(self, params: TextParams) -> AsyncIterator[str]:
+        if params.text is not None:
+            yield params.text
+            return
+        async for block in read_text_blocks(resolve_inside(self.settings.documents_dir, params.document or "", "document")):
+            yield block
+
+    async def _chunks(self, params: TextParams) -> AsyncIterator[str]:
+        if params.unit == "bytes":
+            carry = ""
+            async for block in self._blocks(params):
+                pieces = list(utf8_pieces(carry + block, params.chunk_size))
+                carry = pieces.pop() if pieces else ""
+                for piece in pieces:
+                    yield piece
+            if carry:
+                yield carry
+            return
+        pending: list[str] = []
+        rest = ""
+        async for block in self._blocks(params):
+            units, rest = split_units(rest + block, params.unit, final=False)
+            pending.extend(units)
+            while len(pending) >= params.chunk_size:
+                yield "".join(pending[: params.chunk_size])
+                del pending[: params.chunk_size]
+        units, _ = split_units(rest, params.unit, final=True)
+        pending.extend(units)
+        for i in range(0, len(pending), params.chunk_size):
+            yield "".join(pending[i : i + params.chunk_size])
+
+    async def stream(self, params: TextParams, ctx: StreamContext) -> AsyncIterator[str]:
+        pace = Pacer(params.interval_ms)
+        async for chunk in self._chunks(params):
+            await pace.wait()
+            yield chunk

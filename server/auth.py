@@ -1,0 +1,129 @@
+"""API keys (kept as SHA-256 hashes, compared in constant time, optionally scoped) and failed-auth throttling."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import secrets
+import time
+from collections import OrderedDict, deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from server.config import Settings
+
+
+@dataclass(frozen=True)
+class Principal:
+    """An authenticated key: which channels it may use (None: all) and a short, non-secret label."""
+
+    label: str
+    scopes: frozenset[str] | None
+
+    def may_use(self, channel: str) -> bool:
+        """Whether this key's scope covers `channel`."""
+        return self.scopes is None or channel in self.scopes
+
+
+def _digest(key: str) -> bytes:
+    return hashlib.sha256(key.encode("utf-8")).digest()
+
+
+class KeyStore:
+    """The configured API keys, hashed."""
+
+    def __init__(self) -> None:
+        self._entries: list[tuple[bytes, Principal]] = []
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def add(self, key: str, scopes: frozenset[str] | None = None) -> None:
+        """Register a key given in clear."""
+        self.add_hash(_digest(key), scopes)
+
+    def add_hash(self, digest: bytes, scopes: frozenset[str] | None = None) -> None:
+        """Register a key by its SHA-256 digest."""
+        self._entries.append((digest, Principal(label=f"key#{digest.hex()[:8]}", scopes=scopes)))
+
+    def authenticate(self, key: str) -> Principal | None:
+        """The key's principal, or None. Compares against every entry so timing does not reveal which matched."""
+        presented = _digest(key)
+        found: Principal | None = None
+        for digest, principal in self._entries:
+            if hmac.compare_digest(digest, presented):
+                found = principal
+        return found
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> tuple[KeyStore, str | None]:
+        """Keys from STREAMPLEX_API_KEYS and the keys file; with none, a generated key (returned once)."""
+        store = cls()
+        for item in filter(None, (part.strip() for part in settings.api_keys.split(","))):
+            key, _, scope = item.rpartition(":") if ":" in item else (item, "", "")
+            store.add(key, _scopes(scope.split("|")) if scope else None)
+        if settings.keys_file is not None:
+            store._load_file(settings.keys_file)
+        if len(store):
+            return store, None
+        generated = "sk-" + secrets.token_urlsafe(24)
+        store.add(generated)
+        return store, generated
+
+    def _load_file(self, path: Path) -> None:
+        for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            fields = line.split("#", 1)[0].split()
+            if not fields:
+                continue
+            if len(fields) > 2:
+                raise ValueError(f"{path}:{lineno}: expected `KEY [channel,...]`")
+            scopes = _scopes(fields[1].split(",")) if len(fields) == 2 else None
+            if fields[0].startswith("sha256:"):
+                self.add_hash(bytes.fromhex(fields[0].removeprefix("sha256:")), scopes)
+            else:
+                self.add(fields[0], scopes)
+
+
+def _scopes(names: list[str]) -> frozenset[str]:
+    return frozenset(n.strip() for n in names if n.strip())
+
+
+class AuthThrottle:
+    """Counts failed authentications per client address in a sliding window; bounded in addresses tracked."""
+
+    def __init__(self, limit: int, window: float, clock: Callable[[], float] = time.monotonic, max_addresses: int = 10_000) -> None:
+        self.limit = limit
+        self.window = window
+        self._clock = clock
+        self._max = max_addresses
+        self._failures: OrderedDict[str, deque[float]] = OrderedDict()
+
+    def retry_after(self, address: str) -> float:
+        """0.0 if `address` may try to authenticate now, else seconds until it may."""
+        stamps = self._prune(address)
+        if stamps is None or len(stamps) < self.limit:
+            return 0.0
+        return max(0.0, stamps[0] + self.window - self._clock())
+
+    def failed(self, address: str) -> None:
+        """Record a failed authentication from `address`."""
+        stamps = self._prune(address)
+        if stamps is None:
+            stamps = self._failures[address] = deque(maxlen=self.limit)
+            while len(self._failures) > self._max:
+                self._failures.popitem(last=False)
+        stamps.append(self._clock())
+        self._failures.move_to_end(address)
+
+    def _prune(self, address: str) -> deque[float] | None:
+        stamps = self._failures.get(address)
+        if stamps is None:
+            return None
+        horizon = self._clock() - self.window
+        while stamps and stamps[0] <= horizon:
+            stamps.popleft()
+        if not stamps:
+            del self._failures[address]
+            return None
+        return stamps

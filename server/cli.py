@@ -1,0 +1,80 @@
+"""`streamplex serve` (and `python -m server`): run the server with uvicorn, draining on SIGTERM."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import socket
+import sys
+from pathlib import Path
+from typing import Any, get_args, get_origin
+
+import uvicorn
+
+from server.app import create_app
+from server.config import Settings
+from server.runtime import Runtime, configure_logging
+
+
+class DrainingServer(uvicorn.Server):
+    """A uvicorn server that drains streams before uvicorn closes the sockets."""
+
+    def __init__(self, config: uvicorn.Config, runtime: Runtime) -> None:
+        super().__init__(config)
+        self.runtime = runtime
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        await self.runtime.drain(self.runtime.settings.shutdown_timeout)
+        await super().shutdown(sockets)
+
+
+def _add_setting_flags(parser: argparse.ArgumentParser) -> None:
+    for name, field in Settings.model_fields.items():
+        flag = "--" + name.replace("_", "-")
+        annotation = field.annotation
+        if annotation is bool:
+            parser.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=None, help=field.description)
+            continue
+        if get_origin(annotation) is not None:
+            args = [a for a in get_args(annotation) if a is not type(None)]
+            annotation = args[0] if len(args) == 1 else str
+        kind: Any = annotation if annotation in (int, float, Path) else str
+        parser.add_argument(flag, dest=name, type=kind, default=None, help=field.description)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The `serve` argument parser: one flag per setting."""
+    parser = argparse.ArgumentParser(prog="streamplex serve", description="Run the streamplex server. Flags override STREAMPLEX_* variables.")
+    _add_setting_flags(parser)
+    return parser
+
+
+def serve(argv: list[str] | None = None) -> None:
+    """Parse flags, then serve until SIGINT/SIGTERM."""
+    args = build_parser().parse_args(argv)
+    overrides = {k: v for k, v in vars(args).items() if v is not None}
+    settings = Settings(**overrides)
+    ring = configure_logging(settings)
+    app = create_app(settings, ring)
+    config = uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        ws_max_size=settings.max_frame_bytes,
+        ws_ping_interval=settings.heartbeat_interval or None,
+        ws_ping_timeout=settings.heartbeat_timeout,
+        ws_per_message_deflate=settings.per_message_deflate,
+        log_config=None,
+        timeout_graceful_shutdown=settings.shutdown_timeout + 2,
+    )
+    server = DrainingServer(config, app.state.runtime)
+    asyncio.run(server.serve())
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of the `streamplex` command."""
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] != "serve":
+        print("usage: streamplex serve [--host HOST] [--port PORT] [--<setting> VALUE ...]", file=sys.stderr)
+        raise SystemExit(2)
+    serve(argv[1:])

@@ -1,0 +1,10 @@
+"""The batching engine: a torch-free scheduler and loop, and model runners (the only code touching tensors).
+
+Importing this package does not import torch; the runners' modules are imported when models load.
+"""
+
+from server.engine.engine import Engine, EngineError, Limits, Stream, Update
+from server.engine.factory import build_engine
+from server.engine.request import GenerationRequest, SamplingParams
+
+__all__ = ["Engine", "EngineError", "GenerationRequest", "Limits", "SamplingParams", "Stream", "Update", "build_engine"]

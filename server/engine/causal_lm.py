@@ -1,0 +1,231 @@
+"""The chat runner: a Hugging Face causal LM with continuous batching.
+
+Every step is one forward pass over one row of tokens: a token for each sequence in the shared decode
+batch (a KVBlock with per-row positions and a padding mask), then the prompts being prefilled. Prompts
+that fit in one chunk are packed together (a block-diagonal mask keeps them apart, positions restart per
+prompt); a longer prompt goes chunk by chunk through its own block. `attention.segmented_attention`
+routes each part to its block. When a prompt is done its first token is sampled and its keys and values
+are copied into the batch, which it leaves (freeing the row) as soon as it finishes or is cancelled.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from server.engine import attention, loading
+from server.engine.device import use_threads
+from server.engine.kvcache import KVBlock
+from server.engine.request import GenerationRequest
+from server.engine.runner import Runner
+from server.engine.sampling import make_generator, sample
+from server.engine.scheduler import Chunk, Output, StepPlan
+
+
+@dataclass
+class _Step:
+    """One forward pass being assembled: its tokens, their positions, the segments, and whose logits to keep."""
+
+    tokens: list[int] = field(default_factory=list)
+    positions: list[int] = field(default_factory=list)
+    segments: list[attention.Segment] = field(default_factory=list)
+    keep: list[tuple[int, int, tuple[KVBlock, int, int] | None]] = field(default_factory=list)
+
+    def add(self, segment: attention.Segment, tokens: list[int], positions: list[int]) -> int:
+        """Append a segment and its tokens; return the index of its first token in the row."""
+        begin = len(self.tokens)
+        self.segments.append(segment)
+        self.tokens += tokens
+        self.positions += positions
+        return begin
+
+
+@dataclass(eq=False)
+class _Seq:
+    request: GenerationRequest
+    generator: torch.Generator | None
+    prefill: KVBlock | None = None
+    last: int = 0
+    generated: int = 0
+
+
+def supported_context(config: Any) -> int:
+    """The context length the runner can serve exactly: full attention everywhere, so sliding windows cap it."""
+    kinds = set(getattr(config, "layer_types", None) or ["full_attention"])
+    if kinds != {"full_attention"} or getattr(config, "attn_logit_softcapping", None):
+        raise loading.ModelNotSupported(f"only full-attention models are supported, not layer types {sorted(kinds)} or logit soft-capping")
+    context = int(getattr(config, "max_position_embeddings", 2048))
+    window = getattr(config, "sliding_window", None)
+    return min(context, int(window)) if window else context
+
+
+class CausalLMRunner(Runner):
+    """One chat model. `tokenizer`, `context_length` and `encode_chat` are for the chat channel."""
+
+    family = "chat"
+
+    def __init__(self, spec: str, cache_dir: Path, device: torch.device, dtype: torch.dtype, threads: int) -> None:
+        self.model_name = loading.model_name(spec)
+        self.name = f"{self.family}/{self.model_name}"
+        self.spec = spec
+        self.cache_dir = cache_dir
+        self.device = device
+        self.dtype = dtype
+        self.threads = threads
+        self.model: Any = None
+        self.tokenizer: Any = None
+        self.context_length = 0
+        self.eos_ids: frozenset[int] = frozenset()
+        self._seqs: dict[int, _Seq] = {}
+        self._rows: list[int] = []
+        self._batch: KVBlock | None = None
+
+    def load(self) -> None:
+        if self.model is not None:
+            return
+        if self.device.type == "cpu":
+            use_threads(self.threads)
+        folder = loading.model_folder(self.spec, self.cache_dir)
+        model, tokenizer = loading.load_causal_lm(folder, self.device, self.dtype, attention.NAME)
+        config = model.config
+        eos = model.generation_config.eos_token_id
+        eos_ids = {tokenizer.eos_token_id, *(eos if isinstance(eos, list) else [eos])} - {None}
+        self.context_length = supported_context(config)
+        self.eos_ids = frozenset(int(i) for i in eos_ids)
+        self.tokenizer = tokenizer
+        self.model = model
+        self.reset()
+
+    def _new_block(self) -> KVBlock:
+        config = self.model.config
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+        return KVBlock(config.num_hidden_layers, kv_heads, head_dim, self.dtype, self.device)
+
+    def reset(self) -> None:
+        self._seqs.clear()
+        self._rows.clear()
+        self._batch = self._new_block()
+
+    def kv_token_bytes(self) -> int:
+        block = self._new_block()
+        return 2 * block.layers * block.kv_heads * block.head_dim * block.dtype.itemsize
+
+    def kv_cost(self, reserves: Sequence[int]) -> int:
+        """Rows are padded to the longest one, so a batch costs rows x longest reservation."""
+        return len(reserves) * max(reserves, default=0)
+
+    def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
+        """Prompt token ids for a conversation, through the model's chat template, ending with the assistant's turn."""
+        ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
+        return list(ids)
+
+    def describe(self) -> dict[str, Any]:
+        threads = {"threads": self.threads} if self.device.type == "cpu" else {}
+        return {"model": self.model_name, "device": str(self.device), "dtype": str(self.dtype).removeprefix("torch."), **threads}
+
+    def stats(self) -> dict[str, Any]:
+        batch = self._batch
+        return {"rows": batch.rows if batch else 0, "kv_bytes": batch.nbytes() if batch else 0}
+
+    @torch.inference_mode()
+    def execute(self, plan: StepPlan) -> list[Output]:
+        if self.device.type == "cpu":
+            use_threads(self.threads)
+        for seq_id in plan.release:
+            self._free(seq_id)
+        for seq_id, request in plan.admit.items():
+            self._seqs[seq_id] = _Seq(request, make_generator(request.sampling, self.device))
+        step = _Step()
+        if plan.decode:
+            self._add_decode(step, plan.decode)
+        whole = [c for c in plan.prefill if c.start == 0 and c.last]
+        if whole:
+            self._add_packed(step, whole)
+        for chunk in plan.prefill:
+            if not (chunk.start == 0 and chunk.last):
+                self._add_chunk(step, chunk)
+        return self._run(step) if step.tokens else []
+
+    def _free(self, seq_id: int) -> None:
+        seq = self._seqs.pop(seq_id, None)
+        if seq is None or seq_id not in self._rows:
+            return
+        assert self._batch is not None
+        row = self._rows.index(seq_id)
+        self._batch.remove_row(row)
+        self._rows[row] = self._rows[-1]
+        self._rows.pop()
+
+    def _add_decode(self, step: _Step, seq_ids: list[int]) -> None:
+        batch = self._batch
+        assert batch is not None and sorted(seq_ids) == sorted(self._rows), "the decode set must be the batch"
+        batch.prepare(1)
+        segment = attention.Segment(len(step.tokens), batch, batch.rows, 1, batch.attention_mask(1))
+        begin = step.add(segment, [self._seqs[i].last for i in self._rows], batch.lengths())
+        step.keep += [(begin + row, seq_id, None) for row, seq_id in enumerate(self._rows)]
+
+    def _add_packed(self, step: _Step, chunks: list[Chunk]) -> None:
+        """Whole prompts packed into one row of a fresh block."""
+        lengths = [c.length for c in chunks]
+        block = self._new_block()
+        block.open_single(sum(lengths))
+        block.prepare(sum(lengths))
+        tokens = [t for c in chunks for t in self._seqs[c.seq_id].request.prompt]
+        segment = attention.Segment(len(step.tokens), block, 1, len(tokens), packing=attention.Packing.of(lengths, self.device))
+        begin = step.add(segment, tokens, [p for n in lengths for p in range(n)])
+        end = 0
+        for chunk in chunks:
+            end += chunk.length
+            step.keep.append((begin + end - 1, chunk.seq_id, (block, end - chunk.length, end)))
+
+    def _add_chunk(self, step: _Step, chunk: Chunk) -> None:
+        """One chunk of a long prompt, in the sequence's own block."""
+        seq = self._seqs[chunk.seq_id]
+        if chunk.start == 0:
+            seq.prefill = self._new_block()
+            seq.prefill.open_single(len(seq.request.prompt))
+        block = seq.prefill
+        assert block is not None
+        block.prepare(chunk.length)
+        tokens = seq.request.prompt[chunk.start : chunk.start + chunk.length]
+        segment = attention.Segment(len(step.tokens), block, 1, chunk.length, block.attention_mask(chunk.length))
+        begin = step.add(segment, tokens, list(range(chunk.start, chunk.start + chunk.length)))
+        if chunk.last:
+            step.keep.append((begin + chunk.length - 1, chunk.seq_id, (block, 0, chunk.start + chunk.length)))
+
+    def _run(self, step: _Step) -> list[Output]:
+        """The step's forward pass, then sampling, then prompts joining the batch."""
+        out = self.model(
+            input_ids=torch.tensor([step.tokens], device=self.device),
+            position_ids=torch.tensor([step.positions], device=self.device),
+            use_cache=False,
+            logits_to_keep=torch.tensor([index for index, _, _ in step.keep], device=self.device),
+            streamplex_segments=step.segments,
+        )
+        for segment in step.segments:
+            segment.block.commit()
+        seqs = [self._seqs[seq_id] for _, seq_id, _ in step.keep]
+        tokens = sample(out.logits[0], [s.request.sampling for s in seqs], [s.generator for s in seqs])
+        outputs = []
+        for (_, seq_id, source), seq, token in zip(step.keep, seqs, tokens, strict=True):
+            result = self._emit(seq_id, seq, token)
+            if source is not None:
+                seq.prefill = None
+                if result.done is None:
+                    assert self._batch is not None
+                    self._batch.add_row(*source)
+                    self._rows.append(seq_id)
+            outputs.append(result)
+        return outputs
+
+    def _emit(self, seq_id: int, seq: _Seq, token: int) -> Output:
+        seq.last = token
+        seq.generated += 1
+        if token in self.eos_ids or token in seq.request.stop_ids:
+            return Output(seq_id, token, "stop")
+        return Output(seq_id, token, "length" if seq.generated >= seq.request.max_new else None)

@@ -1,0 +1,36 @@
+"""Building the engine from settings. Importing this does not import torch: runners are created at load time."""
+
+from __future__ import annotations
+
+from server.config import Settings
+from server.engine.engine import Engine, Limits
+from server.engine.loading import model_name
+from server.engine.runner import Runner, RunnerSpec
+
+
+def chat_specs(setting: str) -> list[str]:
+    """The configured chat models (`STREAMPLEX_CHAT_MODEL`, comma-separated)."""
+    return [part.strip() for part in setting.split(",") if part.strip()]
+
+
+def build_engine(settings: Settings) -> Engine:
+    """An engine with one runner per configured chat model; `await engine.start()` begins loading them."""
+    specs = [
+        RunnerSpec("chat", model_name(spec), lambda spec=spec: _chat_runner(spec, settings)) for spec in chat_specs(settings.chat_model)
+    ]
+    limits = Limits(
+        max_batch=settings.engine_max_batch,
+        step_tokens=settings.engine_step_tokens,
+        prefill_chunk=settings.engine_prefill_chunk,
+        kv_cache_bytes=settings.engine_kv_cache_mb << 20,
+        max_waiting=settings.engine_max_queue,
+    )
+    return Engine(specs, limits)
+
+
+def _chat_runner(spec: str, settings: Settings) -> Runner:
+    from server.engine.causal_lm import CausalLMRunner
+    from server.engine.device import cpu_threads, resolve_device, resolve_dtype
+
+    device = resolve_device(settings.device)
+    return CausalLMRunner(spec, settings.cache_dir, device, resolve_dtype(settings.dtype, device), cpu_threads(settings.engine_threads))

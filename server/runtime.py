@@ -1,0 +1,117 @@
+"""The server's shared state: settings, keys, channels, hub, telemetry, and the live connections."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from channels import discover
+from channels.base import Channel, Services
+from server.auth import AuthThrottle, KeyStore
+from server.broker import MemoryBroker
+from server.config import Settings
+from server.hub import Hub
+from server.logbuffer import RingLogHandler
+from server.protocol import PROTOCOL_VERSION
+from server.telemetry import Telemetry
+
+if TYPE_CHECKING:
+    from server.connection import Connection
+
+log = logging.getLogger("streamplex")
+
+
+class Runtime:
+    """Everything one server process shares across connections."""
+
+    def __init__(self, settings: Settings, log_handler: RingLogHandler | None = None) -> None:
+        self.settings = settings
+        self.keys, self.generated_key = KeyStore.from_settings(settings)
+        self.throttle = AuthThrottle(settings.auth_fail_limit, settings.auth_fail_window)
+        self.telemetry = Telemetry(self.gauges)
+        self.broker = MemoryBroker()
+        self.hub = Hub(self.broker)
+        self.logs = log_handler or RingLogHandler(settings.log_buffer, settings.node)
+        self.services = Services(settings=settings, feeds=self.hub, logs=self.logs, stats=self.telemetry.stats.snapshot)
+        self.channels: dict[str, Channel] = {name: cls(self.services) for name, cls in discover().items()}
+        self.connections: set[Connection] = set()
+        self.draining = False
+        self.started = False
+        self.gauge_sources: list[Callable[[], dict[str, float]]] = []
+
+    def gauges(self) -> dict[str, float]:
+        """Extra gauges for /metrics (the engine adds its own)."""
+        out: dict[str, float] = {"outbox_bytes": float(sum(c.outbox_bytes() for c in self.connections))}
+        for source in self.gauge_sources:
+            out.update(source())
+        return out
+
+    async def start(self) -> None:
+        """Start channels and live log publishing; announce the generated key once."""
+        self.logs.attach(asyncio.get_running_loop(), self.broker.publish)
+        for channel in self.channels.values():
+            await channel.start()
+        if self.generated_key is not None:
+            log.warning(
+                "no API key configured (STREAMPLEX_API_KEYS or STREAMPLEX_KEYS_FILE); generated one for this run: %s",
+                self.generated_key,
+                extra={"secret": True},
+            )
+        self.started = True
+        log.info("streamplex ready on node %s with channels: %s", self.settings.node, ", ".join(self.channels))
+
+    async def drain(self, timeout: float) -> None:
+        """End every stream with reason `shutdown` and close every connection with 1001, within `timeout`."""
+        self.draining = True
+        if self.connections:
+            log.info("draining %d connection(s)", len(self.connections))
+            await asyncio.wait([asyncio.create_task(c.shutdown(timeout)) for c in list(self.connections)], timeout=timeout + 1)
+
+    async def stop(self) -> None:
+        """Stop channels and producers."""
+        self.started = False
+        await self.hub.close()
+        for channel in self.channels.values():
+            await channel.stop()
+        self.logs.detach()
+
+    def channel_table(self, principal_scopes: frozenset[str] | None = None) -> list[dict[str, Any]]:
+        """Each channel's name, status and kind, as `ready` and /channels report them."""
+        table = []
+        for name, channel in self.channels.items():
+            if principal_scopes is not None and name not in principal_scopes:
+                continue
+            status = channel.status()
+            entry: dict[str, Any] = {"name": name, "status": status.state, "lossy": channel.lossy, "push": channel.accepts_push, "summary": channel.summary}
+            if status.reason:
+                entry["reason"] = status.reason
+            table.append(entry)
+        return table
+
+    def limits(self) -> dict[str, Any]:
+        """The limits in force, as `ready` reports them."""
+        s = self.settings
+        return {
+            "protocol": PROTOCOL_VERSION,
+            "max_frame_bytes": s.max_frame_bytes,
+            "max_streams": s.max_streams,
+            "rate": s.rate,
+            "burst": s.burst,
+            "push_queue": s.push_queue,
+            "outbox_bytes": s.outbox_bytes,
+            "heartbeat_interval": s.heartbeat_interval,
+        }
+
+
+def configure_logging(settings: Settings) -> RingLogHandler:
+    """Route every logger to stderr and to the ring buffer the logs channel reads."""
+    ring = RingLogHandler(settings.log_buffer, settings.node)
+    console = logging.StreamHandler(sys.stderr)
+    console.setFormatter(logging.Formatter("%(asctime)s %(levelname)-8s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [console, ring]
+    root.setLevel(settings.log_level)
+    return ring

@@ -1,0 +1,174 @@
+"""A client's session: its streams, their seq counters and producers, and its outbox.
+
+Kept apart from the socket that carries it (see server/connection.py), so that a session could
+later be reattached to a new socket.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import secrets
+from dataclasses import dataclass, field
+from typing import Any
+
+from channels.base import END_OF_INPUT, Binary, Channel, ChannelError, Gap, StreamContext
+from server.auth import Principal
+from server.config import Settings
+from server.outbox import Lane, Outbox, Payload
+from server.protocol import EndReason, ErrorCode, ProtocolError, Subscribe, encode, encode_binary, end_frame
+from server.telemetry import Stats
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(eq=False)
+class Stream:
+    """One subscription: its channel, params, next seq, producer task and pushed-input queue."""
+
+    id: str
+    channel: Channel
+    params: Any
+    inbox: asyncio.Queue[Any]
+    seq: int = 0
+    lane: Lane | None = None
+    task: asyncio.Task[None] | None = field(default=None, repr=False)
+
+    def render(self, item: tuple[int, Any]) -> Payload:
+        """Encode one (seq, chunk) as a frame, reporting drops on lossy streams."""
+        seq, data = item
+        if isinstance(data, Binary):
+            return encode_binary(self.id, seq, data.payload)
+        frame: dict[str, Any] = {"op": "chunk", "id": self.id, "seq": seq, "data": data}
+        if self.lane is not None and (dropped := self.lane.take_dropped()):
+            frame["dropped"] = dropped
+        return encode(frame)
+
+
+class Session:
+    """Streams of one client, multiplexed onto one outbox."""
+
+    def __init__(self, settings: Settings, channels: dict[str, Channel], principal: Principal, stats: Stats) -> None:
+        self.id = secrets.token_urlsafe(12)
+        self.settings = settings
+        self.channels = channels
+        self.principal = principal
+        self.stats = stats
+        self.streams: dict[str, Stream] = {}
+        self.outbox = Outbox(settings.outbox_bytes)
+
+    def reply(self, frame: dict[str, Any]) -> None:
+        """Queue a control frame (may raise OutboxOverflow)."""
+        self.outbox.put_control(encode(frame))
+
+    def subscribe(self, op: Subscribe) -> None:
+        """Open a stream, or raise ProtocolError saying why not."""
+        if op.id in self.streams:
+            raise ProtocolError(ErrorCode.DUPLICATE_ID, f"stream id {op.id!r} is already open", id=op.id)
+        channel = self.channels.get(op.channel)
+        if channel is None:
+            raise ProtocolError(ErrorCode.UNKNOWN_CHANNEL, f"unknown channel {op.channel!r}; available: {sorted(self.channels)}", id=op.id)
+        if not self.principal.may_use(op.channel):
+            raise ProtocolError(ErrorCode.FORBIDDEN, f"this API key may not use channel {op.channel!r}", id=op.id)
+        status = channel.status()
+        if status.state != "available":
+            raise ProtocolError(ErrorCode.UNAVAILABLE, f"channel {op.channel!r} is {status.state}: {status.reason}", id=op.id, retry_after=5.0 if status.state == "loading" else None)
+        if len(self.streams) >= self.settings.max_streams:
+            raise ProtocolError(ErrorCode.TOO_MANY_STREAMS, f"at most {self.settings.max_streams} streams per connection", id=op.id)
+        try:
+            params = channel.parse(op.params)
+        except ChannelError as exc:
+            raise ProtocolError(exc.code, exc.message, id=op.id, details=exc.details) from None
+        stream = Stream(op.id, channel, params, asyncio.Queue(self.settings.push_queue + 1))
+        if channel.lossy:
+            stream.lane = Lane(self.settings.lossy_depth, stream.render, lambda n, name=channel.name: self._dropped(name, n))
+        self.streams[op.id] = stream
+        self.reply({"op": "subscribed", "id": op.id, "channel": op.channel})
+        self.stats.streams[channel.name] += 1
+        self.stats.streams_total[channel.name] += 1
+        stream.task = asyncio.create_task(self._produce(stream), name=f"stream:{self.id}:{op.id}")
+        log.info("session %s subscribed %s to %s", self.id, op.id, channel.name)
+
+    def push(self, stream_id: str, data: Any, end: bool = False) -> None:
+        """Hand pushed input (a JSON value or bytes) to a stream, or raise ProtocolError."""
+        stream = self.streams.get(stream_id)
+        if stream is None:
+            raise ProtocolError(ErrorCode.UNKNOWN_ID, f"no open stream {stream_id!r}", id=stream_id)
+        if not stream.channel.accepts_push:
+            raise ProtocolError(ErrorCode.BAD_REQUEST, f"channel {stream.channel.name!r} takes no pushed input", id=stream_id)
+        if data is None and not end:
+            raise ProtocolError(ErrorCode.BAD_REQUEST, "push needs `data` or `end: true`", id=stream_id)
+        items = ([data] if data is not None else []) + ([END_OF_INPUT] if end else [])
+        if stream.inbox.qsize() + len(items) > stream.inbox.maxsize:
+            raise ProtocolError(ErrorCode.RATE_LIMITED, "the stream's input queue is full; push more slowly", id=stream_id, retry_after=0.1)
+        for item in items:
+            stream.inbox.put_nowait(item)
+
+    async def unsubscribe(self, stream_id: str) -> None:
+        """Cancel a stream's producer at once and tell the client."""
+        stream = self.streams.get(stream_id)
+        if stream is None:
+            raise ProtocolError(ErrorCode.UNKNOWN_ID, f"no open stream {stream_id!r}", id=stream_id)
+        await self._cancel(stream)
+        self._finish(stream, EndReason.UNSUBSCRIBED)
+
+    async def end_all(self, reason: EndReason, notify: bool = True) -> None:
+        """Cancel every stream; with `notify`, queue an `end` for each."""
+        streams = list(self.streams.values())
+        await asyncio.gather(*(self._cancel(s) for s in streams))
+        for stream in streams:
+            self._finish(stream, reason, notify=notify)
+
+    async def _cancel(self, stream: Stream) -> None:
+        task = stream.task
+        if task is not None and not task.done():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    def _finish(self, stream: Stream, reason: EndReason, error: dict[str, Any] | None = None, notify: bool = True) -> None:
+        if self.streams.get(stream.id) is not stream:
+            return
+        del self.streams[stream.id]
+        self.stats.streams[stream.channel.name] -= 1
+        if stream.lane is not None:
+            self.outbox.discard(stream.lane)
+        if notify:
+            with contextlib.suppress(Exception):
+                self.reply(end_frame(stream.id, reason, error))
+        log.info("session %s stream %s (%s) ended: %s", self.id, stream.id, stream.channel.name, reason)
+
+    async def _produce(self, stream: Stream) -> None:
+        ctx = StreamContext(stream.id, stream.inbox)
+        reason, error = EndReason.COMPLETE, None
+        try:
+            async with contextlib.aclosing(stream.channel.stream(stream.params, ctx)) as chunks:
+                async for item in chunks:
+                    await self._emit(stream, item)
+        except ChannelError as exc:
+            reason, error = EndReason.ERROR, {"code": str(exc.code), "message": exc.message}
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("stream %s of channel %s failed", stream.id, stream.channel.name)
+            reason, error = EndReason.ERROR, {"code": str(ErrorCode.INTERNAL), "message": "internal error; see the server log"}
+        if error is not None:
+            self.stats.errors[error["code"]] += 1
+        self._finish(stream, reason, error)
+
+    def _dropped(self, channel: str, n: int) -> None:
+        self.stats.dropped[channel] += n
+
+    async def _emit(self, stream: Stream, item: Any) -> None:
+        if isinstance(item, Gap):
+            if stream.lane is not None:
+                stream.lane.dropped += item.count
+            self._dropped(stream.channel.name, item.count)
+            return
+        seq = stream.seq
+        stream.seq += 1
+        if stream.lane is not None:
+            self.outbox.offer(stream.lane, (seq, item))
+        else:
+            await self.outbox.put(stream.render((seq, item)))

@@ -1,0 +1,129 @@
+"""The chat runner on the real bundled model (SmolLM2-135M-Instruct, float32 on CPU), loaded once per session."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+
+import pytest
+import torch
+
+from server.config import Settings
+from server.engine import Engine, GenerationRequest, Limits, SamplingParams, Stream
+from server.engine.causal_lm import CausalLMRunner
+from server.engine.detok import IncrementalDetokenizer
+from server.engine.device import cpu_threads
+from server.engine.loading import BUNDLED
+from server.engine.runner import RunnerSpec
+
+
+@pytest.fixture(scope="session")
+def runner() -> CausalLMRunner:
+    runner = CausalLMRunner(BUNDLED, Settings().cache_dir, torch.device("cpu"), torch.float32, cpu_threads(0))
+    runner.load()
+    return runner
+
+
+@asynccontextmanager
+async def engine_with(runner: CausalLMRunner, **limits: int) -> AsyncIterator[Engine]:
+    engine = Engine([RunnerSpec("chat", runner.model_name, lambda: runner)], Limits(**limits))
+    await engine.start()
+    try:
+        while not engine.ready("chat"):
+            await asyncio.sleep(0.01)
+        yield engine
+    finally:
+        await engine.stop()
+
+
+def prompt(runner: CausalLMRunner, text: str) -> list[int]:
+    return runner.encode_chat([{"role": "user", "content": text}])
+
+
+GREEDY = SamplingParams()
+
+
+def submit(engine: Engine, runner: CausalLMRunner, ids: list[int], max_new: int, sampling: SamplingParams = GREEDY) -> Stream:
+    return engine.submit(runner.name, len(ids), max_new, GenerationRequest(ids, max_new, sampling))
+
+
+async def collect(stream: Stream, out: list[int]) -> str | None:
+    async with stream:
+        while (update := await stream.next()) is not None:
+            out += update.tokens
+    return stream.finish_reason
+
+
+async def until(condition: Callable[[], bool]) -> None:
+    while not condition():
+        await asyncio.sleep(0.005)
+
+
+STORY = "Write a short story about a lighthouse keeper."
+SEEDED = SamplingParams(temperature=0.8, top_p=0.9, top_k=50, seed=1234)
+
+
+async def test_batched_tokens_equal_alone_with_joins_and_leaves(runner: CausalLMRunner) -> None:
+    story, fact, poem, other = (
+        prompt(runner, STORY),
+        prompt(runner, "Explain what a compiler does."),
+        prompt(runner, "Write a poem about autumn leaves."),
+        prompt(runner, "List five uses of copper."),
+    )
+    async with engine_with(runner, max_batch=8, step_tokens=264, prefill_chunk=256) as engine:
+        alone: list[int] = []
+        assert await collect(submit(engine, runner, story, 24), alone) == "length"
+        seeded_alone: list[int] = []
+        await collect(submit(engine, runner, poem, 12, SEEDED), seeded_alone)
+
+        tokens: dict[str, list[int]] = {k: [] for k in ("fact", "other", "story", "poem", "dropped")}
+        tasks = [asyncio.create_task(collect(submit(engine, runner, fact, 6), tokens["fact"]))]
+        tasks.append(asyncio.create_task(collect(submit(engine, runner, other, 40), tokens["other"])))
+        await until(lambda: len(tokens["fact"]) >= 3)
+        tasks.append(asyncio.create_task(collect(submit(engine, runner, story, 24), tokens["story"])))
+        dropped = submit(engine, runner, other, 40)
+        tasks.append(asyncio.create_task(collect(dropped, tokens["dropped"])))
+        await until(lambda: len(tokens["story"]) >= 5)
+        tasks.append(asyncio.create_task(collect(submit(engine, runner, poem, 12, SEEDED), tokens["poem"])))
+        await until(lambda: len(tokens["dropped"]) >= 4)
+        dropped.cancel()
+        await asyncio.gather(*tasks)
+
+    assert tokens["story"] == alone, "greedy tokens must not depend on what else is in the batch"
+    assert tokens["poem"] == seeded_alone, "seeded sampling must not depend on the batch either"
+    assert tokens["other"][:4] == tokens["dropped"][:4]
+    reference = runner.model.generate(torch.tensor([story]), max_new_tokens=24, do_sample=False)[0, len(story) :].tolist()
+    assert alone == reference, "the engine's greedy tokens are Hugging Face generate's"
+
+
+async def test_cancel_frees_the_row_at_the_next_step(runner: CausalLMRunner) -> None:
+    async with engine_with(runner, max_batch=4, step_tokens=260, prefill_chunk=256) as engine:
+        kept, dropped = [], []
+        task = asyncio.create_task(collect(submit(engine, runner, prompt(runner, STORY), 64), kept))
+        stream = submit(engine, runner, prompt(runner, "Describe the ocean."), 64)
+        drop_task = asyncio.create_task(collect(stream, dropped))
+        await until(lambda: len(dropped) >= 3 and len(kept) >= 3)
+        runner_metrics = lambda: engine.metrics()["runners"][runner.name]  # noqa: E731
+        assert runner.stats()["rows"] == 2
+        steps = runner_metrics()["steps_total"]
+        stream.cancel()
+        assert runner_metrics()["running"] == 1, "the scheduler slot is free at once"
+        await until(lambda: runner_metrics()["steps_total"] >= steps + 2)
+        assert runner.stats()["rows"] == 1, "the row is gone after the step in flight and the next one"
+        assert await drop_task == "cancelled"
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        await until(lambda: runner.stats()["kv_bytes"] == 0)
+        assert engine.metrics()["streams"] == 0
+
+
+def test_detokenizer_never_splits_a_character(runner: CausalLMRunner) -> None:
+    text = "Café ☕ 東京タワー 🙂👍🏽 naïve résumé"
+    ids = runner.tokenizer.encode(text, add_special_tokens=False)
+    detok = IncrementalDetokenizer(runner.tokenizer)
+    deltas = [detok.push([i]) for i in ids]
+    deltas.append(detok.flush())
+    assert "".join(deltas) == text
+    assert not any("\ufffd" in d for d in deltas)
+    assert len([d for d in deltas if d]) < len(ids), "multi-token characters come out whole"
