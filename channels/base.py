@@ -10,12 +10,13 @@ import asyncio
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AbstractAsyncContextManager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, ClassVar, Literal, Protocol
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from server.config import Settings
+from server.engine import Engine
 from server.protocol import ErrorCode, validation_details
 
 
@@ -64,13 +65,13 @@ class LogSource(Protocol):
 
 @dataclass
 class Services:
-    """What the server lends to channels; later issues add the engine."""
+    """What the server lends to channels."""
 
     settings: Settings
     feeds: Feeds
     logs: LogSource
     stats: Callable[[], dict[str, Any]]
-    extras: dict[str, Any] = field(default_factory=dict)
+    engine: Engine | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -134,8 +134,7 @@ class ChatChannel(Channel):
     @property
     def engine(self) -> Engine | None:
         """The server's engine; None when none is lent (then the channel reports itself unavailable)."""
-        engine: Engine | None = getattr(self.services, "engine", None)
-        return engine
+        return self.services.engine
 
     def status(self) -> ChannelStatus:
         if self.engine is None:

@@ -30,8 +30,9 @@ class MetricsParams(ParamsModel):
 class Sampler:
     """Reads raw machine and server counters."""
 
-    def __init__(self, stats: Callable[[], dict[str, Any]], disk_path: str = "/") -> None:
+    def __init__(self, stats: Callable[[], dict[str, Any]], engine: Callable[[], dict[str, Any]] = dict, disk_path: str = "/") -> None:
         self.stats = stats
+        self.engine = engine
         self.disk_path = disk_path
         self.process = psutil.Process()
         self.gpu = GpuProbe()
@@ -62,6 +63,7 @@ class Sampler:
             "process": process,
             "gpu": self.gpu.read(),
             "server": self.stats(),
+            "engine": self.engine(),
         }
 
 
@@ -105,6 +107,7 @@ def derive(prev: dict[str, Any], cur: dict[str, Any]) -> dict[str, Any]:
             "cpu_percent": round(100.0 * max(0.0, proc["cpu_seconds"] - prev["process"]["cpu_seconds"]) / dt, 1) if dt > 0 else 0.0,
         },
         "gpu": cur["gpu"],
+        "engine": cur["engine"],
         "server": {
             "connections": server["connections"],
             "streams": server["streams"],
@@ -134,7 +137,8 @@ class MetricsChannel(Channel):
             raise ChannelError(ErrorCode.INVALID_PARAMS, f"interval_ms must be at least {floor}", [{"field": "interval_ms", "message": f"at least {floor}", "type": "greater_than_equal"}])
 
     async def _sample_forever(self, publish: Publish) -> None:
-        sampler = Sampler(self.services.stats)
+        engine = self.services.engine
+        sampler = Sampler(self.services.stats, engine.metrics if engine is not None else dict)
         prev = await asyncio.to_thread(sampler.sample)
         while True:
             await asyncio.sleep(min(self._intervals, default=1.0))

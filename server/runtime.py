@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import sys
-from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from channels import discover
@@ -13,6 +12,7 @@ from channels.base import Channel, Services
 from server.auth import AuthThrottle, KeyStore
 from server.broker import MemoryBroker
 from server.config import Settings
+from server.engine import build_engine
 from server.hub import Hub
 from server.logbuffer import RingLogHandler
 from server.protocol import PROTOCOL_VERSION
@@ -35,23 +35,25 @@ class Runtime:
         self.broker = MemoryBroker()
         self.hub = Hub(self.broker)
         self.logs = log_handler or RingLogHandler(settings.log_buffer, settings.node)
-        self.services = Services(settings=settings, feeds=self.hub, logs=self.logs, stats=self.telemetry.stats.snapshot)
+        self.engine = build_engine(settings)
+        self.services = Services(settings=settings, feeds=self.hub, logs=self.logs, stats=self.telemetry.stats.snapshot, engine=self.engine)
         self.channels: dict[str, Channel] = {name: cls(self.services) for name, cls in discover().items()}
         self.connections: set[Connection] = set()
         self.draining = False
         self.started = False
-        self.gauge_sources: list[Callable[[], dict[str, float]]] = []
 
     def gauges(self) -> dict[str, float]:
-        """Extra gauges for /metrics (the engine adds its own)."""
+        """Extra gauges for /metrics: outbox bytes and the engine's per-runner figures."""
         out: dict[str, float] = {"outbox_bytes": float(sum(c.outbox_bytes() for c in self.connections))}
-        for source in self.gauge_sources:
-            out.update(source())
+        for runner, figures in self.engine.metrics()["runners"].items():
+            slug = "".join(ch if ch.isalnum() else "_" for ch in runner)
+            out.update({f"engine_{slug}_{k}": float(v) for k, v in figures.items() if isinstance(v, int | float)})
         return out
 
     async def start(self) -> None:
         """Start channels and live log publishing; announce the generated key once."""
         self.logs.attach(asyncio.get_running_loop(), self.broker.publish)
+        await self.engine.start()
         for channel in self.channels.values():
             await channel.start()
         if self.generated_key is not None:
@@ -74,6 +76,7 @@ class Runtime:
         """Stop channels and producers."""
         self.started = False
         await self.hub.close()
+        await self.engine.stop()
         for channel in self.channels.values():
             await channel.stop()
         self.logs.detach()
