@@ -108,13 +108,15 @@ class Connection:
         self._close = (CloseCode.GOING_AWAY, "server shutting down; reconnect")
         await session.end_all(EndReason.SHUTDOWN)
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(session.outbox.drained(), timeout)
+            async with asyncio.timeout(timeout):
+                await session.outbox.drained()
         self._reader.cancel()
 
     async def _send_close(self, code: int, reason: str) -> None:
         self.stats.closes[code] += 1
         with contextlib.suppress(Exception):
-            await asyncio.wait_for(self.transport.close(code, reason), self.settings.slow_consumer_timeout)
+            async with asyncio.timeout(self.settings.slow_consumer_timeout):
+                await self.transport.close(code, reason)
 
     async def _authenticate(self) -> Principal | None:
         wait = self.runtime.throttle.retry_after(self.address)
@@ -124,7 +126,8 @@ class Connection:
         key = self.header_key
         if key is None:
             try:
-                message = await asyncio.wait_for(self.transport.receive(), self.settings.auth_timeout)
+                async with asyncio.timeout(self.settings.auth_timeout):
+                    message = await self.transport.receive()
             except TimeoutError:
                 await self._send_close(CloseCode.AUTH_TIMEOUT, f"no auth frame within {self.settings.auth_timeout:g} s")
                 return None
@@ -204,7 +207,9 @@ class Connection:
         while True:
             payload = await session.outbox.get()
             try:
-                await asyncio.wait_for(self.transport.send(payload), timeout)
+                # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancellation.
+                async with asyncio.timeout(timeout):
+                    await self.transport.send(payload)
             except TimeoutError:
                 log.warning("session %s: client has not read for %g s; closing as slow consumer", session.id, timeout)
                 self._close = (CloseCode.SLOW_CONSUMER, f"client did not read for {timeout:g} s")
