@@ -54,15 +54,18 @@ def split_units(text: str, unit: str, final: bool) -> tuple[list[str], str]:
 
 def utf8_pieces(text: str, size: int) -> Iterator[str]:
     """Pieces of at most `size` UTF-8 bytes that never split a character (a wider character stands alone)."""
-    start, budget = 0, 0
-    for i, ch in enumerate(text):
-        width = len(ch.encode("utf-8"))
-        if budget and budget + width > size:
-            yield text[start:i]
-            start, budget = i, 0
-        budget += width
-    if start < len(text):
-        yield text[start:]
+    raw = text.encode("utf-8")
+    start = 0
+    while start < len(raw):
+        end = min(start + size, len(raw))
+        while end < len(raw) and raw[end] & 0xC0 == 0x80:  # never end inside a character
+            end -= 1
+        if end == start:  # one character wider than `size`
+            end = start + 1
+            while end < len(raw) and raw[end] & 0xC0 == 0x80:
+                end += 1
+        yield raw[start:end].decode("utf-8")
+        start = end
 
 
 class TextChannel(Channel):

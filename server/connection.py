@@ -66,6 +66,7 @@ class Connection:
         self.session: Session | None = None
         self._close: tuple[int, str] | None = None
         self._reader: asyncio.Task[None] | None = None
+        self._finished = asyncio.Event()
 
     def outbox_bytes(self) -> int:
         """Bytes waiting in this connection's outbox."""
@@ -98,6 +99,7 @@ class Connection:
             self.stats.connections -= 1
             if self._close is not None:
                 await self._send_close(*self._close)
+            self._finished.set()
             log.info("session %s closed (%s)", session.id, self._close[1] if self._close else "client left")
 
     async def shutdown(self, timeout: float) -> None:
@@ -111,6 +113,9 @@ class Connection:
             async with asyncio.timeout(timeout):
                 await session.outbox.drained()
         self._reader.cancel()
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout):
+                await self._finished.wait()
 
     async def _send_close(self, code: int, reason: str) -> None:
         self.stats.closes[code] += 1

@@ -119,7 +119,5 @@ class Outbox:
             return payload
 
     async def drained(self) -> None:
-        """Wait until every queued frame has been taken by the writer."""
-        while self._queue:
-            self._empty.clear()
-            await self._empty.wait()
+        """Wait until every queued frame has been sent (the writer is back asking for more)."""
+        await self._empty.wait()
