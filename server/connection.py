@@ -67,6 +67,7 @@ class Connection:
         self._close: tuple[int, str] | None = None
         self._reader: asyncio.Task[None] | None = None
         self._finished = asyncio.Event()
+        self._sending_since: float | None = None
 
     def outbox_bytes(self) -> int:
         """Bytes waiting in this connection's outbox."""
@@ -88,13 +89,15 @@ class Connection:
         session.reply({"op": "ready", "session": session.id, "node": self.settings.node, "channels": self.runtime.channel_table(principal.scopes), "limits": self.runtime.limits()})
         writer = asyncio.create_task(self._write(session), name=f"writer:{session.id}")
         self._reader = asyncio.create_task(self._read(session), name=f"reader:{session.id}")
+        watchdog = asyncio.create_task(self._watch(writer), name=f"watchdog:{session.id}")
         try:
             await asyncio.wait({writer, self._reader}, return_when=asyncio.FIRST_COMPLETED)
         finally:
+            watchdog.cancel()
             self._reader.cancel()
             await session.end_all(EndReason.UNSUBSCRIBED, notify=False)
             writer.cancel()
-            await asyncio.gather(writer, self._reader, return_exceptions=True)
+            await asyncio.gather(writer, self._reader, watchdog, return_exceptions=True)
             self.runtime.connections.discard(self)
             self.stats.connections -= 1
             if self._close is not None:
@@ -208,18 +211,27 @@ class Connection:
                 raise ProtocolError(ErrorCode.BAD_REQUEST, "already authenticated")
 
     async def _write(self, session: Session) -> None:
-        timeout = self.settings.slow_consumer_timeout
+        loop = asyncio.get_running_loop()
         while True:
             payload = await session.outbox.get()
+            self._sending_since = loop.time()
             try:
-                # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancellation.
-                async with asyncio.timeout(timeout):
-                    await self.transport.send(payload)
-            except TimeoutError:
-                log.warning("session %s: client has not read for %g s; closing as slow consumer", session.id, timeout)
-                self._close = (CloseCode.SLOW_CONSUMER, f"client did not read for {timeout:g} s")
-                return
+                await self.transport.send(payload)
             except Disconnected:
                 return
+            self._sending_since = None
             self.stats.frames_out += 1
             self.stats.bytes_out += len(payload)
+
+    async def _watch(self, writer: asyncio.Task[None]) -> None:
+        """Close a client whose one pending send has been blocked for slow_consumer_timeout (one timer per connection, not per frame)."""
+        timeout = self.settings.slow_consumer_timeout
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(min(1.0, timeout / 4))
+            since = self._sending_since
+            if since is not None and loop.time() - since > timeout:
+                log.warning("session %s: client has not read for %g s; closing as slow consumer", self.session.id if self.session else "?", timeout)
+                self._close = (CloseCode.SLOW_CONSUMER, f"client did not read for {timeout:g} s")
+                writer.cancel()
+                return

@@ -1,0 +1,41 @@
+"""API keys and failed-auth throttling, without sockets."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+from server.auth import AuthThrottle, KeyStore
+from server.config import Settings
+
+
+def test_keys_from_settings_with_scopes_and_hashed_file(tmp_path: Path) -> None:
+    keys_file = tmp_path / "keys"
+    keys_file.write_text(f"# team keys\nsha256:{hashlib.sha256(b'hashed-key').hexdigest()} chat,metrics\nplain-key\n")
+    store, generated = KeyStore.from_settings(Settings(api_keys="a, b:logs|metrics", keys_file=keys_file))
+    assert generated is None and len(store) == 4
+    assert store.authenticate("a").scopes is None
+    assert store.authenticate("b").scopes == {"logs", "metrics"}
+    assert store.authenticate("hashed-key").may_use("chat") and not store.authenticate("hashed-key").may_use("text")
+    assert store.authenticate("plain-key") is not None
+    assert store.authenticate("b:logs|metrics") is None and store.authenticate("") is None
+
+
+def test_generates_a_key_when_none_configured() -> None:
+    store, generated = KeyStore.from_settings(Settings(api_keys=""))
+    assert generated and generated.startswith("sk-") and store.authenticate(generated) is not None
+    assert generated not in repr(store._entries)
+
+
+def test_throttle_window() -> None:
+    now = [0.0]
+    throttle = AuthThrottle(limit=2, window=10, clock=lambda: now[0], max_addresses=2)
+    throttle.failed("1.1.1.1")
+    assert throttle.retry_after("1.1.1.1") == 0
+    throttle.failed("1.1.1.1")
+    assert throttle.retry_after("1.1.1.1") == 10
+    now[0] = 10.5
+    assert throttle.retry_after("1.1.1.1") == 0
+    for addr in ("a", "b", "c"):
+        throttle.failed(addr)
+    assert len(throttle._failures) == 2  # bounded
