@@ -133,6 +133,13 @@ def _read_batch(rows: Iterator[Any], n: int) -> list[Any]:
     return batch
 
 
+def _csv_rows(reader: csv.DictReader[str], name: str) -> Iterator[dict[str, Any]]:
+    for row in reader:
+        if None in row:
+            raise RecordError(f"{name} line {reader.line_num} has more cells than the header")
+        yield row
+
+
 def _jsonl_rows(handle: io.TextIOBase, name: str) -> Iterator[Any]:
     for lineno, line in enumerate(handle, 1):
         if line.strip():
@@ -194,7 +201,7 @@ async def _records(params: DataParams, data_dir: Path) -> AsyncIterator[tuple[li
         if path.suffix.lower() == ".csv":
             reader = csv.DictReader(handle)
             header = await asyncio.to_thread(lambda: reader.fieldnames)
-            rows: Iterator[Any] = reader
+            rows: Iterator[Any] = _csv_rows(reader, path.name)
             columns = params.columns or list(header or [])
         else:
             rows = _jsonl_rows(handle, path.name)

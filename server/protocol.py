@@ -7,10 +7,10 @@ from __future__ import annotations
 
 import struct
 from enum import IntEnum, StrEnum
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import orjson
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 
 PROTOCOL_VERSION = 1
 MAX_ID_BYTES = 128
@@ -81,7 +81,13 @@ class ProtocolError(Exception):
         return error_frame(self.code, self.message, id=self.id, details=self.details, retry_after=self.retry_after)
 
 
-StreamId = Field(min_length=1, max_length=MAX_ID_BYTES)
+def _id_fits_binary_header(value: str) -> str:
+    if len(value.encode("utf-8")) > MAX_ID_BYTES:
+        raise ValueError(f"stream id must be at most {MAX_ID_BYTES} bytes of UTF-8")
+    return value
+
+
+StreamIdStr = Annotated[str, Field(min_length=1), AfterValidator(_id_fits_binary_header)]
 
 
 class _Op(BaseModel):
@@ -95,21 +101,21 @@ class Auth(_Op):
 
 class Subscribe(_Op):
     op: Literal["subscribe"]
-    id: str = StreamId
+    id: StreamIdStr
     channel: str = Field(max_length=64)
     params: dict[str, Any] = Field(default_factory=dict)
 
 
 class Push(_Op):
     op: Literal["push"]
-    id: str = StreamId
+    id: StreamIdStr
     data: Any = None
     end: bool = False
 
 
 class Unsubscribe(_Op):
     op: Literal["unsubscribe"]
-    id: str = StreamId
+    id: StreamIdStr
 
 
 class Ping(_Op):

@@ -1,0 +1,63 @@
+"""End to end over /ws with the real chat model: two chat streams and a metrics stream interleaved on one socket."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+
+import orjson
+import pytest
+
+from tests.serverproc import ServerProc, connect, recv, send, start_server
+
+
+@pytest.fixture(scope="module")
+def chat_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProc]:
+    srv = start_server(tmp_path_factory.mktemp("chat"), chat_model="smollm2-135m-instruct")
+    try:
+        for _ in range(1800):  # the first run converts the bundled GGUF once
+            status = orjson.loads(srv.get("/ready")[1])["channels"]["chat"]
+            if status != "loading":
+                break
+            asyncio.run(asyncio.sleep(0.1))
+        assert status == "available", srv.log()[-3000:]
+        yield srv
+    finally:
+        srv.stop()
+
+
+async def test_two_chats_and_metrics_interleave(chat_server: ServerProc) -> None:
+    ws = await connect(chat_server)
+    await send(ws, op="subscribe", id="c1", channel="chat", params={"message": "What is the capital of France?", "max_tokens": 24, "temperature": 0})
+    await send(ws, op="subscribe", id="c2", channel="chat", params={"message": "Name a colour.", "max_tokens": 24, "temperature": 0})
+    await send(ws, op="subscribe", id="m", channel="metrics", params={"interval_ms": 250})
+    await send(ws, op="subscribe", id="bad", channel="chat", params={"message": "hi", "model": "gpt-3.5-turbo"})
+    text = {"c1": "", "c2": ""}
+    finals, order, metrics = {}, [], 0
+    async with asyncio.timeout(120):
+        while len(finals) < 2:
+            frame = await recv(ws, timeout=60)
+            if frame["op"] == "error":
+                assert frame["id"] == "bad" and frame["code"] == "invalid_params" and "smollm2" in frame["message"]
+            elif frame["op"] == "chunk" and frame["id"] == "m":
+                metrics += 1
+                order.append("m")
+            elif frame["op"] == "chunk":
+                order.append(frame["id"])
+                text[frame["id"]] += frame["data"].get("delta", "")
+                if "finish_reason" in frame["data"]:
+                    finals[frame["id"]] = frame["data"]
+    assert "Paris" in text["c1"]
+    assert text["c2"].strip()
+    for final in finals.values():
+        assert final["finish_reason"] in ("stop", "length") and final["usage"]["completion_tokens"] > 0
+    assert metrics >= 1 and "engine" in (await _metrics_chunk(ws))
+    assert len({order.index("c1"), order.index("c2")}) == 2 and order.count("c1") > 1 and order.count("c2") > 1
+    await ws.close()
+
+
+async def _metrics_chunk(ws) -> dict:
+    while True:
+        frame = await recv(ws)
+        if frame["op"] == "chunk" and frame["id"] == "m":
+            return frame["data"]
