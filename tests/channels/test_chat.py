@@ -5,23 +5,20 @@ from __future__ import annotations
 import asyncio
 import random
 import re
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from types import SimpleNamespace
 from typing import Any
 
 import pytest
-import torch
 
 from channels.base import END_OF_INPUT, ChannelError, StreamContext
 from channels.chat import ChatChannel, StopText, pushed_turn
 from server.config import Settings
-from server.engine import Engine, Limits
+from server.engine import Engine
 from server.engine.causal_lm import CausalLMRunner
-from server.engine.device import cpu_threads
 from server.engine.loading import BUNDLED
 from server.engine.runner import RunnerSpec
 from server.protocol import ErrorCode
+from tests.chatmodel import bundled_runner, engine_with
 
 FRANCE = "What is the capital of France?"
 
@@ -36,21 +33,7 @@ def context(stream_id: str = "s1") -> StreamContext:
 
 @pytest.fixture(scope="session")
 def runner() -> CausalLMRunner:
-    runner = CausalLMRunner(BUNDLED, Settings().cache_dir, torch.device("cpu"), torch.float32, cpu_threads(0))
-    runner.load()
-    return runner
-
-
-@asynccontextmanager
-async def engine_with(runner: CausalLMRunner, **limits: int) -> AsyncIterator[Engine]:
-    engine = Engine([RunnerSpec("chat", runner.model_name, lambda: runner)], Limits(**limits))
-    await engine.start()
-    try:
-        while not engine.ready("chat"):
-            await asyncio.sleep(0.01)
-        yield engine
-    finally:
-        await engine.stop()
+    return bundled_runner()
 
 
 def test_params() -> None:

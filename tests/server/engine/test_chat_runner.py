@@ -3,38 +3,20 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from collections.abc import Callable
 
 import pytest
 import torch
 
-from server.config import Settings
-from server.engine import Engine, GenerationRequest, Limits, SamplingParams, Stream
+from server.engine import Engine, GenerationRequest, SamplingParams, Stream
 from server.engine.causal_lm import CausalLMRunner
 from server.engine.detok import IncrementalDetokenizer
-from server.engine.device import cpu_threads
-from server.engine.loading import BUNDLED
-from server.engine.runner import RunnerSpec
+from tests.chatmodel import bundled_runner, engine_with
 
 
 @pytest.fixture(scope="session")
 def runner() -> CausalLMRunner:
-    runner = CausalLMRunner(BUNDLED, Settings().cache_dir, torch.device("cpu"), torch.float32, cpu_threads(0))
-    runner.load()
-    return runner
-
-
-@asynccontextmanager
-async def engine_with(runner: CausalLMRunner, **limits: int) -> AsyncIterator[Engine]:
-    engine = Engine([RunnerSpec("chat", runner.model_name, lambda: runner)], Limits(**limits))
-    await engine.start()
-    try:
-        while not engine.ready("chat"):
-            await asyncio.sleep(0.01)
-        yield engine
-    finally:
-        await engine.stop()
+    return bundled_runner()
 
 
 def prompt(runner: CausalLMRunner, text: str) -> list[int]:

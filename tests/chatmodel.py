@@ -1,0 +1,38 @@
+"""The real bundled chat model (SmolLM2-135M-Instruct, float32 on CPU) for model tests: loaded once per test session."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from functools import cache
+
+import torch
+
+from server.config import Settings
+from server.engine import Engine, Limits
+from server.engine.causal_lm import CausalLMRunner
+from server.engine.device import cpu_threads
+from server.engine.loading import BUNDLED
+from server.engine.runner import RunnerSpec
+
+
+@cache
+def bundled_runner() -> CausalLMRunner:
+    """The loaded runner, shared by every test module."""
+    runner = CausalLMRunner(BUNDLED, Settings().cache_dir, torch.device("cpu"), torch.float32, cpu_threads(0))
+    runner.load()
+    return runner
+
+
+@asynccontextmanager
+async def engine_with(runner: CausalLMRunner, **limits: int) -> AsyncIterator[Engine]:
+    """An engine around `runner`, started and ready, stopped afterwards."""
+    engine = Engine([RunnerSpec("chat", runner.model_name, lambda: runner)], Limits(**limits))
+    await engine.start()
+    try:
+        while not engine.ready("chat"):
+            await asyncio.sleep(0.01)
+        yield engine
+    finally:
+        await engine.stop()
