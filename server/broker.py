@@ -62,7 +62,3 @@ class MemoryBroker:
             subs.discard(sub)
             if not subs:
                 del self._topics[topic]
-
-    def subscribers(self, topic: str) -> int:
-        """How many subscribers `topic` has."""
-        return len(self._topics.get(topic, ()))

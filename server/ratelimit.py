@@ -27,8 +27,3 @@ class TokenBucket:
             self._tokens -= cost
             return 0.0
         return (cost - self._tokens) / self.rate
-
-    @property
-    def tokens(self) -> float:
-        """Tokens available as of the last `take`."""
-        return self._tokens
