@@ -35,11 +35,9 @@ class TextParams(ParamsModel):
 
 
 def split_units(text: str, unit: str, final: bool) -> tuple[list[str], str]:
-    """Split `text` into complete units plus the unfinished remainder (empty when `final`)."""
+    """Split `text` into complete chars, words or sentences plus the unfinished remainder (empty when `final`)."""
     if unit == "chars":
         return list(text), ""
-    if unit == "bytes":
-        return [text], ""
     pattern = _WORD if unit == "words" else _SENTENCE
     units = [m.group(0) for m in pattern.finditer(text) if m.group(0)]
     consumed = sum(map(len, units))

@@ -168,29 +168,25 @@ class Connection:
     async def _read(self, session: Session) -> None:
         bucket = TokenBucket(self.settings.rate, self.settings.burst)
         strikes = 0
-        while (message := await self.transport.receive()) is not None:
-            self._count_in(message)
-            try:
-                wait = bucket.take()
-                if wait:
-                    self.stats.rate_limited += 1
-                    strikes += 1
-                    if strikes >= self.settings.rate_limit_strikes:
-                        self._close = (CloseCode.RATE_LIMITED, "rate limit exceeded repeatedly")
-                        return
-                    raise ProtocolError(ErrorCode.RATE_LIMITED, f"over {self.settings.rate:g} ops/s (burst {self.settings.burst})", retry_after=wait)
-                strikes = 0
-                await self._dispatch(session, message)
-            except ProtocolError as exc:
-                self.stats.errors[str(exc.code)] += 1
+        try:
+            while (message := await self.transport.receive()) is not None:
+                self._count_in(message)
                 try:
+                    wait = bucket.take()
+                    if wait:
+                        self.stats.rate_limited += 1
+                        strikes += 1
+                        if strikes >= self.settings.rate_limit_strikes:
+                            self._close = (CloseCode.RATE_LIMITED, "rate limit exceeded repeatedly")
+                            return
+                        raise ProtocolError(ErrorCode.RATE_LIMITED, f"over {self.settings.rate:g} ops/s (burst {self.settings.burst})", retry_after=wait)
+                    strikes = 0
+                    await self._dispatch(session, message)
+                except ProtocolError as exc:
+                    self.stats.errors[str(exc.code)] += 1
                     session.reply(exc.frame())
-                except OutboxOverflow:
-                    self._close = (CloseCode.SLOW_CONSUMER, "client does not read its frames")
-                    return
-            except OutboxOverflow:
-                self._close = (CloseCode.SLOW_CONSUMER, "client does not read its frames")
-                return
+        except OutboxOverflow:
+            self._close = (CloseCode.SLOW_CONSUMER, "client does not read its frames")
 
     async def _dispatch(self, session: Session, message: str | bytes) -> None:
         if isinstance(message, bytes):
