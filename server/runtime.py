@@ -43,9 +43,14 @@ class Runtime:
         self.started = False
 
     def gauges(self) -> dict[str, float]:
-        """Extra gauges for /metrics: outbox bytes and the engine's per-runner figures."""
-        out: dict[str, float] = {"outbox_bytes": float(sum(c.outbox_bytes() for c in self.connections))}
-        for runner, figures in self.engine.metrics()["runners"].items():
+        """Extra gauges for /metrics: outbox bytes, asyncio tasks, engine streams and the engine's per-runner figures."""
+        engine = self.engine.metrics()
+        out: dict[str, float] = {
+            "outbox_bytes": float(sum(c.outbox_bytes() for c in self.connections)),
+            "tasks": float(len(asyncio.all_tasks())),
+            "engine_streams": float(engine["streams"]),
+        }
+        for runner, figures in engine["runners"].items():
             slug = "".join(ch if ch.isalnum() else "_" for ch in runner)
             out.update({f"engine_{slug}_{k}": float(v) for k, v in figures.items() if isinstance(v, int | float)})
         return out
