@@ -13,6 +13,7 @@ from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal, Protocol
 
+import orjson
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from server.config import Settings
@@ -25,6 +26,23 @@ class Binary:
     """A chunk whose payload travels in a binary frame (media)."""
 
     payload: bytes
+
+
+class Shared:
+    """A chunk that many streams send alike: its JSON is encoded once, on first use, and reused by every stream."""
+
+    __slots__ = ("_json", "data")
+
+    def __init__(self, data: Any) -> None:
+        self.data = data
+        self._json: str | None = None
+
+    @property
+    def json(self) -> str:
+        """The data as compact JSON text (cached)."""
+        if self._json is None:
+            self._json = orjson.dumps(self.data).decode()
+        return self._json
 
 
 class ChannelError(Exception):
@@ -54,11 +72,16 @@ class Feeds(Protocol):
         self, topic: str, producer: Producer | None = None, depth: int = 64
     ) -> AbstractAsyncContextManager[AsyncIterator[Any]]: ...
 
+    def provide(self, topic: str, producer: Producer) -> None:
+        """Register `topic`'s producer, so that another node's demand can start it with no local subscriber."""
+        ...
+
 
 class LogSource(Protocol):
     """The server's own log records: a ring buffer of recent ones, and their broker topic."""
 
     topic: str
+    node: str
 
     def recent(self) -> list[dict[str, Any]]: ...
 

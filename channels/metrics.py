@@ -11,26 +11,32 @@ import os
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
-from typing import Any
+from typing import Any, Literal
 
 import psutil
 from pydantic import Field
 
-from channels.base import Channel, ChannelError, Gap, ParamsModel, Publish, StreamContext
+from channels.base import Channel, ChannelError, Gap, ParamsModel, Publish, Shared, StreamContext
 from channels.gpu import GpuProbe
 from server.protocol import ErrorCode
 
 TOPIC = "metrics"
+VIEW_CACHE = 256
+
+
+Group = Literal["cpu", "memory", "swap", "disk", "network", "process", "gpu", "engine", "server"]
 
 
 class MetricsParams(ParamsModel):
     interval_ms: int = Field(1000, le=3_600_000, description="Milliseconds between samples (at least the server's minimum, 100 by default).")
+    fields: list[Group] | None = Field(None, min_length=1, description="Only these groups (besides `time` and `interval_s`); all when omitted.")
 
 
 class Sampler:
     """Reads raw machine and server counters."""
 
-    def __init__(self, stats: Callable[[], dict[str, Any]], engine: Callable[[], dict[str, Any]] = dict, disk_path: str = "/") -> None:
+    def __init__(self, stats: Callable[[], dict[str, Any]], engine: Callable[[], dict[str, Any]] = dict, disk_path: str = "/", node: str = "") -> None:
+        self.node = node
         self.stats = stats
         self.engine = engine
         self.disk_path = disk_path
@@ -51,6 +57,7 @@ class Sampler:
                 "cpu_seconds": cpu.user + cpu.system,
             }
         return {
+            "node": self.node,
             "t": time.monotonic(),
             "time": time.time(),
             "cpu": [(t.user + t.nice + t.system + t.irq + t.softirq + getattr(t, "steal", 0.0), sum(t)) for t in psutil.cpu_times(percpu=True)],
@@ -88,6 +95,7 @@ def derive(prev: dict[str, Any], cur: dict[str, Any]) -> dict[str, Any]:
         disk_out["write_bytes_per_s"] = _rate(cur["disk_io"][1], prev["disk_io"][1], dt)
     proc, server, old_server = cur["process"], cur["server"], prev["server"]
     return {
+        "node": cur.get("node", ""),
         "time": round(cur["time"], 3),
         "interval_s": round(dt, 3),
         "cpu": {"percent": round(100.0 * total[0] / total[1], 1) if total[1] > 0 else 0.0, "per_core": per_core, "count": len(per_core), "load": [round(x, 2) for x in cur["load"]]},
@@ -130,15 +138,32 @@ class MetricsChannel(Channel):
     def __init__(self, services: Any) -> None:
         super().__init__(services)
         self._intervals: Counter[float] = Counter()
+        self._views: dict[tuple[str, float, float, tuple[str, ...]], Shared] = {}
+
+    def _view(self, node: str, last: dict[str, Any], cur: dict[str, Any], fields: tuple[str, ...]) -> Shared:
+        """The chunk for `node`'s span `last`..`cur` with `fields`, derived and encoded once for every stream that sends it."""
+        key = (node, last["t"], cur["t"], fields)
+        view = self._views.get(key)
+        if view is None:
+            if len(self._views) >= VIEW_CACHE:
+                self._views.clear()
+            data = derive(last, cur)
+            if fields:
+                data = {k: v for k, v in data.items() if k in fields or k in ("time", "interval_s")}
+            view = self._views[key] = Shared(data)
+        return view
 
     def check(self, params: MetricsParams) -> None:
         floor = self.settings.metrics_min_interval_ms
         if params.interval_ms < floor:
             raise ChannelError(ErrorCode.INVALID_PARAMS, f"interval_ms must be at least {floor}", [{"field": "interval_ms", "message": f"at least {floor}", "type": "greater_than_equal"}])
 
+    async def start(self) -> None:
+        self.services.feeds.provide(TOPIC, self._sample_forever)
+
     async def _sample_forever(self, publish: Publish) -> None:
         engine = self.services.engine
-        sampler = Sampler(self.services.stats, engine.metrics if engine is not None else dict)
+        sampler = Sampler(self.services.stats, engine.metrics if engine is not None else dict, node=self.settings.node)
         prev = await asyncio.to_thread(sampler.sample)
         while True:
             await asyncio.sleep(min(self._intervals, default=1.0))
@@ -148,18 +173,21 @@ class MetricsChannel(Channel):
 
     async def stream(self, params: MetricsParams, ctx: StreamContext) -> AsyncIterator[Any]:
         interval = params.interval_ms / 1000
+        fields = tuple(sorted(set(params.fields or ())))
         self._intervals[interval] += 1
         try:
-            async with self.services.feeds.subscribe(TOPIC, self._sample_forever, depth=4) as samples:
-                last: dict[str, Any] | None = None
+            # Samples come from every node sharing the broker (see server/redis_broker.py); rates are per node.
+            async with self.services.feeds.subscribe(TOPIC, self._sample_forever, depth=16) as samples:
+                last: dict[str, dict[str, Any]] = {}
                 async for message in samples:
                     if isinstance(message, Gap):
                         continue
                     prev, cur = message
-                    last = last or prev
-                    if cur["t"] - last["t"] >= interval * 0.95:
-                        yield derive(last, cur)
-                        last = cur
+                    node = cur.get("node", "")
+                    start = last.setdefault(node, prev)
+                    if cur["t"] - start["t"] >= interval * 0.95:
+                        yield self._view(node, start, cur, fields)
+                        last[node] = cur
         finally:
             self._intervals[interval] -= 1
             if not self._intervals[interval]:

@@ -1,4 +1,4 @@
-"""The Starlette app: the only module that knows ASGI. `/ws`, `/health`, `/ready`, `/metrics`, `/channels`."""
+"""The ASGI app, the only module that knows ASGI: `/ws` served directly; `/health`, `/ready`, `/metrics`, `/channels` by Starlette."""
 
 from __future__ import annotations
 
@@ -6,10 +6,11 @@ import contextlib
 from collections.abc import AsyncIterator
 
 from starlette.applications import Starlette
+from starlette.datastructures import Headers
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
-from starlette.routing import Route, WebSocketRoute
-from starlette.websockets import WebSocket, WebSocketDisconnect
+from starlette.routing import Route
+from starlette.types import Receive, Scope, Send
 
 from server.config import Settings
 from server.connection import Connection, Disconnected
@@ -17,45 +18,66 @@ from server.logbuffer import RingLogHandler
 from server.runtime import Runtime
 
 
-class _StarletteTransport:
-    """server.connection.Transport over a Starlette WebSocket."""
+class _AsgiTransport:
+    """server.connection.Transport straight over the ASGI callables (Starlette's per-send wrappers cost more than the send)."""
 
-    def __init__(self, websocket: WebSocket) -> None:
-        self.websocket = websocket
+    __slots__ = ("_receive", "_send")
+
+    def __init__(self, receive: Receive, send: Send) -> None:
+        self._receive = receive
+        self._send = send
 
     async def receive(self) -> str | bytes | None:
-        message = await self.websocket.receive()
-        if message["type"] == "websocket.disconnect":
+        message = await self._receive()
+        if message["type"] != "websocket.receive":
             return None
         text = message.get("text")
-        return text if text is not None else message.get("bytes", b"")
+        return text if text is not None else message.get("bytes") or b""
 
     async def send(self, payload: str | bytes) -> None:
-        key = "text" if isinstance(payload, str) else "bytes"
+        message = {"type": "websocket.send", "text": payload} if isinstance(payload, str) else {"type": "websocket.send", "bytes": payload}
         try:
-            await self.websocket.send({"type": "websocket.send", key: payload})
-        except (WebSocketDisconnect, OSError, RuntimeError) as exc:
+            await self._send(message)
+        except (OSError, RuntimeError) as exc:  # uvicorn's ClientDisconnected is an OSError
             raise Disconnected from exc
 
     async def close(self, code: int, reason: str) -> None:
-        await self.websocket.close(code, reason)
+        await self._send({"type": "websocket.close", "code": code, "reason": reason})
 
 
-def _header_key(websocket: WebSocket) -> str | None:
-    if key := websocket.headers.get("x-api-key"):
+def _header_key(headers: Headers) -> str | None:
+    if key := headers.get("x-api-key"):
         return key
-    scheme, _, token = websocket.headers.get("authorization", "").partition(" ")
+    scheme, _, token = headers.get("authorization", "").partition(" ")
     return token.strip() if scheme.lower() == "bearer" and token.strip() else None
 
 
-def create_app(settings: Settings | None = None, log_handler: RingLogHandler | None = None) -> Starlette:
+class App:
+    """The ASGI app: `/ws` handled directly, everything else by the Starlette app at `http`."""
+
+    def __init__(self, runtime: Runtime, http: Starlette) -> None:
+        self.runtime = runtime
+        self.http = http
+        self.state = http.state
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "websocket" and scope["path"] == "/ws":
+            await self._websocket(scope, receive, send)
+        else:
+            await self.http(scope, receive, send)
+
+    async def _websocket(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if (await receive())["type"] != "websocket.connect":
+            return
+        await send({"type": "websocket.accept"})
+        client = scope.get("client")
+        address = client[0] if client else "unknown"
+        await Connection(self.runtime, _AsgiTransport(receive, send), address, _header_key(Headers(scope=scope))).run()
+
+
+def create_app(settings: Settings | None = None, log_handler: RingLogHandler | None = None) -> App:
     """Build the app; its Runtime is at `app.state.runtime`."""
     runtime = Runtime(settings or Settings(), log_handler)
-
-    async def ws_endpoint(websocket: WebSocket) -> None:
-        await websocket.accept()
-        address = websocket.client.host if websocket.client else "unknown"
-        await Connection(runtime, _StarletteTransport(websocket), address, _header_key(websocket)).run()
 
     async def health(request: Request) -> Response:
         return JSONResponse({"status": "alive", "node": runtime.settings.node})
@@ -83,7 +105,6 @@ def create_app(settings: Settings | None = None, log_handler: RingLogHandler | N
 
     app = Starlette(
         routes=[
-            WebSocketRoute("/ws", ws_endpoint),
             Route("/health", health),
             Route("/ready", ready),
             Route("/metrics", metrics),
@@ -92,4 +113,4 @@ def create_app(settings: Settings | None = None, log_handler: RingLogHandler | N
         lifespan=lifespan,
     )
     app.state.runtime = runtime
-    return app
+    return App(runtime, app)

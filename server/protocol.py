@@ -191,6 +191,17 @@ def encode(frame: dict[str, Any]) -> str:
     return orjson.dumps(frame).decode("utf-8")
 
 
+def chunk_prefix(stream_id: str) -> str:
+    """The fixed start of every `chunk` frame of one stream, for `encode_chunk`."""
+    return encode({"op": "chunk", "id": stream_id})[:-1]
+
+
+def encode_chunk(prefix: str, seq: int, data_json: str, dropped: int = 0) -> str:
+    """A `chunk` frame around data already encoded as JSON text: the text `encode` gives for the same frame."""
+    tail = f',"dropped":{dropped}}}' if dropped else "}"
+    return f'{prefix},"seq":{seq},"data":{data_json}{tail}'
+
+
 def error_frame(
     code: ErrorCode,
     message: str,

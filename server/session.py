@@ -13,11 +13,13 @@ import secrets
 from dataclasses import dataclass, field
 from typing import Any
 
-from channels.base import END_OF_INPUT, Binary, Channel, ChannelError, Gap, StreamContext
+import orjson
+
+from channels.base import END_OF_INPUT, Binary, Channel, ChannelError, Gap, Shared, StreamContext
 from server.auth import Principal
 from server.config import Settings
 from server.outbox import Lane, Outbox, OutboxOverflow, Payload
-from server.protocol import EndReason, ErrorCode, ProtocolError, Subscribe, encode, encode_binary, end_frame
+from server.protocol import EndReason, ErrorCode, ProtocolError, Subscribe, chunk_prefix, encode, encode_binary, encode_chunk, end_frame
 from server.telemetry import Stats
 
 log = logging.getLogger(__name__)
@@ -34,16 +36,18 @@ class Stream:
     seq: int = 0
     lane: Lane | None = None
     task: asyncio.Task[None] | None = field(default=None, repr=False)
+    prefix: str = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.prefix = chunk_prefix(self.id)
 
     def render(self, item: tuple[int, Any]) -> Payload:
         """Encode one (seq, chunk) as a frame, reporting drops on lossy streams."""
         seq, data = item
         if isinstance(data, Binary):
             return encode_binary(self.id, seq, data.payload)
-        frame: dict[str, Any] = {"op": "chunk", "id": self.id, "seq": seq, "data": data}
-        if self.lane is not None and (dropped := self.lane.take_dropped()):
-            frame["dropped"] = dropped
-        return encode(frame)
+        dropped = self.lane.take_dropped() if self.lane is not None else 0
+        return encode_chunk(self.prefix, seq, data.json if isinstance(data, Shared) else orjson.dumps(data).decode(), dropped)
 
 
 class Session:
