@@ -6,8 +6,9 @@ import asyncio
 import contextlib
 import csv
 import io
+import os
 import re
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any, Literal
 
@@ -15,7 +16,7 @@ import orjson
 from pydantic import Field, model_validator
 
 from channels.base import Channel, ChannelError, ParamsModel, StreamContext
-from channels.files import resolve_inside
+from channels.files import check_whole, resolve_inside
 from channels.pacing import Pacer
 from server.protocol import ErrorCode
 
@@ -197,6 +198,7 @@ async def _records(params: DataParams, data_dir: Path) -> AsyncIterator[tuple[li
     except OSError as exc:
         raise ChannelError(ErrorCode.BAD_SOURCE, f"could not open {path.name}: {exc.strerror}") from None
     try:
+        size = os.fstat(handle.fileno()).st_size
         first: list[Any] = []
         if path.suffix.lower() == ".csv":
             reader = csv.DictReader(handle)
@@ -207,7 +209,7 @@ async def _records(params: DataParams, data_dir: Path) -> AsyncIterator[tuple[li
             rows = _jsonl_rows(handle, path.name)
             first = await _read(rows, path.name)
             columns = params.columns or (list(first[0]) if first and isinstance(first[0], dict) else [])
-        yield columns, _dataset_batches(first, rows, path.name)
+        yield columns, _dataset_batches(first, rows, path.name, lambda: check_whole(handle, size, path.name))
     finally:
         await asyncio.to_thread(handle.close)
 
@@ -226,8 +228,9 @@ async def _read(rows: Iterator[Any], name: str) -> list[Any]:
         raise ChannelError(ErrorCode.BAD_SOURCE, f"{name}: {exc}") from None
 
 
-async def _dataset_batches(first: list[Any], rows: Iterator[Any], name: str) -> AsyncIterator[list[Any]]:
+async def _dataset_batches(first: list[Any], rows: Iterator[Any], name: str, check_whole: Callable[[], None]) -> AsyncIterator[list[Any]]:
     batch = first or await _read(rows, name)
     while batch:
         yield batch
         batch = await _read(rows, name)
+    check_whole()

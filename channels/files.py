@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import IO
@@ -28,6 +29,7 @@ async def read_text_blocks(path: Path, block_chars: int = BLOCK_CHARS) -> AsyncI
     """Yield a UTF-8 text file in blocks, reading in a worker thread; ChannelError if it is not UTF-8."""
     handle: IO[str] = await asyncio.to_thread(open, path, encoding="utf-8", newline="")
     try:
+        size = os.fstat(handle.fileno()).st_size
         while True:
             try:
                 block = await asyncio.to_thread(handle.read, block_chars)
@@ -36,7 +38,19 @@ async def read_text_blocks(path: Path, block_chars: int = BLOCK_CHARS) -> AsyncI
             except OSError as exc:
                 raise ChannelError(ErrorCode.BAD_SOURCE, f"could not read {path.name}: {exc.strerror}") from None
             if not block:
+                check_whole(handle, size, path.name)
                 return
             yield block
     finally:
         await asyncio.to_thread(handle.close)
+
+
+def check_whole(handle: IO[str], size_at_open: int, name: str) -> None:
+    """At the end of a file: ChannelError(bad_source) if it shrank while it was read (truncated or rewritten in place).
+
+    A file that grew is read to its end as it was then; a file deleted while open is read whole (POSIX keeps its data).
+    """
+    position = handle.buffer.tell()  # type: ignore[attr-defined]
+    now = os.fstat(handle.fileno()).st_size
+    if position < size_at_open or now < position:
+        raise ChannelError(ErrorCode.BAD_SOURCE, f"{name} was truncated while it was being read ({size_at_open} bytes when opened, {now} now)")

@@ -53,6 +53,13 @@ class Settings(BaseSettings):
     data_dir: Path = Field(SAMPLES / "data", description="Folder the data channel's `dataset` param reads from.")
     metrics_min_interval_ms: int = Field(100, ge=10, description="Smallest `interval_ms` the metrics channel accepts.")
 
+    # media sources of the audio, video and transcription channels (issue 4)
+    media_dir: Path = Field(SAMPLES / "media", description="Folder the media channels' `source` param reads from (audio and video files PyAV can decode).")
+    media_allow_urls: bool = Field(False, description="Let clients name http(s) media URLs (`audio_url`, `video_url`). Addresses that are not public (private, loopback, link-local, ...) are refused unless in `media_url_allow`.")
+    media_url_allow: str = Field("", description="Comma-separated IP networks (CIDR, e.g. `127.0.0.1/32,10.0.0.0/8`) media URLs may reach although they are not public.")
+    media_url_max_bytes: int = Field(104_857_600, ge=1, description="Largest media file fetched from a URL, in bytes; a larger one ends the stream with `bad_source`.")
+    media_url_timeout: float = Field(30.0, gt=0, description="Seconds a media URL may take to fetch in full (redirects included) before the stream ends with `bad_source`.")
+
     # engine and chat (issue 3)
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where models run: `auto` picks CUDA when a GPU is present, else the CPU.")
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field("auto", description="Precision of model weights: `auto` is float16 on CUDA and float32 on the CPU.")
