@@ -21,6 +21,7 @@ class Hub:
         self.broker = broker
         self._producers: dict[str, asyncio.Task[None]] = {}
         self._refs: dict[str, int] = {}
+        self._provided: dict[str, Producer] = {}
 
     @contextlib.asynccontextmanager
     async def subscribe(self, topic: str, producer: Producer | None = None, depth: int = 64) -> AsyncIterator[AsyncIterator[Any]]:
@@ -49,6 +50,10 @@ class Hub:
             raise
         except Exception:
             log.exception("producer for %s failed", topic)
+
+    def provide(self, topic: str, producer: Producer) -> None:
+        """Register `topic`'s producer for starts without a local subscriber (server.cluster.ClusterHub)."""
+        self._provided[topic] = producer
 
     def producers(self) -> list[str]:
         """Topics whose producer is running."""
