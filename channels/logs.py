@@ -39,7 +39,7 @@ class LogsChannel(Channel):
             async for record in live:
                 if isinstance(record, Gap):
                     yield record
-                elif record["levelno"] >= threshold and record["n"] > newest:
+                elif record["levelno"] >= threshold and (record["n"] > newest or record["node"] != source.node):
                     yield _public(record)
 
 

@@ -81,6 +81,12 @@ class Connection:
         principal = await self._authenticate()
         if principal is None:
             return
+        limits = self.runtime.key_limits
+        conn_id = f"{id(self):x}"
+        if not await limits.admit(principal.label, conn_id):
+            log.warning("refused a connection from %s: %s already holds %d connection(s)", self.address, principal.label, limits.max_connections)
+            await self._send_close(CloseCode.RATE_LIMITED, f"this API key already holds its {limits.max_connections} connections")
+            return
         session = self.session = Session(self.settings, self.runtime.channels, principal, self.stats)
         self.stats.connections += 1
         self.stats.connections_total += 1
@@ -100,6 +106,7 @@ class Connection:
             await asyncio.gather(writer, self._reader, watchdog, return_exceptions=True)
             self.runtime.connections.discard(self)
             self.stats.connections -= 1
+            await limits.release(principal.label, conn_id)
             if self._close is not None:
                 await self._send_close(*self._close)
             self._finished.set()
@@ -167,19 +174,24 @@ class Connection:
 
     async def _read(self, session: Session) -> None:
         bucket = TokenBucket(self.settings.rate, self.settings.burst)
+        key_limits = self.runtime.key_limits
         strikes = 0
         try:
             while (message := await self.transport.receive()) is not None:
                 self._count_in(message)
                 try:
                     wait = bucket.take()
+                    per_key = not wait and key_limits.rate > 0
+                    if per_key:
+                        wait = await key_limits.take(session.principal.label)
                     if wait:
                         self.stats.rate_limited += 1
                         strikes += 1
                         if strikes >= self.settings.rate_limit_strikes:
                             self._close = (CloseCode.RATE_LIMITED, "rate limit exceeded repeatedly")
                             return
-                        raise ProtocolError(ErrorCode.RATE_LIMITED, f"over {self.settings.rate:g} ops/s (burst {self.settings.burst})", retry_after=wait)
+                        limit = f"this API key's {key_limits.rate:g} ops/s (burst {self.settings.key_burst})" if per_key else f"{self.settings.rate:g} ops/s (burst {self.settings.burst})"
+                        raise ProtocolError(ErrorCode.RATE_LIMITED, f"over {limit}", retry_after=wait)
                     strikes = 0
                     await self._dispatch(session, message)
                 except ProtocolError as exc:

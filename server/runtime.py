@@ -11,11 +11,14 @@ from channels import discover
 from channels.base import Channel, Services
 from server.auth import AuthThrottle, KeyStore
 from server.broker import MemoryBroker
+from server.cluster import ClusterHub
 from server.config import Settings
 from server.engine import build_engine
 from server.hub import Hub
+from server.keylimits import KeyLimits
 from server.logbuffer import RingLogHandler
 from server.protocol import PROTOCOL_VERSION
+from server.redis_broker import RedisBroker
 from server.telemetry import Telemetry
 
 if TYPE_CHECKING:
@@ -32,8 +35,15 @@ class Runtime:
         self.keys, self.generated_key = KeyStore.from_settings(settings)
         self.throttle = AuthThrottle(settings.auth_fail_limit, settings.auth_fail_window)
         self.telemetry = Telemetry(self.gauges)
-        self.broker = MemoryBroker()
-        self.hub = Hub(self.broker)
+        self.broker: MemoryBroker
+        if settings.redis_url:
+            self.broker = RedisBroker(settings.redis_url, settings.node, settings.redis_prefix)
+            self.hub: Hub = ClusterHub(self.broker)
+        else:
+            self.broker = MemoryBroker()
+            self.hub = Hub(self.broker)
+        shared = self.broker if isinstance(self.broker, RedisBroker) else None
+        self.key_limits = KeyLimits(settings.node, settings.key_max_connections, settings.key_rate, settings.key_burst, shared, settings.redis_prefix)
         self.logs = log_handler or RingLogHandler(settings.log_buffer, settings.node)
         self.engine = build_engine(settings)
         self.services = Services(settings=settings, feeds=self.hub, logs=self.logs, stats=self.telemetry.stats.snapshot, engine=self.engine)
@@ -50,6 +60,9 @@ class Runtime:
             "tasks": float(len(asyncio.all_tasks())),
             "engine_streams": float(engine["streams"]),
         }
+        if isinstance(self.broker, RedisBroker):
+            out["redis_up"] = float(self.broker.up)
+            out["redis_outbound_dropped"] = float(self.broker.outbound_dropped)
         for runner, figures in engine["runners"].items():
             slug = "".join(ch if ch.isalnum() else "_" for ch in runner)
             out.update({f"engine_{slug}_{k}": float(v) for k, v in figures.items() if isinstance(v, int | float)})
@@ -58,6 +71,9 @@ class Runtime:
     async def start(self) -> None:
         """Start channels and live log publishing; announce the generated key once."""
         self.logs.attach(asyncio.get_running_loop(), self.broker.publish)
+        if isinstance(self.broker, RedisBroker):
+            await self.broker.start()
+        await self.key_limits.start()
         await self.engine.start()
         for channel in self.channels.values():
             await channel.start()
@@ -81,6 +97,9 @@ class Runtime:
         """Stop channels and producers."""
         self.started = False
         await self.hub.close()
+        await self.key_limits.stop()
+        if isinstance(self.broker, RedisBroker):
+            await self.broker.close()
         await self.engine.stop()
         for channel in self.channels.values():
             await channel.stop()

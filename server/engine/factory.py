@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from server.config import Settings
+from server.engine import whisper_loading
 from server.engine.engine import Engine, Limits
 from server.engine.loading import model_name
 from server.engine.runner import Runner, RunnerSpec
@@ -13,10 +14,19 @@ def chat_specs(setting: str) -> list[str]:
     return [part.strip() for part in setting.split(",") if part.strip()]
 
 
+def asr_specs(setting: str) -> list[str]:
+    """The configured transcription models (`STREAMPLEX_ASR_MODEL`, comma-separated)."""
+    return [part.strip() for part in setting.split(",") if part.strip()]
+
+
 def build_engine(settings: Settings) -> Engine:
     """An engine with one runner per configured chat model; `await engine.start()` begins loading them."""
     specs = [
         RunnerSpec("chat", model_name(spec), lambda spec=spec: _chat_runner(spec, settings)) for spec in chat_specs(settings.chat_model)
+    ]
+    specs += [
+        RunnerSpec("transcription", whisper_loading.model_name(spec), lambda spec=spec: _whisper_runner(spec, settings))
+        for spec in asr_specs(settings.asr_model)
     ]
     limits = Limits(
         max_batch=settings.engine_max_batch,
@@ -34,3 +44,11 @@ def _chat_runner(spec: str, settings: Settings) -> Runner:
 
     device = resolve_device(settings.device)
     return CausalLMRunner(spec, settings.cache_dir, device, resolve_dtype(settings.dtype, device), cpu_threads(settings.engine_threads))
+
+
+def _whisper_runner(spec: str, settings: Settings) -> Runner:
+    from server.engine.device import cpu_threads, resolve_device, resolve_dtype
+    from server.engine.whisper import WhisperRunner
+
+    device = resolve_device(settings.device)
+    return WhisperRunner(spec, settings.cache_dir, device, resolve_dtype(settings.dtype, device), cpu_threads(settings.engine_threads))

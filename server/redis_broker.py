@@ -1,0 +1,179 @@
+"""Pub/sub across nodes through Redis, on top of in-process delivery.
+
+Local subscribers are always served in process, so a node keeps working when Redis goes away.
+A shared topic (logs, metrics) travels through Redis only while some other node wants it: every
+node announces the shared topics it has subscribers for on a demand channel once a second, and a
+node publishes a topic to Redis while such an announcement is fresher than `DEMAND_LEASE`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import orjson
+import redis.asyncio as aioredis
+from redis.backoff import NoBackoff
+from redis.exceptions import RedisError
+from redis.retry import Retry
+
+from server.broker import MemoryBroker, Subscription
+
+log = logging.getLogger(__name__)
+
+DEMAND_INTERVAL = 1.0
+DEMAND_LEASE = 3.5
+OUTBOUND_DEPTH = 4096
+RECONNECT_MAX = 5.0
+
+
+class RedisBroker(MemoryBroker):
+    """A MemoryBroker whose shared topics also reach, and come from, the other nodes through Redis."""
+
+    def __init__(self, url: str, node: str, prefix: str = "streamplex", shared: Iterable[str] = ("logs", "metrics")) -> None:
+        super().__init__()
+        self.url = url
+        self.node = node
+        self.prefix = prefix
+        self.shared = frozenset(shared)
+        self.redis: aioredis.Redis = aioredis.Redis.from_url(url, socket_connect_timeout=1.0, socket_timeout=2.0, retry=Retry(NoBackoff(), 0))
+        self.up = False
+        self.outbound_dropped = 0
+        self.on_demand: Callable[[str], None] = lambda topic: None
+        self.wanted: Callable[[], Iterable[str]] = lambda: self._topics.keys()
+        self._remote_demand: dict[str, float] = {}
+        self._outbound: asyncio.Queue[tuple[str, bytes]] = asyncio.Queue(OUTBOUND_DEPTH)
+        self._tasks: list[asyncio.Task[None]] = []
+        self._announce = asyncio.Event()
+        self._warned = False
+
+    def channel(self, topic: str) -> str:
+        """The Redis pub/sub channel of a shared topic."""
+        return f"{self.prefix}:feed:{topic}"
+
+    @property
+    def demand_channel(self) -> str:
+        return f"{self.prefix}:demand"
+
+    async def start(self) -> None:
+        """Start listening, publishing and announcing; returns at once even if Redis is down."""
+        self._tasks = [
+            asyncio.create_task(self._listen(), name="redis:listen"),
+            asyncio.create_task(self._send(), name="redis:send"),
+            asyncio.create_task(self._announce_demand(), name="redis:demand"),
+        ]
+
+    async def close(self) -> None:
+        """Stop the background tasks and close the connection pool."""
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks = []
+        await self.redis.aclose()
+
+    def publish(self, topic: str, message: Any) -> None:
+        """Deliver to local subscribers, and queue for Redis while another node wants `topic`."""
+        super().publish(topic, message)
+        if not self.up or topic not in self.shared or self._remote_demand.get(topic, 0.0) < time.monotonic():
+            return
+        try:
+            self._outbound.put_nowait((topic, orjson.dumps({"node": self.node, "m": message})))
+        except asyncio.QueueFull:
+            self.outbound_dropped += 1
+
+    def subscribe(self, topic: str, depth: int) -> Subscription:
+        """A new subscription; its topic is announced to the other nodes at once if it is shared."""
+        if topic in self.shared:
+            self._announce.set()
+        return super().subscribe(topic, depth)
+
+    def mark_down(self, exc: BaseException) -> None:
+        """Record that Redis failed; the first failure of an outage logs one warning."""
+        if self.up or not self._warned:
+            log.warning("Redis at %s unreachable (%s); serving node-local only until it returns", self._safe_url(), str(exc) or type(exc).__name__)
+            self._warned = True
+        self.up = False
+        self._remote_demand.clear()
+
+    def _mark_up(self) -> None:
+        if not self.up:
+            log.info("Redis at %s reachable%s; sharing with other nodes", self._safe_url(), " again" if self._warned else "")
+        self._warned = False
+        self.up = True
+
+    def _safe_url(self) -> str:
+        kwargs = self.redis.connection_pool.connection_kwargs
+        return f"{kwargs.get('host', '?')}:{kwargs.get('port', '?')}/{kwargs.get('db', 0)}"
+
+    async def _listen(self) -> None:
+        backoff = 0.2
+        while True:
+            pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
+            try:
+                await pubsub.subscribe(self.demand_channel, *(self.channel(t) for t in sorted(self.shared)))
+                self._mark_up()
+                self._announce.set()
+                backoff = 0.2
+                while True:
+                    message = await pubsub.get_message(timeout=1.0)
+                    if message is not None:
+                        self._receive(message["channel"].decode(), message["data"])
+            except asyncio.CancelledError:
+                raise
+            except (RedisError, OSError) as exc:
+                self.mark_down(exc)
+                # Pooled connections opened before the outage are dead too: drop them, or each would fail once after recovery.
+                with contextlib.suppress(Exception):
+                    await self.redis.connection_pool.disconnect()
+            finally:
+                with contextlib.suppress(Exception):
+                    await pubsub.aclose()
+            await asyncio.sleep(backoff)
+            backoff = min(RECONNECT_MAX, backoff * 2)
+
+    def _receive(self, channel: str, data: bytes) -> None:
+        try:
+            envelope = orjson.loads(data)
+            node = envelope["node"]
+        except (orjson.JSONDecodeError, KeyError, TypeError):
+            log.warning("ignored a malformed message on Redis channel %s", channel)
+            return
+        if node == self.node:
+            return
+        if channel == self.demand_channel:
+            until = time.monotonic() + DEMAND_LEASE
+            for topic in envelope.get("topics", ()):
+                if topic in self.shared:
+                    self._remote_demand[topic] = until
+                    self.on_demand(topic)
+            return
+        topic = channel.removeprefix(f"{self.prefix}:feed:")
+        super().publish(topic, envelope["m"])
+
+    async def _send(self) -> None:
+        while True:
+            topic, payload = await self._outbound.get()
+            if not self.up:
+                continue
+            try:
+                await self.redis.publish(self.channel(topic), payload)
+            except (RedisError, OSError) as exc:
+                self.mark_down(exc)
+
+    async def _announce_demand(self) -> None:
+        while True:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(DEMAND_INTERVAL):
+                    await self._announce.wait()
+            self._announce.clear()
+            topics = sorted(set(self.wanted()) & self.shared)
+            if not topics or not self.up:
+                continue
+            try:
+                await self.redis.publish(self.demand_channel, orjson.dumps({"node": self.node, "topics": topics}))
+            except (RedisError, OSError) as exc:
+                self.mark_down(exc)

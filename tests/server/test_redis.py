@@ -1,0 +1,195 @@
+"""Two server processes sharing a real redis-server on loopback: every node's logs and metrics, shared per-key limits, Redis going away and back."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import subprocess
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import orjson
+import pytest
+import redis
+import websockets
+
+from tests.serverproc import ServerProc, connect, free_port, recv, send, start_server
+
+pytestmark = pytest.mark.skipif(shutil.which("redis-server") is None, reason="redis-server is not installed (scripts/packages/apt-test.txt)")
+
+
+@dataclass
+class RedisProc:
+    """A redis-server without persistence on a fixed loopback port, restartable on that port."""
+
+    port: int
+    log_path: Path
+    proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        args = ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--daemonize", "no"]
+        self.proc = subprocess.Popen(args, stdout=self.log_path.open("ab"), stderr=subprocess.STDOUT)
+        client = redis.Redis(port=self.port, socket_connect_timeout=0.5)
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                client.ping()
+                return
+            except redis.ConnectionError:
+                if time.monotonic() > deadline or self.proc.poll() is not None:
+                    raise RuntimeError(f"redis-server did not start:\n{self.log_path.read_text()}") from None
+                time.sleep(0.05)
+            finally:
+                client.close()
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(10)
+
+
+@pytest.fixture(scope="module")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisProc]:
+    tmp = tmp_path_factory.mktemp("redis")
+    proc = RedisProc(free_port(), tmp / "redis.log")
+    proc.start()
+    yield proc
+    proc.stop()
+
+
+def _pair(tmp: Path, redis_server: RedisProc, prefix: str, **settings: object) -> tuple[ServerProc, ServerProc]:
+    a = start_server(tmp, node="node-a", redis_url=redis_server.url, redis_prefix=prefix, **settings)
+    try:
+        b = start_server(tmp, node="node-b", redis_url=redis_server.url, redis_prefix=prefix, **settings)
+    except BaseException:
+        a.stop()
+        raise
+    return a, b
+
+
+@pytest.fixture(scope="module")
+def nodes(tmp_path_factory: pytest.TempPathFactory, redis_server: RedisProc) -> Iterator[tuple[ServerProc, ServerProc]]:
+    a, b = _pair(tmp_path_factory.mktemp("nodes"), redis_server, "sp-feeds")
+    yield a, b
+    a.stop()
+    b.stop()
+
+
+async def _wait_for_node_records(ws: websockets.ClientConnection, other: ServerProc, node: str, timeout: float = 30) -> set[str]:
+    """Poke `other` (each connection logs a line there) until `ws` has seen a logs chunk and a metrics chunk from `node`."""
+    seen: set[str] = set()
+    deadline = time.monotonic() + timeout
+    while seen != {"l", "m"}:
+        assert time.monotonic() < deadline, f"no logs/metrics from {node} within {timeout} s (seen: {seen})"
+        async with websockets.connect(other.url, additional_headers={"X-API-Key": other.key}) as poke:
+            await recv(poke)
+        end = time.monotonic() + 1.0
+        while time.monotonic() < end:
+            try:
+                frame = await recv(ws, timeout=0.5)
+            except TimeoutError:
+                continue
+            if frame["op"] == "chunk" and frame["data"].get("node") == node:
+                seen.add(frame["id"])
+    return seen
+
+
+async def test_subscriber_on_one_node_sees_the_other_nodes_logs_and_metrics(nodes: tuple[ServerProc, ServerProc]) -> None:
+    a, b = nodes
+    ws = await connect(a)
+    assert ws.ready["node"] == "node-a"  # type: ignore[attr-defined]
+    await send(ws, op="subscribe", id="l", channel="logs", params={"lines": 0})
+    await send(ws, op="subscribe", id="m", channel="metrics", params={"interval_ms": 200})
+    await _wait_for_node_records(ws, b, "node-b")
+    own = {"l": False, "m": False}
+    async with websockets.connect(a.url, additional_headers={"X-API-Key": a.key}) as poke:
+        await recv(poke)
+    end = time.monotonic() + 10
+    while not all(own.values()) and time.monotonic() < end:
+        frame = await recv(ws)
+        if frame["op"] == "chunk" and frame["data"].get("node") == "node-a":
+            own[frame["id"]] = True
+    assert all(own.values()), "the node's own records must still come through, labelled with it"
+    await ws.close()
+
+
+async def test_a_keys_limits_are_shared_across_nodes(tmp, redis_server: RedisProc) -> None:
+    a, b = _pair(tmp, redis_server, "sp-limits", key_max_connections=2, key_rate=2, key_burst=6)
+    try:
+        first, second = await connect(a), await connect(b)
+        async with websockets.connect(a.url, additional_headers={"X-API-Key": a.key}) as third:
+            with pytest.raises(websockets.ConnectionClosed) as info:
+                await recv(third)
+            assert info.value.rcvd is not None and info.value.rcvd.code == 4008
+            assert "connections" in info.value.rcvd.reason
+        await second.close()
+        deadline = time.monotonic() + 10
+        while True:  # the slot comes back once node B has seen the close
+            async with websockets.connect(a.url, additional_headers={"X-API-Key": a.key}) as again:
+                try:
+                    assert (await recv(again))["op"] == "ready"
+                    break
+                except websockets.ConnectionClosed:
+                    assert time.monotonic() < deadline, "the released slot never came back"
+                    await asyncio.sleep(0.2)
+
+        second = await connect(b)
+        for ws in (first, second):  # 12 pings across the two nodes against one burst of 6
+            for _ in range(6):
+                await send(ws, op="ping")
+        frames = [await recv(ws) for ws in (first, second) for _ in range(6)]
+        pongs = sum(f["op"] == "pong" for f in frames)
+        refused = [f for f in frames if f["op"] == "error"]
+        assert all(f["code"] == "rate_limited" and "API key" in f["message"] and f["retry_after"] > 0 for f in refused)
+        assert 6 <= pongs <= 8 and len(refused) == 12 - pongs, frames
+        await first.close()
+        await second.close()
+    finally:
+        a.stop()
+        b.stop()
+
+
+async def test_redis_stopped_and_restarted_while_a_stream_flows(nodes: tuple[ServerProc, ServerProc], redis_server: RedisProc) -> None:
+    a, b = nodes
+    ws = await connect(a)
+    total = 400
+    await send(ws, op="subscribe", id="t", channel="data", params={"records": [{"i": i} for i in range(total)], "chunk_size": 1, "interval_ms": 25})
+    await send(ws, op="subscribe", id="l", channel="logs", params={"lines": 0, "level": "WARNING"})
+    seqs: list[int] = []
+    records: list[int] = []
+
+    async def read_until(predicate, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while not predicate():
+            assert time.monotonic() < deadline, f"timed out; got {len(records)} records"
+            frame = await recv(ws)
+            if frame["op"] == "end":
+                assert frame["id"] == "t" and frame["reason"] == "complete", frame
+                end_seen.append(frame)
+            elif frame["op"] == "chunk" and frame["id"] == "t":
+                seqs.append(frame["seq"])
+                records.extend(orjson.loads(line)["i"] for line in frame["data"].splitlines())
+
+    end_seen: list[dict] = []
+    await read_until(lambda: len(records) >= 20, 30)
+    redis_server.stop()
+    await read_until(lambda: "unreachable" in a.log() and "unreachable" in b.log(), 30)
+    await read_until(lambda: len(records) >= 120, 60)
+    redis_server.start()
+    await read_until(lambda: "reachable again" in a.log() and "reachable again" in b.log(), 60)
+    await read_until(lambda: bool(end_seen), 90)
+    assert records == list(range(total)) and seqs == list(range(len(seqs))), "the stream must neither lose nor repeat anything"
+    assert a.log().count("unreachable") == 1, "one warning per outage"
+    await ws.close()
+    # Sharing works again after the restart: node B's logs reach a subscriber on node A.
+    ws = await connect(a)
+    await send(ws, op="subscribe", id="l", channel="logs", params={"lines": 0})
+    await send(ws, op="subscribe", id="m", channel="metrics", params={"interval_ms": 200})
+    await _wait_for_node_records(ws, b, "node-b")
+    await ws.close()
