@@ -1,0 +1,108 @@
+"""What a client asks the Whisper runner for, and Whisper's vocabulary (special tokens, timestamps). No torch.
+
+One `TranscriptionRequest` transcribes one audio window (at most 30 s of 16 kHz mono). Its token stream
+holds text tokens and, with `timestamps`, Whisper's time tokens (one every 20 ms of the window), which
+`WhisperVocab.segments` turns into timed segments.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal
+
+if TYPE_CHECKING:
+    import numpy as np
+
+SAMPLE_RATE = 16_000
+WINDOW_SECONDS = 30
+TIME_PRECISION = 0.02  # seconds per timestamp token
+
+
+@dataclass(eq=False)
+class TranscriptionRequest:
+    """One window: `audio` (float32, 16 kHz mono, at most 30 s), `language` (None: detected), `task`, `prompt` (previous text's token ids).
+
+    The runner sets `detected_language` during the prefill when `language` is None.
+    """
+
+    audio: np.ndarray
+    language: str | None = None
+    task: Literal["transcribe", "translate"] = "transcribe"
+    timestamps: bool = True
+    prompt: list[int] = field(default_factory=list)
+    detected_language: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Segment:
+    """Text between two time tokens, in seconds from the window's start."""
+
+    start: float
+    end: float
+    text: str
+
+
+class WhisperVocab:
+    """Special token ids and text decoding from a Whisper `tokenizer.json` (with the `tokenizers` library)."""
+
+    def __init__(self, tokenizer_json: Path, multilingual: bool) -> None:
+        from tokenizers import Tokenizer
+
+        self.multilingual = multilingual
+        self.tokenizer = Tokenizer.from_file(str(tokenizer_json))
+        added = {t["content"]: t["id"] for t in json.loads(tokenizer_json.read_text())["added_tokens"]}
+        self.eot = added["<|endoftext|>"]
+        self.sot = added["<|startoftranscript|>"]
+        self.sot_prev = added["<|startofprev|>"]
+        self.transcribe = added["<|transcribe|>"]
+        self.translate = added["<|translate|>"]
+        self.no_timestamps = added["<|notimestamps|>"]
+        self.timestamp_begin = self.no_timestamps + 1
+        found = {tok[2:-2]: i for tok, i in added.items() if self.sot < i < min(self.translate, self.transcribe)}
+        self.languages = found if multilingual else {"en": found["en"]}
+        self.language_of = {i: code for code, i in self.languages.items()}
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of plain text (no special tokens)."""
+        return self.tokenizer.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids: list[int]) -> str:
+        """Text of the text tokens among `ids` (special and time tokens dropped)."""
+        return self.tokenizer.decode([i for i in ids if i < self.eot])
+
+    def prompt(self, request: TranscriptionRequest) -> list[int]:
+        """Decoder prompt: previous text, start, language (a slot the runner fills when detecting), task, no-timestamps."""
+        prev = [self.sot_prev, *request.prompt] if request.prompt else []
+        language = [self.languages[request.language or "en"]] if self.multilingual else []
+        task = [self.translate if request.task == "translate" else self.transcribe] if self.multilingual else []
+        return [*prev, self.sot, *language, *task, *([] if request.timestamps else [self.no_timestamps])]
+
+    def is_timestamp(self, token: int) -> bool:
+        return token >= self.timestamp_begin
+
+    def segments(self, tokens: list[int], window: float) -> tuple[list[Segment], list[int]]:
+        """Closed segments from a timestamped token stream, and the text tokens after the last closed one.
+
+        A segment is `<|t0|> text <|t1|>`; unfinished text at the end (no closing time yet) is returned apart.
+        `window` is the audio's length: a time past it is clipped to it.
+        """
+        done: list[Segment] = []
+        start: float | None = None
+        text: list[int] = []
+        for token in tokens:
+            if token == self.eot:
+                break
+            if not self.is_timestamp(token):
+                text.append(token)
+                continue
+            t = min((token - self.timestamp_begin) * TIME_PRECISION, window)
+            if start is None:
+                start = t
+            elif text:
+                done.append(Segment(start, t, self.decode(text)))
+                start, text = None, []
+            else:
+                start = t
+        return done, text

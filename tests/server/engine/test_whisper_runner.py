@@ -1,0 +1,74 @@
+"""The Whisper runner on the real bundled Whisper base: exact against transformers, batching changes nothing, speech is understood."""
+
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+import pytest
+import torch
+
+from server.engine.asr import SAMPLE_RATE, TranscriptionRequest, WhisperVocab
+from server.engine.whisper import padded_samples
+from tests.asrmodel import ENGLISH, SPANISH, bundled_whisper, engine_with, speech, transcribe, wer
+
+
+def test_padding_and_segments() -> None:
+    assert padded_samples(SAMPLE_RATE * 3) == SAMPLE_RATE * 4
+    assert padded_samples(SAMPLE_RATE * 3 + 1) == SAMPLE_RATE * 5
+    assert padded_samples(SAMPLE_RATE * 40) == SAMPLE_RATE * 30
+    vocab = bundled_whisper().vocab
+    assert isinstance(vocab, WhisperVocab)
+    ts = vocab.timestamp_begin
+    hello, world = vocab.encode(" Hello"), vocab.encode(" world")
+    segments, tail = vocab.segments([ts, *hello, ts + 50, ts + 50, *world, ts + 400, ts + 400, *hello, vocab.eot], window=5.0)
+    assert [(s.start, s.end, s.text) for s in segments] == [(0.0, 1.0, " Hello"), (1.0, 5.0, " world")]
+    assert tail == hello
+
+
+async def test_full_window_equals_transformers_generate() -> None:
+    runner = bundled_whisper()
+    audio = speech(ENGLISH[0])
+    window = np.pad(audio, (0, 30 * SAMPLE_RATE - len(audio)))
+    async with engine_with(runner) as engine:
+        tokens, finish = await transcribe(engine, runner, TranscriptionRequest(window, "en"))
+    assert finish == "stop"
+    features = runner.features(audio, sampling_rate=SAMPLE_RATE, return_tensors="pt").input_features
+    with torch.inference_mode():
+        expected = runner.model.generate(features, language="en", task="transcribe", return_timestamps=True)[0].tolist()
+    assert tokens == [t for t in expected if t != runner.vocab.eot]
+
+
+async def test_batched_windows_equal_alone_and_are_understood() -> None:
+    runner = bundled_whisper()
+    requests = {
+        "en0": lambda: TranscriptionRequest(speech(ENGLISH[0]), "en"),
+        "en1": lambda: TranscriptionRequest(speech(ENGLISH[1]), "en", timestamps=False),
+        "es": lambda: TranscriptionRequest(speech(SPANISH, voice="es"), None),
+        "en2": lambda: TranscriptionRequest(np.concatenate([speech(ENGLISH[2]), speech(ENGLISH[3])]), "en"),
+    }
+    async with engine_with(runner) as engine:
+        alone = {k: await transcribe(engine, runner, make()) for k, make in requests.items()}
+        made = {k: make() for k, make in requests.items()}
+        victim = engine.submit(runner.name, 4, 100, TranscriptionRequest(speech(ENGLISH[3]), "en"))
+        together = asyncio.gather(*(transcribe(engine, runner, r) for r in made.values()))
+        await victim.next()
+        victim.cancel()
+        results = dict(zip(made, await together, strict=True))
+        assert runner.stats()["rows"] == 0
+    assert results == alone
+    assert made["es"].detected_language == "es"
+    text = {k: runner.vocab.decode(tokens) for k, (tokens, _) in results.items()}
+    assert wer(ENGLISH[0], text["en0"]) <= 0.15, text
+    assert wer(ENGLISH[1], text["en1"]) <= 0.15, text
+    assert wer(ENGLISH[2] + " " + ENGLISH[3], text["en2"]) <= 0.15, text
+    segments, _ = runner.vocab.segments(results["en2"][0], window=len(made["en2"].audio) / SAMPLE_RATE)
+    assert len(segments) >= 2 and all(0 <= s.start < s.end <= len(made["en2"].audio) / SAMPLE_RATE for s in segments)
+
+
+@pytest.fixture(autouse=True)
+def _espeak() -> None:
+    import shutil
+
+    if shutil.which("espeak-ng") is None:
+        pytest.fail("espeak-ng is missing: run scripts/setup --test")
