@@ -6,6 +6,7 @@ Each field's description is its documentation: docs/configuration.md is generate
 
 from __future__ import annotations
 
+import os
 import socket
 from pathlib import Path
 from typing import Literal
@@ -24,7 +25,7 @@ class Settings(BaseSettings):
 
     host: str = Field("127.0.0.1", description="Address to listen on.")
     port: int = Field(8000, ge=0, le=65535, description="TCP port to listen on (0 picks a free one).")
-    node: str = Field(default_factory=socket.gethostname, description="This node's name in logs and metrics (default: the hostname).")
+    node: str = Field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}", description="This node's name in logs, metrics and the Redis broker; unique per server process (default: hostname-pid).")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = Field("INFO", description="Lowest level the server logs.")
     log_buffer: int = Field(2000, ge=1, le=1_000_000, description="Log records kept in memory for the logs channel's backlog.")
 
@@ -48,6 +49,13 @@ class Settings(BaseSettings):
     lossy_depth: int = Field(32, ge=1, description="Frames a lossy stream (logs, metrics) keeps pending once the outbox is full; older ones are dropped and counted.")
     slow_consumer_timeout: float = Field(10.0, gt=0, description="Seconds a send may stay blocked on a client that does not read before it is closed with 4009.")
     shutdown_timeout: float = Field(10.0, ge=0, description="Seconds to drain on SIGTERM: streams end with reason `shutdown`, connections close with 1001.")
+
+    # scale-out (issue 7)
+    redis_url: str = Field("", description="Redis URL (`redis://host:6379/0`) shared by several nodes: logs and metrics streams then show every node's records, and the per-key limits hold across nodes. Empty: one node, in memory. While Redis is unreachable each node serves on its own and enforces the per-key limits locally.")
+    redis_prefix: str = Field("streamplex", description="Prefix of every Redis key and pub/sub channel, so several deployments can share one Redis.")
+    key_max_connections: int = Field(0, ge=0, description="Connections one API key may hold open at once, across all nodes (0: no limit). Past it a new connection is closed with 4008.")
+    key_rate: float = Field(0.0, ge=0, description="Incoming ops per second one API key may send across all its connections and nodes (GCRA; 0: no limit). Applies on top of the per-connection `rate`.")
+    key_burst: int = Field(200, ge=1, description="Ops one API key may send in a burst before `key_rate` applies.")
 
     documents_dir: Path = Field(SAMPLES / "documents", description="Folder the text channel's `document` param reads from.")
     data_dir: Path = Field(SAMPLES / "data", description="Folder the data channel's `dataset` param reads from.")
