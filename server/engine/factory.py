@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from server.config import Settings
 from server.engine import whisper_loading
+from server.engine.batch import BatchRunner
 from server.engine.engine import Engine, Limits
 from server.engine.loading import model_name
 from server.engine.runner import Runner, RunnerSpec
@@ -28,12 +29,14 @@ def build_engine(settings: Settings) -> Engine:
         RunnerSpec("transcription", whisper_loading.model_name(spec), lambda spec=spec: _whisper_runner(spec, settings))
         for spec in asr_specs(settings.asr_model)
     ]
+    specs += _embedding_specs(settings) + _translation_specs(settings)
     limits = Limits(
         max_batch=settings.engine_max_batch,
         step_tokens=settings.engine_step_tokens,
         prefill_chunk=settings.engine_prefill_chunk,
         kv_cache_bytes=settings.engine_kv_cache_mb << 20,
         max_waiting=settings.engine_max_queue,
+        batch_items=settings.engine_batch_items,
     )
     return Engine(specs, limits)
 
@@ -44,6 +47,38 @@ def _chat_runner(spec: str, settings: Settings) -> Runner:
 
     device = resolve_device(settings.device)
     return CausalLMRunner(spec, settings.cache_dir, device, resolve_dtype(settings.dtype, device), cpu_threads(settings.engine_threads))
+
+
+def _embedding_specs(settings: Settings) -> list[RunnerSpec]:
+    """The sentence-embedding model (`STREAMPLEX_EMBEDDING_MODEL`), a one-shot batch runner; none when the setting is empty."""
+    spec = settings.embedding_model.strip()
+    if not spec:
+        return []
+
+    def create() -> BatchRunner:
+        from server.engine.device import cpu_threads, resolve_device, resolve_dtype
+        from server.engine.embedding import EmbeddingRunner
+
+        device = resolve_device(settings.device)
+        return EmbeddingRunner(spec, device, resolve_dtype(settings.dtype, device), cpu_threads(settings.engine_threads))
+
+    return [RunnerSpec("embedding", model_name(spec), create)]
+
+
+def _translation_specs(settings: Settings) -> list[RunnerSpec]:
+    """The neural translation model (`STREAMPLEX_TRANSLATION_MODEL`), a token runner; none when the setting is empty."""
+    spec = settings.translation_model.strip()
+    if not spec:
+        return []
+
+    def create() -> Runner:
+        from server.engine.device import cpu_threads, resolve_device, resolve_dtype
+        from server.engine.seq2seq import Seq2SeqRunner
+
+        device = resolve_device(settings.device)
+        return Seq2SeqRunner(spec, device, resolve_dtype(settings.dtype, device), cpu_threads(settings.engine_threads))
+
+    return [RunnerSpec("translation", model_name(spec), create)]
 
 
 def _whisper_runner(spec: str, settings: Settings) -> Runner:

@@ -12,6 +12,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from server.engine.batch import BatchRunner
 from server.engine.scheduler import Output, StepPlan, summed
 
 
@@ -56,7 +57,7 @@ class RunnerSpec:
 
     family: str
     model: str
-    create: Callable[[], Runner]
+    create: Callable[[], Runner | BatchRunner]
 
     @property
     def name(self) -> str:
