@@ -1,0 +1,174 @@
+"""deploy/nginx/streamplex.conf in real nginx on loopback, in front of two server instances (upstream ports rendered into a copy)."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import ssl
+import subprocess
+import time
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import orjson
+import pytest
+import trustme
+import websockets
+
+from tests.serverproc import KEY, ROOT, ServerProc, collect, free_port, recv, send, start_server
+
+NGINX = shutil.which("nginx") or next((p for p in ("/usr/sbin/nginx",) if Path(p).exists()), None)
+pytestmark = pytest.mark.skipif(NGINX is None, reason="nginx is not installed (scripts/packages/apt-test.txt)")
+
+CONF = ROOT / "deploy" / "nginx" / "streamplex.conf"
+
+
+def render(conf: str, upstreams: list[int], http_port: int, https_port: int, cert: Path, key: Path) -> str:
+    """The shipped config with this test's ports and certificate; everything else as shipped."""
+    servers = "".join(f"    server 127.0.0.1:{port} max_fails=1 fail_timeout=10s;\n" for port in upstreams)
+    conf, n = re.subn(r"(    server streamplex-\d:8000[^\n]*\n)+", servers, conf)
+    assert n == 1, "the upstream block's servers were not found"
+    replacements = {"listen 80;": f"listen 127.0.0.1:{http_port};", "listen 443 ssl;": f"listen 127.0.0.1:{https_port} ssl;", "/etc/nginx/tls/tls.crt": str(cert), "/etc/nginx/tls/tls.key": str(key)}
+    for old, new in replacements.items():
+        assert conf.count(old) == 1, old
+        conf = conf.replace(old, new)
+    return conf
+
+
+@dataclass
+class Nginx:
+    proc: subprocess.Popen[bytes]
+    http_port: int
+    https_port: int
+    prefix: Path
+    ca: trustme.CA
+
+    def ws(self, tls: bool = False) -> str:
+        return f"wss://localhost:{self.https_port}/ws" if tls else f"ws://127.0.0.1:{self.http_port}/ws"
+
+    def ssl_context(self) -> ssl.SSLContext:
+        ctx = ssl.create_default_context()
+        self.ca.configure_trust(ctx)
+        return ctx
+
+    def log(self) -> str:
+        return "".join(p.read_text(errors="replace") for p in self.prefix.glob("*.log"))
+
+
+@pytest.fixture(scope="module")
+def instances(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[ServerProc]]:
+    tmp = tmp_path_factory.mktemp("instances")
+    servers = [start_server(tmp, node="one")]
+    try:
+        servers.append(start_server(tmp, node="two"))
+        yield servers
+    finally:
+        for server in servers:
+            server.stop()
+
+
+@pytest.fixture(scope="module")
+def nginx(tmp_path_factory: pytest.TempPathFactory, instances: list[ServerProc]) -> Iterator[Nginx]:
+    prefix = tmp_path_factory.mktemp("nginx")
+    ca = trustme.CA()
+    leaf = ca.issue_cert("localhost", "127.0.0.1")
+    cert, key = prefix / "tls.crt", prefix / "tls.key"
+    leaf.cert_chain_pems[0].write_to_path(str(cert))
+    leaf.private_key_pem.write_to_path(str(key))
+    http_port, https_port = free_port(), free_port()
+    (prefix / "streamplex.conf").write_text(render(CONF.read_text(), [s.port for s in instances], http_port, https_port, cert, key))
+    (prefix / "nginx.conf").write_text(
+        f"""
+# A root master runs workers as this user; they only touch the prefix, which pytest keeps private to root.
+user root;
+worker_processes 1;
+pid {prefix}/nginx.pid;
+error_log {prefix}/error.log notice;
+events {{ worker_connections 256; }}
+http {{
+    access_log {prefix}/access.log;
+    client_body_temp_path {prefix}/body;
+    proxy_temp_path {prefix}/proxy;
+    fastcgi_temp_path {prefix}/fastcgi;
+    uwsgi_temp_path {prefix}/uwsgi;
+    scgi_temp_path {prefix}/scgi;
+    include {prefix}/streamplex.conf;
+}}
+"""
+    )
+    assert NGINX is not None
+    test = subprocess.run([NGINX, "-t", "-p", str(prefix), "-e", str(prefix / "error.log"), "-c", str(prefix / "nginx.conf")], capture_output=True, text=True)
+    assert test.returncode == 0, test.stderr
+    proc = subprocess.Popen([NGINX, "-p", str(prefix), "-e", str(prefix / "error.log"), "-c", str(prefix / "nginx.conf"), "-g", "daemon off;"], stderr=subprocess.STDOUT, stdout=(prefix / "stdout.log").open("wb"))
+    server = Nginx(proc, http_port, https_port, prefix, ca)
+    deadline = time.monotonic() + 20
+    while True:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{http_port}/health", timeout=2) as resp:
+                assert resp.status == 200
+                break
+        except OSError:
+            assert proc.poll() is None and time.monotonic() < deadline, server.log()
+            time.sleep(0.1)
+    yield server
+    proc.terminate()
+    proc.wait(10)
+
+
+async def _connect(url: str, **kwargs) -> websockets.ClientConnection:
+    ws = await websockets.connect(url, **kwargs)
+    await send(ws, op="auth", api_key=KEY)
+    ready = await recv(ws)
+    assert ready["op"] == "ready", ready
+    ws.ready = ready  # type: ignore[attr-defined]
+    return ws
+
+
+@pytest.mark.parametrize("tls", [False, True], ids=["http", "https"])
+async def test_full_session_through_nginx(nginx: Nginx, tls: bool) -> None:
+    ws = await _connect(nginx.ws(tls), ssl=nginx.ssl_context() if tls else None)
+    assert ws.ready["node"] in {"one", "two"}  # type: ignore[attr-defined]
+    await send(ws, op="ping")
+    assert (await recv(ws))["op"] == "pong"
+    await send(ws, op="subscribe", id="t", channel="text", params={"text": "Hello there. Through the proxy! " * 20, "unit": "sentences", "chunk_size": 1})
+    await send(ws, op="subscribe", id="d", channel="data", params={"records": [{"i": i} for i in range(50)], "chunk_size": 5})
+    text_chunks, text_end = await collect(ws, "t")
+    assert text_end["reason"] == "complete" and "".join(c["data"] for c in text_chunks) == "Hello there. Through the proxy! " * 20
+    await send(ws, op="subscribe", id="d2", channel="data", params={"records": [{"i": i} for i in range(50)], "chunk_size": 5})
+    data_chunks, data_end = await collect(ws, "d2")
+    assert data_end["reason"] == "complete" and [orjson.loads(line)["i"] for c in data_chunks for line in c["data"].splitlines()] == list(range(50))
+    await send(ws, op="unsubscribe", id="nope")
+    assert (await recv(ws))["code"] == "unknown_id"
+    await ws.close()
+
+
+async def test_nginx_spreads_connections_over_both_instances(nginx: Nginx) -> None:
+    sockets = [await _connect(nginx.ws()) for _ in range(4)]
+    assert {ws.ready["node"] for ws in sockets} == {"one", "two"}  # type: ignore[attr-defined]
+    for ws in sockets:
+        await ws.close()
+
+
+async def test_stream_keeps_flowing_when_the_other_instance_stops(nginx: Nginx, instances: list[ServerProc]) -> None:
+    ws = await _connect(nginx.ws())
+    mine = ws.ready["node"]  # type: ignore[attr-defined]
+    other = next(s for s in instances if s.env["STREAMPLEX_NODE"] != mine)
+    total = 200
+    await send(ws, op="subscribe", id="s", channel="data", params={"records": [{"i": i} for i in range(total)], "chunk_size": 1, "interval_ms": 20})
+    records: list[int] = []
+    while len(records) < 20:
+        frame = await recv(ws)
+        if frame["op"] == "chunk":
+            records.append(orjson.loads(frame["data"])["i"])
+    assert other.stop() in (0, -15)
+    chunks, end = await collect(ws, "s", timeout=30)
+    records += [orjson.loads(c["data"])["i"] for c in chunks]
+    assert end["reason"] == "complete" and records == list(range(total))
+    # New connections land on the surviving instance.
+    for _ in range(3):
+        fresh = await _connect(nginx.ws())
+        assert fresh.ready["node"] == mine  # type: ignore[attr-defined]
+        await fresh.close()
+    await ws.close()
