@@ -153,6 +153,10 @@ class _Decoder:
     async def __aexit__(self, *exc: object) -> None:
         self.worker.close(self._close)
 
+    async def run(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run `fn(*args)` in this decoder's thread (e.g. encoding the frames it gave)."""
+        return await self.worker.run(fn, *args)
+
     async def _iterate(self, generator: Iterator[T]) -> Any:
         self.generator = generator
         while (item := await self.worker.run(self._next)) is not _DONE:
