@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +13,9 @@ from channels.base import ChannelError
 from channels.media import local_media, media_ref
 from server.config import Settings
 from server.protocol import ErrorCode
-from tests.channels.mediafiles import MEDIA, SPEECH, http_server
+from tests.channels.mediafiles import MEDIA, SPEECH, broken_files, http_server
+from tests.channels.mediaws import read_stream
+from tests.serverproc import ServerProc, connect, send, start_server
 
 LOOPBACK = "127.0.0.0/8,::1/128"
 
@@ -142,3 +145,46 @@ async def test_an_unreachable_url_is_bad_source() -> None:
         port = closed.getsockname()[1]  # bound, not listening: connections are refused
         s = settings(media_allow_urls=True, media_url_allow=LOOPBACK)
         assert "could not be fetched" in await fetch_refused(ErrorCode.BAD_SOURCE, s, f"http://127.0.0.1:{port}/a.wav")
+
+
+@pytest.fixture(scope="module")
+def media_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[ServerProc, Path]]:
+    """A real server whose media folder holds broken files, fetching URLs with loopback allow-listed."""
+    tmp = tmp_path_factory.mktemp("media")
+    folder = tmp / "media"
+    folder.mkdir()
+    broken_files(folder)
+    (folder / SPEECH).write_bytes((MEDIA / SPEECH).read_bytes())
+    srv = start_server(tmp, media_dir=folder, media_allow_urls="true", media_url_allow="127.0.0.1/32")
+    try:
+        yield srv, folder
+    finally:
+        srv.stop()
+
+
+async def test_over_the_websocket_urls_and_broken_files_get_their_documented_errors(media_server: tuple[ServerProc, Path]) -> None:
+    srv, folder = media_server
+    ws = await connect(srv)
+    try:
+        with http_server(folder) as base:
+            await send(ws, op="subscribe", id="u", channel="audio", params={"audio_url": f"{base}/{SPEECH}", "sample_rate": 8000, "realtime": False})
+            got = await read_stream(ws, "u")
+            assert got.end == {"op": "end", "id": "u", "reason": "complete"} and got.json[-1]["samples"] == sum(map(len, got.binary)) // 2 > 50000
+            cases = {
+                "private": ({"video_url": "http://10.0.0.1/v.mp4"}, "error", "forbidden"),
+                "outside": ({"source": "../../../etc/passwd"}, "error", "forbidden"),
+                "missing": ({"source": "nope.mp4"}, "error", "invalid_params"),
+                "garbage": ({"source": "garbage.mp4"}, "end", "bad_source"),
+                "codec": ({"source": "unknown-codec.wav"}, "end", "bad_source"),
+                "http404": ({"video_url": f"{base}/missing.mp4"}, "end", "bad_source"),
+            }
+            for sid, (params, kind, code) in cases.items():
+                await send(ws, op="subscribe", id=sid, channel="video", params={**params, "realtime": False})
+                result = await read_stream(ws, sid)
+                if kind == "error":
+                    assert result.error is not None and result.error["code"] == code, result
+                else:
+                    assert result.end is not None and result.end["reason"] == "error" and result.end["error"]["code"] == code, result
+                    assert str(folder) not in result.end["error"]["message"]
+    finally:
+        await ws.close()
