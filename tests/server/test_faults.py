@@ -78,7 +78,8 @@ def open_streams(srv: ServerProc) -> float:
 
 
 async def test_vanished_clients_are_reaped_within_the_heartbeat_bound(tmp: Path) -> None:
-    srv = start_server(tmp, heartbeat_interval=1, heartbeat_timeout=1)
+    # a slow-consumer close needs 60 s of a blocked send here: only the heartbeat can reap the frozen client in time
+    srv = start_server(tmp, heartbeat_interval=1, heartbeat_timeout=1, slow_consumer_timeout=60)
     try:
         baseline_tasks = srv.metric("streamplex_tasks")
         killed = client_process(srv)
@@ -98,7 +99,6 @@ async def test_vanished_clients_are_reaped_within_the_heartbeat_bound(tmp: Path)
             frozen.kill()
             frozen.wait()
         await wait_for(lambda: srv.metric("streamplex_tasks") <= baseline_tasks, 10)
-        assert "keepalive ping timeout" in srv.log() or srv.metric("streamplex_connections") == 0
         assert "Traceback" not in srv.log()
     finally:
         srv.stop()
