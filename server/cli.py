@@ -1,11 +1,10 @@
-"""`streamplex serve` (and `python -m server`): run the server with uvicorn, draining on SIGTERM."""
+"""`python -m server` (and `streamplex serve`, which the client distribution's console script hands here): run the server with uvicorn, draining on SIGTERM."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
 import socket
-import sys
 from pathlib import Path
 from typing import Any, get_args, get_origin
 
@@ -70,11 +69,3 @@ def serve(argv: list[str] | None = None) -> None:
     server = DrainingServer(config, app.state.runtime)
     asyncio.run(server.serve())
 
-
-def main(argv: list[str] | None = None) -> None:
-    """Entry point of the `streamplex` command."""
-    argv = sys.argv[1:] if argv is None else argv
-    if not argv or argv[0] != "serve":
-        print("usage: streamplex serve [--host HOST] [--port PORT] [--<setting> VALUE ...]", file=sys.stderr)
-        raise SystemExit(2)
-    serve(argv[1:])

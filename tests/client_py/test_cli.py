@@ -1,0 +1,84 @@
+"""The `streamplex` console script against the live server, and `streamplex serve` with and without the server installed."""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+import signal
+import subprocess
+import sys
+import sysconfig
+import time
+from pathlib import Path
+
+from tests.serverproc import ROOT, ServerProc
+
+CLI = str(Path(sys.executable).parent / "streamplex")
+
+
+def run(server: ServerProc, *args: str, key: str | None = None, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    env = os.environ | {"STREAMPLEX_API_KEY": key or server.key, "STREAMPLEX_URL": server.url}
+    return subprocess.run([CLI, *args], env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def test_data_csv_to_stdout(server: ServerProc) -> None:
+    rows = [{"id": str(i), "name": f"n{i}, \"q\""} for i in range(250)]
+    with (server.data_dir / "people.csv").open("w", newline="") as f:  # type: ignore[attr-defined]
+        writer = csv.DictWriter(f, ["id", "name"])
+        writer.writeheader()
+        writer.writerows(rows)
+    done = run(server, "data", "--dataset", "people.csv", "--format", "csv")
+    assert done.returncode == 0, done.stderr
+    assert list(csv.DictReader(io.StringIO(done.stdout))) == rows
+
+
+def test_text_metrics_logs_and_channels(server: ServerProc) -> None:
+    assert run(server, "text", "Hello there. Bye now.", "--unit", "sentences").stdout == "Hello there. Bye now."
+    metrics = run(server, "metrics", "--count", "2", "--interval-ms", "200")
+    assert metrics.returncode == 0 and len(metrics.stdout.splitlines()) == 2 and "cpu" in metrics.stdout
+    logs = run(server, "logs", "--level", "INFO", "--lines", "5", "--no-follow")
+    lines = logs.stdout.splitlines()
+    assert logs.returncode == 0 and 1 <= len(lines) <= 5 and all(" INFO " in line or " WARNING " in line or " ERROR " in line for line in lines)
+    listing = run(server, "channels").stdout
+    assert "text" in listing and "available" in listing
+    streamed = run(server, "stream", "text", "-p", "text=a b c", "-p", "unit=words", "-p", "chunk_size=1")
+    assert streamed.stdout.splitlines() == ['{"seq":0,"data":"a "}', '{"seq":1,"data":"b "}', '{"seq":2,"data":"c"}']
+
+
+def test_errors_are_plain(server: ServerProc) -> None:
+    chat = run(server, "chat", "hello")
+    assert chat.returncode == 1 and "unavailable" in chat.stderr and "Traceback" not in chat.stderr
+    wrong = run(server, "channels", key="wrong")
+    assert wrong.returncode == 1 and "4001" in wrong.stderr
+    env = {k: v for k, v in os.environ.items() if k != "STREAMPLEX_API_KEY"}
+    missing = subprocess.run([CLI, "--url", server.url, "channels"], env=env, capture_output=True, text=True, timeout=30)
+    assert missing.returncode == 2 and "STREAMPLEX_API_KEY" in missing.stderr
+
+
+def test_ctrl_c_ends_cleanly(server: ServerProc) -> None:
+    env = os.environ | {"STREAMPLEX_API_KEY": server.key, "STREAMPLEX_URL": server.url}
+    proc = subprocess.Popen([CLI, "metrics", "--interval-ms", "100"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert proc.stdout is not None
+    assert "cpu" in proc.stdout.readline()
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=20)
+    assert proc.returncode == 130 and err == ""
+    deadline = time.monotonic() + 10
+    while server.metric("streamplex_streams", 'channel="metrics"') != 0:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+
+
+def test_serve_hands_over_to_the_server() -> None:
+    done = subprocess.run([CLI, "serve", "--help"], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and "usage: streamplex serve" in done.stdout and "--port" in done.stdout
+
+
+def test_serve_without_the_server_says_so(tmp_path: Path) -> None:
+    # Without site processing the editable server install is invisible; only the client and its dependencies are on the path.
+    path = os.pathsep.join([str(ROOT / "client_py"), sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]])
+    code = "import sys; from streamplex.cli import main; main(sys.argv[1:])"
+    done = subprocess.run([sys.executable, "-S", "-c", code, "serve"], cwd=tmp_path, env={"PYTHONPATH": path}, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2, done.stderr
+    assert "server, which is not installed" in done.stderr
