@@ -318,7 +318,6 @@ class VideoDecoder(_Decoder):
 
     def _frames(self) -> Iterator[TimedFrame]:
         stream = self.container.streams.video[0]
-        stream.thread_type = "AUTO"
         start = Fraction(self.start_ms, 1000)
         if start > 0:
             try:
