@@ -57,6 +57,11 @@ class Settings(BaseSettings):
     key_rate: float = Field(0.0, ge=0, description="Incoming ops per second one API key may send across all its connections and nodes (GCRA; 0: no limit). Applies on top of the per-connection `rate`.")
     key_burst: int = Field(200, ge=1, description="Ops one API key may send in a burst before `key_rate` applies.")
 
+    # HTTP streaming routes and browsers (issue 6)
+    http_rate_limit: int = Field(100, ge=0, description="Requests per minute each client address may make to `/api/v1/stream/*` (0: no limit); past it the answer is 429 with Retry-After.")
+    http_stream_timeout: float = Field(0.0, ge=0, description="Seconds an HTTP stream may run before it ends with reason `timeout` (0: no limit); WebSocket streams are not affected.")
+    cors_origins: str = Field("", description="Comma-separated origins (`https://app.example.com`, or `*` for any) allowed to call the HTTP routes from a browser on another origin. Empty: no CORS headers.")
+
     documents_dir: Path = Field(SAMPLES / "documents", description="Folder the text channel's `document` param reads from.")
     data_dir: Path = Field(SAMPLES / "data", description="Folder the data channel's `dataset` param reads from.")
     metrics_min_interval_ms: int = Field(100, ge=10, description="Smallest `interval_ms` the metrics channel accepts.")
