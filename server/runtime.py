@@ -59,6 +59,8 @@ class Runtime:
             "outbox_bytes": float(sum(c.outbox_bytes() for c in self.connections)),
             "tasks": float(len(asyncio.all_tasks())),
             "engine_streams": float(engine["streams"]),
+            # All channels together: the per-pod figure the Kubernetes HPA scales on (deploy/gke/base/hpa.yaml).
+            "streams_active": float(sum(self.telemetry.stats.streams.values())),
         }
         if isinstance(self.broker, RedisBroker):
             out["redis_up"] = float(self.broker.up)
