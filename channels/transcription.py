@@ -1,0 +1,302 @@
+"""The transcription channel: live speech-to-text with Whisper in the batching engine.
+
+Input: a media file (`source` under the media folder, or `audio_url`) decoded with PyAV and resampled to
+16 kHz mono, or, with neither, audio the client pushes as it records: binary frames of 16 kHz mono PCM
+s16le (any whole number of samples per frame), ended by `{"op":"push","id":...,"end":true}`.
+
+Every `step_ms` of new audio the stream's buffer (at most 30 s) is transcribed again in the engine, which
+batches the windows of all live streams. LocalAgreement-2 (channels/agreement.py) decides which words are
+final. Chunks:
+- `{"type":"language","language":"fr","detected":true}` once the language is known;
+- `{"type":"partial","start":s,"end":s,"text":...}`: the words after the final ones (may still change);
+- `{"type":"final","start":s,"end":s,"text":...}`: words that will not change (times in seconds of audio);
+- last, `{"type":"transcript","text":...,"language":...,"duration_s":...,"segments":n}`: the whole text.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING, Any, Literal, cast
+
+import numpy as np
+from pydantic import Field, model_validator
+
+from channels.agreement import LocalAgreement, Word, text_of
+from channels.base import AVAILABLE, Channel, ChannelError, ChannelStatus, ParamsModel, StreamContext
+from channels.media import MediaRef, local_media, media_ref
+from channels.pacing import Clock
+from server.engine import Engine, EngineError
+from server.engine.asr import SAMPLE_RATE, WINDOW_SECONDS, Segment, TranscriptionRequest
+from server.protocol import ErrorCode
+
+if TYPE_CHECKING:
+    from server.engine.whisper import WhisperRunner
+
+log = logging.getLogger(__name__)
+
+TRIM_SECONDS = 8.0  # cut the buffer at a final segment's end once it is longer than this
+FORCE_SECONDS = 24.0  # a buffer this long with no final segment end has its pending words made final and is cut
+KEEP_SECONDS = 5.0  # audio kept after such a forced cut
+MAX_PENDING_SECONDS = 30.0  # audio received but not yet transcribed; beyond it pushed input waits (the push queue fills)
+PROMPT_CHARS = 200  # final text before the buffer given to Whisper as context
+BLOCK = SAMPLE_RATE // 10  # file audio is read in 100 ms blocks
+
+
+class TranscriptionParams(ParamsModel):
+    source: str | None = Field(None, description="An audio or video file under the media folder; omit (with `audio_url`) to push live audio.")
+    audio_url: str | None = Field(None, description="An http(s) media URL, when the server allows URLs.")
+    language: str | None = Field(None, description="Spoken language code (`en`, `fr`, ...); omitted: detected from the first window.")
+    task: Literal["transcribe", "translate"] = Field("transcribe", description="`translate` gives English text from any language.")
+    partials: bool = Field(True, description="Send partial segments (words not final yet) after each step.")
+    model: str | None = Field(None, description="A configured transcription model (default: the first).")
+    step_ms: int = Field(1000, ge=200, le=10_000, description="Audio between re-transcriptions of the buffer.")
+    realtime: bool = Field(False, description="Read a file source at its real pace (as if live); false reads it as fast as it is transcribed.")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> TranscriptionParams:
+        if self.source is not None and self.audio_url is not None:
+            raise ValueError("give at most one of `source` and `audio_url` (neither: push live audio)")
+        return self
+
+
+def pcm_s16le(item: Any) -> np.ndarray:
+    """Float32 samples of one pushed binary frame of 16 kHz mono s16le PCM."""
+    if not isinstance(item, bytes):
+        raise ChannelError(ErrorCode.INVALID_PARAMS, "push live audio as binary frames of 16 kHz mono PCM s16le, not JSON")
+    if len(item) % 2:
+        raise ChannelError(ErrorCode.INVALID_PARAMS, f"a pushed audio frame of {len(item)} bytes is not whole 16-bit samples")
+    return np.frombuffer(item, dtype="<i2").astype(np.float32) / 32768.0
+
+
+class _Audio:
+    """Audio received and not yet transcribed, filled by a feeder task; bounded (the feeder waits when full)."""
+
+    def __init__(self) -> None:
+        self.blocks: list[np.ndarray] = []
+        self.samples = 0
+        self.ended = False
+        self.error: BaseException | None = None
+        self.changed = asyncio.Condition()
+
+    async def put(self, block: np.ndarray) -> None:
+        async with self.changed:
+            await self.changed.wait_for(lambda: self.samples < MAX_PENDING_SECONDS * SAMPLE_RATE)
+            self.blocks.append(block)
+            self.samples += len(block)
+            self.changed.notify_all()
+
+    async def close(self, error: BaseException | None = None) -> None:
+        async with self.changed:
+            self.ended, self.error = True, error
+            self.changed.notify_all()
+
+    async def take(self, at_least: int, at_most: int) -> np.ndarray | None:
+        """Wait for `at_least` samples (or the end); return up to `at_most`; None once ended and empty."""
+        async with self.changed:
+            await self.changed.wait_for(lambda: self.samples >= at_least or self.ended)
+            if self.error is not None:
+                raise self.error
+            if not self.samples:
+                return None
+            joined = np.concatenate(self.blocks)
+            out, rest = joined[:at_most], joined[at_most:]
+            self.blocks, self.samples = ([rest] if len(rest) else []), len(rest)
+            self.changed.notify_all()
+            return out
+
+
+class TranscriptionChannel(Channel):
+    name = "transcription"
+    summary = "Live speech-to-text (Whisper, batched across streams): partial and final timed segments from pushed PCM or a media file."
+    Params = TranscriptionParams
+    accepts_push = True
+
+    @property
+    def engine(self) -> Engine | None:
+        return self.services.engine
+
+    def status(self) -> ChannelStatus:
+        if self.engine is None:
+            return ChannelStatus("unavailable", "the model engine is not running")
+        if not self.engine.models("transcription"):
+            return ChannelStatus("unavailable", "no transcription model is configured")
+        state, reason = self.engine.family_state("transcription")
+        if state == "ready":
+            return AVAILABLE
+        return ChannelStatus("loading", "the transcription model is loading") if state == "loading" else ChannelStatus("unavailable", reason)
+
+    def check(self, params: TranscriptionParams) -> None:
+        self._runner(params)
+        if params.source is not None or params.audio_url is not None:
+            media_ref(self.settings, params.source, params.audio_url, "audio_url")
+
+    def _runner(self, params: TranscriptionParams) -> WhisperRunner:
+        if self.engine is None:
+            raise ChannelError(ErrorCode.UNAVAILABLE, "the model engine is not running")
+        models = self.engine.models("transcription")
+        if params.model is not None and params.model not in models:
+            raise ChannelError(ErrorCode.INVALID_PARAMS, f"unknown model {params.model!r}; available: {', '.join(models) or 'none'}")
+        try:
+            runner = cast("WhisperRunner", self.engine.runner("transcription", params.model))
+        except EngineError as exc:
+            raise ChannelError(ErrorCode.INVALID_PARAMS if exc.code == "invalid" else ErrorCode.UNAVAILABLE, exc.message) from None
+        assert runner.vocab is not None
+        if params.language is not None and params.language not in runner.vocab.languages:
+            known = ", ".join(sorted(runner.vocab.languages))
+            raise ChannelError(ErrorCode.INVALID_PARAMS, f"language {params.language!r} is not one {runner.model_name} knows: {known}")
+        if params.task == "translate" and not runner.vocab.multilingual:
+            raise ChannelError(ErrorCode.INVALID_PARAMS, f"{runner.model_name} is English-only and cannot translate")
+        return runner
+
+    async def stream(self, params: TranscriptionParams, ctx: StreamContext) -> AsyncIterator[Any]:
+        runner = self._runner(params)
+        audio = _Audio()
+        if params.source is None and params.audio_url is None:
+            feeder = self._feed_pushed(ctx, audio)
+        else:
+            feeder = self._feed_file(media_ref(self.settings, params.source, params.audio_url, "audio_url"), params.realtime, audio)
+        task = asyncio.create_task(feeder, name=f"transcription-feed-{ctx.stream_id}")
+        try:
+            async for chunk in _Transcriber(self.engine, runner, params, ctx.stream_id).run(audio):
+                yield chunk
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    async def _feed_pushed(self, ctx: StreamContext, audio: _Audio) -> None:
+        try:
+            async for item in ctx.pushed():
+                samples = pcm_s16le(item)
+                if len(samples):
+                    await audio.put(samples)
+        except ChannelError as exc:
+            await audio.close(exc)
+        else:
+            await audio.close()
+
+    async def _feed_file(self, ref: MediaRef, realtime: bool, audio: _Audio) -> None:
+        from channels.media_decode import AudioDecoder
+
+        clock, sent = Clock(), 0
+        try:
+            async with local_media(self.settings, ref) as path, AudioDecoder(path, ref.label, sample_rate=SAMPLE_RATE, channels=1) as decoder:
+                async for block in decoder.blocks(BLOCK):
+                    if realtime:
+                        await clock.at(sent / SAMPLE_RATE)
+                    await audio.put(block[0])
+                    sent += block.shape[1]
+        except ChannelError as exc:
+            await audio.close(exc)
+        else:
+            await audio.close()
+
+
+class _Transcriber:
+    """One stream's loop: take new audio, transcribe the buffer, apply LocalAgreement, cut the buffer."""
+
+    def __init__(self, engine: Engine | None, runner: WhisperRunner, params: TranscriptionParams, stream_id: str) -> None:
+        assert engine is not None and runner.vocab is not None
+        self.engine, self.runner, self.vocab = engine, runner, runner.vocab
+        self.params = params
+        self.stream_id = stream_id
+        self.language = params.language if runner.vocab.multilingual else "en"
+        self.buffer = np.zeros(0, dtype=np.float32)
+        self.offset = 0.0  # stream time of the buffer's first sample
+        self.agreement = LocalAgreement()
+        self.last_partial: str | None = None
+        self.finals = 0
+
+    async def run(self, audio: _Audio) -> AsyncIterator[Any]:
+        step = self.params.step_ms * SAMPLE_RATE // 1000
+        started = time.perf_counter()
+        windows = 0
+        if self.language is not None:
+            yield {"type": "language", "language": self.language, "detected": False}
+        while True:
+            room = WINDOW_SECONDS * SAMPLE_RATE - len(self.buffer)
+            new = await audio.take(min(step, room), room)
+            if new is None:
+                break
+            self.buffer = np.concatenate([self.buffer, new])
+            segments, language = await self._transcribe()
+            windows += 1
+            if self.language is None:
+                self.language = language
+                yield {"type": "language", "language": language, "detected": True}
+            final = self.agreement.update(segments, self.offset)
+            if final:
+                yield self._final(final)
+            if len(self.buffer) > FORCE_SECONDS * SAMPLE_RATE and self.agreement.cut_point() is None:
+                forced = self.agreement.force()
+                if forced:
+                    yield self._final(forced)
+                # nothing final to cut at (silence, or one endless segment): keep the last few seconds only
+                self._cut(max(self.agreement.committed_until, self.offset + len(self.buffer) / SAMPLE_RATE - KEEP_SECONDS))
+            elif len(self.buffer) > TRIM_SECONDS * SAMPLE_RATE and (cut := self.agreement.cut_point()) is not None:
+                self._cut(cut)
+            if self.params.partials:
+                text = text_of(self.agreement.pending)
+                if text != self.last_partial:
+                    self.last_partial = text
+                    yield _segment("partial", self.agreement.pending)
+        final = self.agreement.force()
+        if final:
+            yield self._final(final)
+        duration = self.offset + len(self.buffer) / SAMPLE_RATE
+        log.info("transcription %s: %.1f s of audio in %d windows, %.1f s", self.stream_id, duration, windows, time.perf_counter() - started)
+        yield {
+            "type": "transcript",
+            "text": text_of(self.agreement.committed),
+            "language": self.language,
+            "duration_s": round(duration, 3),
+            "segments": self.finals,
+        }
+
+    def _final(self, words: list[Word]) -> dict[str, Any]:
+        self.finals += 1
+        return _segment("final", words)
+
+    def _cut(self, at: float) -> None:
+        """Drop the buffer's audio before stream time `at`."""
+        drop = min(len(self.buffer), max(0, round((at - self.offset) * SAMPLE_RATE)))
+        self.buffer = self.buffer[drop:]
+        self.offset += drop / SAMPLE_RATE
+
+    def _prompt(self) -> list[int]:
+        before = [w for w in self.agreement.committed if w.end <= self.offset + 0.01]
+        text = text_of(before)[-PROMPT_CHARS:]
+        return self.vocab.encode(" " + text)[-64:] if text else []
+
+    async def _transcribe(self) -> tuple[list[Segment], str | None]:
+        """The buffer's timed segments (unfinished text at the end becomes a segment up to the buffer's end), and the language."""
+        request = TranscriptionRequest(self.buffer, self.language, self.params.task, True, self._prompt())
+        prompt = self.vocab.prompt(request)
+        tokens: list[int] = []
+        try:
+            stream = self.engine.submit(self.runner.name, len(prompt), self.runner.max_new_tokens(len(prompt)), request)
+        except EngineError as exc:
+            raise ChannelError(ErrorCode.INVALID_PARAMS if exc.code == "invalid" else ErrorCode.UNAVAILABLE, exc.message) from None
+        async with stream:
+            while (update := await stream.next()) is not None:
+                tokens += update.tokens
+                if update.finish == "error":
+                    raise ChannelError(ErrorCode.INTERNAL, "transcription failed; see the server log")
+                if update.finish == "cancelled":
+                    raise ChannelError(ErrorCode.UNAVAILABLE, "the model engine stopped")
+        window = len(self.buffer) / SAMPLE_RATE
+        segments, tail = self.vocab.segments(tokens, window)
+        if tail:
+            start = segments[-1].end if segments else 0.0
+            segments.append(Segment(start, window, self.vocab.decode(tail)))
+        return segments, request.detected_language
+
+
+def _segment(kind: str, words: list[Word]) -> dict[str, Any]:
+    if not words:
+        return {"type": kind, "start": None, "end": None, "text": ""}
+    return {"type": kind, "start": round(words[0].start, 3), "end": round(words[-1].end, 3), "text": text_of(words)}

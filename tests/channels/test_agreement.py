@@ -1,0 +1,28 @@
+"""LocalAgreement-2 on hand-made hypotheses: what becomes final, repeated text, cut points, forcing."""
+
+from __future__ import annotations
+
+from channels.agreement import LocalAgreement, text_of, timed_words
+from server.engine.asr import Segment
+
+
+def test_words_are_timed_by_length() -> None:
+    words = timed_words([Segment(1.0, 2.0, " ab cd."), Segment(2.0, 2.5, " e")], offset=10.0)
+    assert [(w.text, round(w.start, 3), round(w.end, 3)) for w in words] == [("ab", 11.0, 11.4), ("cd.", 11.4, 12.0), ("e", 12.0, 12.5)]
+
+
+def test_two_agreeing_hypotheses_make_words_final() -> None:
+    la = LocalAgreement()
+    assert la.update([Segment(0, 1, " The quick")], 0.0) == []
+    assert text_of(la.pending) == "The quick"
+    final = la.update([Segment(0, 2, " the quick, brown")], 0.0)
+    assert text_of(final) == "the quick," and text_of(la.pending) == "brown"
+    assert la.cut_point() is None  # the segment's last word is not final yet
+    final = la.update([Segment(0, 2, " The quick brown."), Segment(2, 3, " Fox")], 0.0)
+    assert text_of(final) == "brown." and text_of(la.pending) == "Fox"
+    assert la.cut_point() == 2
+    # after a cut, a hypothesis repeating committed words at its start does not repeat them
+    final = la.update([Segment(0, 1.5, " brown. Fox jumps")], 1.9)
+    assert text_of(final) == "Fox" and text_of(la.pending) == "jumps"
+    assert text_of(la.force()) == "jumps" and la.pending == []
+    assert text_of(la.committed) == "the quick, brown. Fox jumps"
