@@ -11,7 +11,7 @@ import numpy as np
 from pydantic import Field, model_validator
 
 from channels.base import Binary, Channel, ParamsModel, StreamContext
-from channels.media import local_media, media_ref
+from channels.media import MAX_START_MS, local_media, media_ref
 from channels.media_decode import AudioDecoder
 from channels.pacing import Clock
 
@@ -23,12 +23,12 @@ Format = Literal["pcm_s16le", "f32le", "wav"]
 class AudioParams(ParamsModel):
     source: str | None = Field(None, max_length=1024, description="A file under the server's media folder.")
     audio_url: str | None = Field(None, max_length=2048, description="An http(s) URL of a media file (only when the server allows URLs).")
-    sample_rate: int = Field(44100, ge=8000, le=192000, description="Output sample rate in Hz (resampled with torchaudio).")
+    sample_rate: int = Field(44100, ge=8000, le=96000, description="Output sample rate in Hz (resampled with torchaudio).")
     channels: Literal[1, 2] | None = Field(None, description="Output channels: 1 (mixed down) or 2; default the source's (more than two are mixed to stereo).")
     format: Format = Field("pcm_s16le", description="pcm_s16le or f32le (raw interleaved little-endian samples), or wav (a 16-bit WAV header frame, then pcm_s16le).")
     chunk_ms: int = Field(100, ge=10, le=1000, description="Milliseconds of audio per binary frame.")
     realtime: bool = Field(True, description="Pace frames in real time; false streams as fast as the client reads.")
-    start_ms: int = Field(0, ge=0, description="Start this far into the source.")
+    start_ms: int = Field(0, ge=0, le=MAX_START_MS, description="Start this far into the source.")
 
     @model_validator(mode="after")
     def _one_source(self) -> AudioParams:
@@ -56,6 +56,7 @@ class AudioChannel(Channel):
     name = "audio"
     summary = "PCM audio decoded from a media file (or URL), resampled to the requested rate, in binary frames paced in real time."
     Params = AudioParams
+    media = True
 
     def check(self, params: AudioParams) -> None:
         media_ref(self.settings, params.source, params.audio_url, "audio_url")

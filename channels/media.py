@@ -30,6 +30,7 @@ from server.protocol import ErrorCode
 log = logging.getLogger(__name__)
 
 MAX_REDIRECTS = 5
+MAX_START_MS = 86_400_000  # the largest `start_ms` a media channel accepts: one day
 _REDIRECTS = {301, 302, 303, 307, 308}
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network

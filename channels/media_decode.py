@@ -194,8 +194,8 @@ class AudioDecoder(_Decoder):
         ctx = stream.codec_context
         if ctx is None:
             raise ChannelError(ErrorCode.BAD_SOURCE, f"{self.label}: its audio codec is unknown (no decoder for it here)")
-        if not ctx.sample_rate:
-            raise ChannelError(ErrorCode.BAD_SOURCE, f"{self.label}: its audio stream has no sample rate")
+        if not ctx.sample_rate or ctx.channels < 1:
+            raise ChannelError(ErrorCode.BAD_SOURCE, f"{self.label}: its audio stream has no sample rate or no channels")
         duration = float(stream.duration * stream.time_base) if stream.duration and stream.time_base else None
         if duration is None and self.container.duration:
             duration = self.container.duration / av.time_base

@@ -11,7 +11,7 @@ import av
 from pydantic import Field, model_validator
 
 from channels.base import Binary, Channel, ParamsModel, StreamContext
-from channels.media import local_media, media_ref
+from channels.media import MAX_START_MS, local_media, media_ref
 from channels.media_decode import VideoDecoder
 from channels.pacing import Clock
 
@@ -25,7 +25,7 @@ class VideoParams(ParamsModel):
     width: int | None = Field(None, ge=16, le=3840, description="Output width in pixels (height keeps the aspect ratio, rounded to even); default the source's.")
     quality: int = Field(80, ge=1, le=100, description="JPEG quality, 1 (smallest) to 100 (best).")
     realtime: bool = Field(True, description="Pace frames in real time; false streams as fast as the client reads.")
-    start_ms: int = Field(0, ge=0, description="Start this far into the source.")
+    start_ms: int = Field(0, ge=0, le=MAX_START_MS, description="Start this far into the source.")
 
     @model_validator(mode="after")
     def _one_source(self) -> VideoParams:
@@ -63,6 +63,7 @@ class VideoChannel(Channel):
     name = "video"
     summary = "Video frames decoded from a media file (or URL) at exactly the requested fps and width, each a JPEG in a binary frame, paced in real time."
     Params = VideoParams
+    media = True
 
     def check(self, params: VideoParams) -> None:
         media_ref(self.settings, params.source, params.video_url, "video_url")

@@ -5,12 +5,14 @@ from __future__ import annotations
 import asyncio
 import io
 import math
+import threading
 import time
 from pathlib import Path
 from typing import Any
 
 import av
 import numpy as np
+import orjson
 import pytest
 import torch
 import torchaudio
@@ -154,6 +156,34 @@ async def test_a_url_on_an_allow_listed_loopback_server(tmp_path: Path) -> None:
         assert info.value.code == ErrorCode.FORBIDDEN
 
 
+def decoder_threads() -> set[threading.Thread]:
+    return {t for t in threading.enumerate() if t.name.startswith("media-decode")}
+
+
+async def test_cancelling_a_stream_releases_its_decoder_thread() -> None:
+    before = decoder_threads()
+    channel = make(AudioChannel)
+    params = channel.parse({"source": SPEECH, "chunk_ms": 100})
+    started = asyncio.Event()
+
+    async def consume() -> None:
+        async for chunk in channel.stream(params, StreamContext("s", asyncio.Queue())):
+            if isinstance(chunk, Binary):
+                started.set()
+
+    task = asyncio.create_task(consume())
+    await asyncio.wait_for(started.wait(), 20)
+    assert decoder_threads() - before, "the stream decodes in its own thread"
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    for _ in range(500):
+        if not decoder_threads() - before:
+            break
+        await asyncio.sleep(0.01)
+    assert not decoder_threads() - before
+
+
 async def test_audio_over_the_websocket(server: ServerProc) -> None:
     ws = await connect(server)
     try:
@@ -168,5 +198,14 @@ async def test_audio_over_the_websocket(server: ServerProc) -> None:
         assert got.items[0][0] == "json" and got.items[-1][0] == "json" and head["samples_per_chunk"] == 4800
         assert all(len(p) == 4800 * 2 for p in got.binary[:-1])
         assert sum(len(p) for p in got.binary) // 2 == done["samples"] == math.ceil(source_samples(SPEECH).shape[1] * 24000 / 22050)
+        await send(ws, op="subscribe", id="rt", channel="audio", params={"source": SPEECH})
+        frames = 0
+        while frames < 2:
+            message = await asyncio.wait_for(ws.recv(), 20)
+            frames += isinstance(message, bytes)
+        await send(ws, op="unsubscribe", id="rt")
+        while not isinstance(message := await asyncio.wait_for(ws.recv(), 20), str) or orjson.loads(message)["op"] != "end":
+            pass  # frames already in flight
+        assert orjson.loads(message) == {"op": "end", "id": "rt", "reason": "unsubscribed"}
     finally:
         await ws.close()
