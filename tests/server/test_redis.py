@@ -193,3 +193,24 @@ async def test_redis_stopped_and_restarted_while_a_stream_flows(nodes: tuple[Ser
     await send(ws, op="subscribe", id="m", channel="metrics", params={"interval_ms": 200})
     await _wait_for_node_records(ws, b, "node-b")
     await ws.close()
+
+
+async def test_unreachable_redis_at_start_serves_node_locally_with_local_limits(tmp) -> None:
+    srv = start_server(tmp, node="alone", redis_url=f"redis://127.0.0.1:{free_port()}/0", key_max_connections=1)
+    try:
+        ws = await connect(srv)
+        await send(ws, op="subscribe", id="l", channel="logs", params={"lines": 50, "level": "WARNING"})
+        frame = await recv(ws)
+        while frame["op"] != "chunk":
+            frame = await recv(ws)
+        assert frame["data"]["node"] == "alone" and "unreachable" in frame["data"]["message"]
+        async with websockets.connect(srv.url, additional_headers={"X-API-Key": srv.key}) as second:
+            with pytest.raises(websockets.ConnectionClosed) as info:
+                await recv(second)
+        assert info.value.rcvd is not None and info.value.rcvd.code == 4008, "the cap holds in memory while Redis is away"
+        await asyncio.sleep(1.5)  # reconnect attempts go on quietly
+        assert srv.log().count("unreachable") == 1
+        assert srv.metric("streamplex_redis_up") == 0
+        await ws.close()
+    finally:
+        srv.stop()
