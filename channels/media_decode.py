@@ -10,7 +10,8 @@ from __future__ import annotations
 import asyncio
 import itertools
 import math
-from collections.abc import Callable, Iterator
+from abc import ABC, abstractmethod
+from collections.abc import AsyncIterator, Callable, Generator, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from fractions import Fraction
@@ -105,7 +106,7 @@ def _source_error(label: str, exc: Exception) -> ChannelError:
     return ChannelError(ErrorCode.BAD_SOURCE, f"{label}: cannot decode ({reason})")
 
 
-class _Decoder:
+class _Decoder(ABC):
     """Shared life cycle: open in the worker thread, iterate a generator there, close there."""
 
     def __init__(self, path: Path, label: str) -> None:
@@ -113,7 +114,7 @@ class _Decoder:
         self.label = label
         self.worker = _Worker()
         self.container: Any = None
-        self.generator: Iterator[Any] | None = None
+        self.generator: Generator[Any, None, None] | None = None
 
     def _open(self) -> None:
         try:
@@ -125,12 +126,13 @@ class _Decoder:
                 raise _source_error(self.label, exc) from None
             raise
 
+    @abstractmethod
     def _probe(self) -> None:
-        raise NotImplementedError
+        """Check the opened container has the stream needed and note its properties; raise ChannelError if not."""
 
     def _close(self) -> None:
         if self.generator is not None:
-            self.generator.close()  # type: ignore[attr-defined]
+            self.generator.close()
         if self.container is not None:
             self.container.close()
             self.container = None
@@ -146,7 +148,7 @@ class _Decoder:
         try:
             await self.worker.run(self._open)
         except BaseException:
-            self.worker.close(lambda: None)
+            self.worker.close(self._close)  # also when cancelled while the open is still running in the thread
             raise
         return self
 
@@ -157,7 +159,7 @@ class _Decoder:
         """Run `fn(*args)` in this decoder's thread (e.g. encoding the frames it gave)."""
         return await self.worker.run(fn, *args)
 
-    async def _iterate(self, generator: Iterator[T]) -> Any:
+    async def _iterate(self, generator: Generator[T, None, None]) -> AsyncIterator[T]:
         self.generator = generator
         while (item := await self.worker.run(self._next)) is not _DONE:
             yield item
@@ -229,7 +231,7 @@ class AudioDecoder(_Decoder):
                 if samples.shape[1]:
                     yield samples
 
-    def _blocks(self, block_samples: int) -> Iterator[np.ndarray]:
+    def _blocks(self, block_samples: int) -> Generator[np.ndarray, None, None]:
         resampler = StreamingResampler(self.info.sample_rate, self.sample_rate)
         pending: list[torch.Tensor] = []
         held = 0
@@ -252,7 +254,7 @@ class AudioDecoder(_Decoder):
         if held:
             yield np.ascontiguousarray(torch.cat(pending, dim=1).numpy())
 
-    def blocks(self, block_samples: int) -> Any:
+    def blocks(self, block_samples: int) -> AsyncIterator[np.ndarray]:
         """Async iterator of float32 (channels, block_samples) arrays at `sample_rate`; the last may be shorter."""
         if block_samples < 1:
             raise ValueError("block_samples must be positive")
@@ -316,7 +318,7 @@ class VideoDecoder(_Decoder):
     def _scale(self, frame: av.VideoFrame) -> av.VideoFrame:
         return frame.reformat(width=self.width, height=self.height, format="yuvj420p", interpolation="AREA")
 
-    def _frames(self) -> Iterator[TimedFrame]:
+    def _frames(self) -> Generator[TimedFrame, None, None]:
         stream = self.container.streams.video[0]
         start = Fraction(self.start_ms, 1000)
         if start > 0:
@@ -352,6 +354,6 @@ class VideoDecoder(_Decoder):
             duration = raw.duration * raw.time_base if raw.duration and raw.time_base else default_duration
             yield from show_until(raw_time + duration)
 
-    def frames(self) -> Any:
+    def frames(self) -> AsyncIterator[TimedFrame]:
         """Async iterator of TimedFrame at exactly `fps`, from `start_ms` to the end of the last source frame."""
         return self._iterate(self._frames())
