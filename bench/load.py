@@ -1,0 +1,403 @@
+"""Load: N connections over the real protocol with a realistic channel mix, churn and slow readers.
+
+Each connection holds one profile, chosen in a fixed rotation by its index:
+- `text` (40%): a document as words, 4 per chunk, one chunk every `--interval-ms`;
+- `data` (25%): NDJSON records, 5 per chunk, one chunk every `--interval-ms`;
+- `metrics` (25%): the shared metrics sampler, one sample a second;
+- `logs` (10%): the server's own log records, live;
+- `chat` (with `--chat`, 2% of the connections instead of text): a short reply, asked again when it ends.
+A share of the connections (`--slow-share`) are slow readers: a fast text stream (no pacing) plus
+metrics, read one frame every 250 ms, so the server must pause their lossless producer and drop their
+lossy chunks. Every second, `--churn` of the other connections leave (half abruptly, half with a close
+frame) and as many new ones connect with the same profiles.
+
+The clients run in `--workers` processes. All connect first; then every connection subscribes, and
+after `--warmup` seconds a window of `--duration` seconds is measured:
+- delivered frames/s: chunk frames received by all clients in the window;
+- latency: a paced text/data stream's frame n is due at start + n * interval (the server's pacer does
+  not drift), so arrival - n * interval, less its minimum over the stream, is that frame's delay; a
+  metrics frame carries its sample time, so arrival - sample time is its delay (one clock, one machine);
+- server RSS, asyncio tasks, connections, open streams and server frames/s over time (from /metrics
+  and psutil), sampled every `--every` seconds.
+Example: `python bench/load.py --conns 1000 --duration 20`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import multiprocessing as mp
+import os
+import random
+import resource
+import sys
+import tempfile
+import time
+from collections import Counter
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
+from pathlib import Path
+from typing import Any
+
+import orjson
+import psutil
+import websockets
+
+ROOT = Path(__file__).resolve().parent.parent
+MiB = 1 << 20
+ROTATION = ["text", "metrics", "data", "text", "metrics", "text", "data", "logs", "text", "metrics"]
+DOCUMENT_FILE, DATASET_FILE = "load.txt", "load.jsonl"
+
+
+def write_sources(docs: Path, data: Path) -> None:
+    """The document (~1.5 MB) and dataset (100k records) every text and data stream reads from the server's folders."""
+    (docs / DOCUMENT_FILE).write_text("The quick brown fox jumps over the lazy dog while the streams keep flowing.\n" * 20_000)
+    with (data / DATASET_FILE).open("wb") as f:
+        f.writelines(orjson.dumps({"i": i, "name": f"record {i}", "ok": i % 3 == 0}) + b"\n" for i in range(100_000))
+
+
+def pct(values: list[float], q: float) -> float:
+    """The q-th percentile (nearest rank); nan when empty."""
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, round(q / 100 * len(ordered)) - 1))]
+
+
+def profile(index: int, slow_share: float, chat: bool) -> str:
+    """The profile of connection `index`: the rotation, with slow readers and chats spread through it."""
+    if slow_share and index % max(1, round(1 / slow_share)) == 1:
+        return "slow"
+    if chat and index % 50 == 7:
+        return "chat"
+    return ROTATION[index % len(ROTATION)]
+
+
+def subscriptions(kind: str, interval_ms: int) -> list[dict[str, Any]]:
+    """The subscribe ops a connection of `kind` sends."""
+    def sub(stream_id: str, channel: str, params: dict[str, Any]) -> dict[str, Any]:
+        return {"op": "subscribe", "id": stream_id, "channel": channel, "params": params}
+
+    return {
+        "text": [sub("t", "text", {"document": DOCUMENT_FILE, "unit": "words", "chunk_size": 4, "interval_ms": interval_ms})],
+        "data": [sub("d", "data", {"dataset": DATASET_FILE, "chunk_size": 5, "interval_ms": interval_ms})],
+        "metrics": [sub("m", "metrics", {"interval_ms": 1000})],
+        "logs": [sub("l", "logs", {"lines": 10, "level": "INFO"})],
+        "chat": [sub("c", "chat", {"message": "Name three colours.", "max_tokens": 24})],
+        "slow": [sub("t", "text", {"document": DOCUMENT_FILE, "unit": "bytes", "chunk_size": 256}), sub("m", "metrics", {"interval_ms": 200})],
+    }[kind]
+
+
+@dataclass
+class Job:
+    url: str
+    key: str
+    first: int
+    conns: int
+    interval_ms: int
+    slow_share: float
+    churn: float
+    chat: bool
+    seed: int
+
+
+class Client:
+    """One connection's reading loop and its tallies."""
+
+    def __init__(self, job: Job, index: int, result: dict[str, Any]) -> None:
+        self.job = job
+        self.kind = profile(index, job.slow_share, job.chat)
+        self.result = result
+        self.ws: websockets.ClientConnection | None = None
+        self.task: asyncio.Task[None] | None = None
+        self.window = (float("inf"), float("inf"))
+        self.arrivals: dict[str, list[tuple[int, float]]] = {}
+        self.leaving = False
+
+    async def open(self, semaphore: asyncio.Semaphore) -> None:
+        async with semaphore:
+            self.ws = await websockets.connect(self.job.url, additional_headers={"X-API-Key": self.job.key}, max_size=None, open_timeout=120, ping_interval=None, compression=None)
+            ready = orjson.loads(await self.ws.recv())
+            if ready.get("op") != "ready":
+                raise RuntimeError(f"expected ready, got {ready}")
+
+    async def run(self) -> None:
+        assert self.ws is not None
+        for op in subscriptions(self.kind, self.job.interval_ms):
+            await self.ws.send(orjson.dumps(op).decode())
+        paced = self.kind in ("text", "data")
+        interval = self.job.interval_ms / 1000
+        try:
+            async for message in self.ws:
+                now = time.monotonic()
+                frame = orjson.loads(message)
+                op = frame.get("op")
+                in_window = self.window[0] <= now <= self.window[1]
+                if op == "chunk":
+                    if in_window:
+                        self.result["frames"][self.kind] += 1
+                        self.result["dropped"] += frame.get("dropped", 0)
+                        if frame["id"] == "m" and self.kind != "slow":
+                            self.result["metrics_latency"].append(time.time() - frame["data"]["time"])
+                    if paced:
+                        self.arrivals.setdefault(frame["id"], []).append((frame["seq"], now))
+                    if self.kind == "slow":
+                        await asyncio.sleep(0.25)
+                elif op == "error":
+                    self.result["errors"][frame["code"]] += 1
+                elif op == "end":
+                    self.result["ends"][frame["reason"] if frame["reason"] != "error" else frame["error"]["code"]] += 1
+                    if self.kind == "chat" and frame["reason"] == "complete":
+                        await self.ws.send(orjson.dumps(subscriptions("chat", 0)[0]).decode())
+        except websockets.ConnectionClosed as exc:
+            if not self.leaving:
+                self.result["closed_by_server"][str(exc.rcvd.code) if exc.rcvd else "no close frame"] += 1
+        finally:
+            self.flush_latencies(interval)
+
+    def flush_latencies(self, interval: float) -> None:
+        """Schedule-based delays of the paced frames that arrived in the window."""
+        for arrivals in self.arrivals.values():
+            base = min(now - seq * interval for seq, now in arrivals)
+            self.result["paced_latency"].extend(now - seq * interval - base for seq, now in arrivals if self.window[0] <= now <= self.window[1])
+        self.arrivals.clear()
+
+    async def leave(self, abrupt: bool) -> None:
+        assert self.ws is not None
+        self.leaving = True
+        if abrupt:
+            self.ws.transport.abort()
+        else:
+            await self.ws.close()
+        if self.task is not None:
+            if self.kind == "slow":
+                self.task.cancel()  # it would read what it buffered, one frame per 250 ms
+            await asyncio.gather(self.task, return_exceptions=True)
+
+
+async def _worker(job: Job, pipe: Connection) -> None:
+    rng = random.Random(job.seed)
+    result: dict[str, Any] = {
+        "frames": Counter(),
+        "errors": Counter(),
+        "ends": Counter(),
+        "closed_by_server": Counter(),
+        "dropped": 0,
+        "paced_latency": [],
+        "metrics_latency": [],
+        "churned": 0,
+        "failed_connects": 0,
+    }
+    semaphore = asyncio.Semaphore(50)
+    clients = [Client(job, job.first + i, result) for i in range(job.conns)]
+    await asyncio.gather(*(c.open(semaphore) for c in clients))
+    pipe.send(("connected", len(clients)))
+    loop = asyncio.get_running_loop()
+    _, t_start, t_end = await loop.run_in_executor(None, pipe.recv)
+    for c in clients:
+        c.window = (t_start, t_end)
+        c.task = asyncio.create_task(c.run())
+    while time.monotonic() < t_end:
+        await asyncio.sleep(1.0)
+        movable = [i for i, c in enumerate(clients) if c.kind != "slow"]
+        for i in rng.sample(movable, min(len(movable), int(job.churn * len(clients) + rng.random()))):
+            old = clients[i]
+            await old.leave(abrupt=rng.random() < 0.5)
+            new = Client(job, job.first + i, result)
+            try:
+                await new.open(semaphore)
+            except (OSError, websockets.WebSocketException, TimeoutError):
+                result["failed_connects"] += 1
+                continue
+            new.window = (t_start, t_end)
+            new.task = asyncio.create_task(new.run())
+            clients[i] = new
+            result["churned"] += 1
+    await asyncio.gather(*(c.leave(abrupt=True) for c in clients), return_exceptions=True)
+    pipe.send(("result", {k: (dict(v) if isinstance(v, Counter) else v) for k, v in result.items()}))
+
+
+def worker(job: Job, pipe: Connection) -> None:
+    """Entry point of a load-generator process."""
+    try:
+        try:
+            import uvloop
+
+            uvloop.run(_worker(job, pipe))
+        except ImportError:
+            asyncio.run(_worker(job, pipe))
+    except BaseException as exc:
+        pipe.send(("failed", repr(exc)))
+        raise
+
+
+def _expect(pipe: Connection, kind: str, timeout: float) -> Any:
+    if not pipe.poll(timeout):
+        raise RuntimeError(f"a worker did not answer {kind!r} within {timeout:g} s")
+    message = pipe.recv()
+    if message[0] != kind:
+        raise RuntimeError(f"worker: expected {kind!r}, got {message!r}")
+    return message[1]
+
+
+def server_sample(server: Any, ps: psutil.Process, t0: float, last: dict[str, float]) -> dict[str, float]:
+    """RSS, tasks, connections, streams and server frames/s since the last sample."""
+    text = server.get("/metrics")[1].decode()
+    values: dict[str, float] = Counter()
+    for line in text.splitlines():
+        if line.startswith("#"):
+            continue
+        name, _, value = line.rpartition(" ")
+        base = name.split("{", 1)[0]
+        if base == "streamplex_frames_total" and 'direction="out"' in name:
+            values["frames_out"] = float(value)
+        elif base in ("streamplex_tasks", "streamplex_connections", "streamplex_outbox_bytes"):
+            values[base.removeprefix("streamplex_")] = float(value)
+        elif base == "streamplex_streams":
+            values["streams"] += float(value)
+    now = time.monotonic()
+    cpu = ps.cpu_times()
+    rate = (values["frames_out"] - last.get("frames_out", values["frames_out"])) / max(1e-9, now - last.get("at", now)) if last else 0.0
+    cpu_pct = 100 * (cpu.user + cpu.system - last.get("cpu", 0.0)) / max(1e-9, now - last.get("at", now)) if last else 0.0
+    last.update(frames_out=values["frames_out"], at=now, cpu=cpu.user + cpu.system)
+    return {
+        "t": now - t0,
+        "rss_mib": ps.memory_info().rss / MiB,
+        "tasks": values["tasks"],
+        "connections": values["connections"],
+        "streams": values["streams"],
+        "outbox_mib": values["outbox_bytes"] / MiB,
+        "frames_out_per_s": rate,
+        "cpu_pct": cpu_pct,
+    }
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    sys.path.insert(0, str(ROOT))
+    from tests.serverproc import start_server
+
+    tmp = Path(tempfile.mkdtemp(prefix="bench-load-"))
+    (tmp / "docs").mkdir()
+    (tmp / "data").mkdir()
+    write_sources(tmp / "docs", tmp / "data")
+    settings: dict[str, Any] = {"heartbeat_interval": 20, "documents_dir": tmp / "docs", "data_dir": tmp / "data"}
+    if args.chat:
+        settings["chat_model"] = "smollm2-135m-instruct"
+    server = start_server(tmp, **settings)
+    procs: list[tuple[Any, Connection]] = []
+    try:
+        if args.chat:
+            while orjson.loads(server.get("/ready")[1])["channels"]["chat"] == "loading":
+                time.sleep(0.5)
+        ps = psutil.Process(server.proc.pid)
+        t0 = time.monotonic()
+        last: dict[str, float] = {}
+        timeline = [server_sample(server, ps, t0, last)]
+        ctx = mp.get_context("spawn")
+        first = 0
+        for i in range(args.workers):
+            share = args.conns // args.workers + (i < args.conns % args.workers)
+            parent, child = ctx.Pipe()
+            job = Job(server.url, server.key, first, share, args.interval_ms, args.slow_share, args.churn, args.chat, args.seed + i)
+            proc = ctx.Process(target=worker, args=(job, child), daemon=True)
+            proc.start()
+            procs.append((proc, parent))
+            first += share
+        connected = sum(_expect(pipe, "connected", 600) for _, pipe in procs)
+        connect_s = time.monotonic() - t0
+        timeline.append(server_sample(server, ps, t0, last))
+        t_start = time.monotonic() + args.warmup
+        t_end = t_start + args.duration
+        for _, pipe in procs:
+            pipe.send(("go", t_start, t_end))
+        while time.monotonic() < t_end:
+            time.sleep(min(args.every, max(0.0, t_end - time.monotonic())))
+            timeline.append(server_sample(server, ps, t0, last))
+        results = [_expect(pipe, "result", 120) for _, pipe in procs]
+        time.sleep(2)
+        timeline.append(server_sample(server, ps, t0, last))
+        log = server.log()
+    finally:
+        for proc, _ in procs:
+            proc.join(30)
+            if proc.is_alive():
+                proc.kill()
+        server.stop()
+    frames: Counter[str] = Counter()
+    totals: dict[str, Counter[str]] = {k: Counter() for k in ("errors", "ends", "closed_by_server")}
+    paced: list[float] = []
+    metric_lat: list[float] = []
+    for r in results:
+        frames.update(r["frames"])
+        for k in totals:
+            totals[k].update(r[k])
+        paced += r["paced_latency"]
+        metric_lat += r["metrics_latency"]
+    return {
+        "conns": args.conns,
+        "connected": connected,
+        "connect_s": round(connect_s, 1),
+        "workers": args.workers,
+        "window_s": args.duration,
+        "frames_per_s": round(sum(frames.values()) / args.duration, 1),
+        "frames_per_s_by_profile": {k: round(v / args.duration, 1) for k, v in sorted(frames.items())},
+        "paced_latency_ms": {q: round(1000 * pct(paced, q), 2) for q in (50, 90, 99, 99.9)},
+        "paced_frames": len(paced),
+        "metrics_latency_ms": {q: round(1000 * pct(metric_lat, q), 2) for q in (50, 90, 99)},
+        "dropped": sum(r["dropped"] for r in results),
+        "churned": sum(r["churned"] for r in results),
+        "failed_connects": sum(r["failed_connects"] for r in results),
+        **{k: dict(v) for k, v in totals.items()},
+        "server_tracebacks": log.count("Traceback"),
+        "timeline": timeline,
+    }
+
+
+def report(result: dict[str, Any]) -> str:
+    lines = [
+        "| t s | RSS MiB | tasks | connections | streams | outbox MiB | server frames/s | server CPU % |",
+        "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for s in result["timeline"]:
+        lines.append(
+            f"| {s['t']:.0f} | {s['rss_mib']:.0f} | {s['tasks']:.0f} | {s['connections']:.0f} | {s['streams']:.0f} | {s['outbox_mib']:.2f} | {s['frames_out_per_s']:.0f} | {s['cpu_pct']:.0f} |"
+        )
+    lat, mlat = result["paced_latency_ms"], result["metrics_latency_ms"]
+    lines += [
+        "",
+        f"{result['connected']} connections from {result['workers']} client processes (connected in {result['connect_s']} s); window {result['window_s']} s",
+        f"delivered frames/s: {result['frames_per_s']} (by profile: {result['frames_per_s_by_profile']})",
+        f"paced text/data latency ms: p50 {lat[50]}, p90 {lat[90]}, p99 {lat[99]}, p99.9 {lat[99.9]} over {result['paced_frames']} frames",
+        f"metrics latency ms (sample time to arrival): p50 {mlat[50]}, p90 {mlat[90]}, p99 {mlat[99]}",
+        f"lossy chunks dropped (reported to clients): {result['dropped']}; churned connections: {result['churned']} ({result['failed_connects']} failed to connect)",
+        f"errors: {result['errors']}; stream ends: {result['ends']}; closed by the server: {result['closed_by_server']}; tracebacks in the server log: {result['server_tracebacks']}",
+    ]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--conns", type=int, default=1000, help="connections (up to 5000 on the 2-core development machine)")
+    parser.add_argument("--workers", type=int, default=max(2, os.cpu_count() or 2), help="client processes")
+    parser.add_argument("--duration", type=float, default=20.0, help="measurement window, seconds")
+    parser.add_argument("--warmup", type=float, default=5.0, help="seconds between subscribing and the window")
+    parser.add_argument("--interval-ms", type=int, default=200, help="pace of the text and data streams")
+    parser.add_argument("--slow-share", type=float, default=0.05, help="share of slow-reading connections")
+    parser.add_argument("--churn", type=float, default=0.01, help="share of the other connections replaced every second")
+    parser.add_argument("--chat", action="store_true", help="2%% of the connections chat (loads the bundled chat model)")
+    parser.add_argument("--every", type=float, default=5.0, help="seconds between server samples")
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--json", type=Path, help="also write the result here")
+    args = parser.parse_args()
+    result = run(args)
+    print(report(result))
+    if args.json:
+        args.json.write_text(orjson.dumps(result, option=orjson.OPT_INDENT_2 | orjson.OPT_NON_STR_KEYS).decode())
+
+
+if __name__ == "__main__":
+    with contextlib.suppress(KeyboardInterrupt):
+        main()
