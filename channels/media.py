@@ -78,10 +78,8 @@ def _detail(field: str, message: str, kind: str) -> dict[str, str]:
 
 @functools.lru_cache(maxsize=8)
 def _allowed_networks(spec: str) -> tuple[IPNetwork, ...]:
-    try:
-        return tuple(ipaddress.ip_network(part.strip(), strict=False) for part in spec.split(",") if part.strip())
-    except ValueError as exc:
-        raise ChannelError(ErrorCode.INTERNAL, f"the server's STREAMPLEX_MEDIA_URL_ALLOW setting is invalid: {exc}") from None
+    """The networks of `media_url_allow` (already validated by Settings)."""
+    return tuple(ipaddress.ip_network(part.strip(), strict=False) for part in spec.split(",") if part.strip())
 
 
 def _check_address(settings: Settings, address: IPAddress, host: str) -> None:

@@ -6,12 +6,13 @@ Each field's description is its documentation: docs/configuration.md is generate
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import socket
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -72,6 +73,14 @@ class Settings(BaseSettings):
     media_url_allow: str = Field("", description="Comma-separated IP networks (CIDR, e.g. `127.0.0.1/32,10.0.0.0/8`) media URLs may reach although they are not public.")
     media_url_max_bytes: int = Field(104_857_600, ge=1, description="Largest media file fetched from a URL, in bytes; a larger one ends the stream with `bad_source`.")
     media_url_timeout: float = Field(30.0, gt=0, description="Seconds a media URL may take to fetch in full (redirects included) before the stream ends with `bad_source`.")
+
+    @field_validator("media_url_allow")
+    @classmethod
+    def _media_networks(cls, value: str) -> str:
+        for part in value.split(","):
+            if part.strip():
+                ipaddress.ip_network(part.strip(), strict=False)
+        return value
 
     # engine and chat (issue 3)
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where models run: `auto` picks CUDA when a GPU is present, else the CPU.")

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from pydantic import ValidationError
 
 from channels.base import ChannelError
 from channels.media import local_media, media_ref
@@ -92,6 +93,11 @@ def test_an_allow_listed_network_is_let_through() -> None:
     s = settings(media_allow_urls=True, media_url_allow="10.0.0.0/8")
     assert media_ref(s, None, "http://10.1.2.3/a.wav", "audio_url").url
     refused(ErrorCode.FORBIDDEN, media_ref, s, None, "http://192.168.1.1/a.wav", "audio_url")
+
+
+def test_a_malformed_allow_list_stops_the_server_from_starting() -> None:
+    with pytest.raises(ValidationError, match="media_url_allow"):
+        settings(media_url_allow="127.0.0.1/32,not-a-network")
 
 
 async def test_a_host_name_is_resolved_and_its_addresses_checked(tmp_path: Path) -> None:
