@@ -106,3 +106,20 @@ async def test_leaving_early_closes_the_container_in_its_thread() -> None:
             break
         await asyncio.sleep(0.01)
     assert decoder.container is None
+
+
+async def test_stereo_is_mixed_to_mono_by_the_mean(tmp_path: Path) -> None:
+    left = (np.sin(np.arange(8000) / 10) * 8000).astype(np.int16)
+    right = (left // 2).astype(np.int16)
+    path = tmp_path / "stereo.wav"
+    with av.open(str(path), "w") as out:
+        stream = out.add_stream("pcm_s16le", rate=8000, layout="stereo")
+        frame = av.AudioFrame.from_ndarray(np.stack([left, right]).T.reshape(1, -1).copy(), format="s16", layout="stereo")
+        frame.sample_rate = 8000
+        out.mux(stream.encode(frame))
+        out.mux(stream.encode(None))
+    async with AudioDecoder(path, "stereo.wav", sample_rate=8000, channels=1) as audio:
+        assert audio.info.channels == 2 and audio.channels == 1
+        got = np.concatenate([b async for b in audio.blocks(1000)], axis=1)
+    assert got.shape == (1, 8000)
+    assert np.abs(got[0] - (left / 32768 + right / 32768) / 2).max() < 1e-6
