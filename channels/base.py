@@ -149,6 +149,7 @@ class Channel(ABC):
     Params: ClassVar[type[ParamsModel]]
     lossy: ClassVar[bool] = False
     accepts_push: ClassVar[bool] = False
+    media: ClassVar[bool] = False  # its content travels in binary frames; HTTP answers it as raw bytes by default
 
     def __init__(self, services: Services) -> None:
         self.services = services

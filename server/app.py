@@ -1,4 +1,5 @@
-"""The ASGI app, the only module that knows ASGI: `/ws` served directly; `/health`, `/ready`, `/metrics`, `/channels` by Starlette."""
+"""The ASGI app, the only module that knows ASGI: `/ws` served directly; `/health`, `/ready`, `/metrics`, `/channels`, the HTTP streams
+(`/api/v1/stream/*`), the API documents (`/openapi.json`, `/asyncapi.json`) by Starlette."""
 
 from __future__ import annotations
 
@@ -7,13 +8,17 @@ from collections.abc import AsyncIterator
 
 from starlette.applications import Starlette
 from starlette.datastructures import Headers
+from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
+from server import apidocs
 from server.config import Settings
 from server.connection import Connection, Disconnected
+from server.http_stream import PREFIX, HttpStreams
 from server.logbuffer import RingLogHandler
 from server.runtime import Runtime
 
@@ -75,6 +80,22 @@ class App:
         await Connection(self.runtime, _AsgiTransport(receive, send), address, _header_key(Headers(scope=scope))).run()
 
 
+def _cors(settings: Settings) -> list[Middleware]:
+    origins = [o.strip() for o in settings.cors_origins.split(",") if o.strip()]
+    if not origins:
+        return []
+    return [
+        Middleware(
+            CORSMiddleware,
+            allow_origins=origins,
+            allow_methods=["GET", "POST"],
+            allow_headers=["X-API-Key", "Authorization", "Content-Type", "Accept"],
+            expose_headers=["Retry-After", "X-Streamplex-Info"],
+            max_age=600,
+        )
+    ]
+
+
 def create_app(settings: Settings | None = None, log_handler: RingLogHandler | None = None) -> App:
     """Build the app; its Runtime is at `app.state.runtime`."""
     runtime = Runtime(settings or Settings(), log_handler)
@@ -94,6 +115,12 @@ def create_app(settings: Settings | None = None, log_handler: RingLogHandler | N
         schemas = {name: channel.Params.model_json_schema() for name, channel in runtime.channels.items()}
         return JSONResponse({"channels": [entry | {"params": schemas[entry["name"]]} for entry in runtime.channel_table()]})
 
+    async def openapi(request: Request) -> Response:
+        return JSONResponse(apidocs.openapi(runtime.channels))
+
+    async def asyncapi(request: Request) -> Response:
+        return JSONResponse(apidocs.asyncapi(runtime.channels))
+
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         await runtime.start()
@@ -109,7 +136,11 @@ def create_app(settings: Settings | None = None, log_handler: RingLogHandler | N
             Route("/ready", ready),
             Route("/metrics", metrics),
             Route("/channels", channels),
+            Route(PREFIX + "/{channel}", HttpStreams(runtime).endpoint, methods=["GET", "POST"]),
+            Route("/openapi.json", openapi),
+            Route("/asyncapi.json", asyncapi),
         ],
+        middleware=_cors(runtime.settings),
         lifespan=lifespan,
     )
     app.state.runtime = runtime

@@ -51,6 +51,7 @@ class Runtime:
         self.connections: set[Connection] = set()
         self.draining = False
         self.started = False
+        self.drain_started = asyncio.Event()  # HTTP streams end with reason `shutdown` when it is set
 
     def gauges(self) -> dict[str, float]:
         """Extra gauges for /metrics: outbox bytes, asyncio tasks, engine streams and the engine's per-runner figures."""
@@ -91,6 +92,7 @@ class Runtime:
     async def drain(self, timeout: float) -> None:
         """End every stream with reason `shutdown` and close every connection with 1001, within `timeout`."""
         self.draining = True
+        self.drain_started.set()
         if self.connections:
             log.info("draining %d connection(s)", len(self.connections))
             await asyncio.wait([asyncio.create_task(c.shutdown(timeout)) for c in list(self.connections)], timeout=timeout + 1)

@@ -1,0 +1,117 @@
+"""The HTTP streaming routes against the live server: NDJSON, SSE, raw media, auth, limits, CORS, timeout and drain."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import time
+
+import httpx
+import orjson
+
+from tests.serverproc import ServerProc, start_server
+
+TEXT = {"text": "Curl users stream too. One line per chunk.", "unit": "words", "chunk_size": 2}
+
+
+def lines(body: bytes) -> list[dict]:
+    return [orjson.loads(line) for line in body.splitlines() if line.strip()]
+
+
+async def test_ndjson_sse_and_errors(server: ServerProc) -> None:
+    key = {"X-API-Key": server.key}
+    async with httpx.AsyncClient(base_url=server.http, timeout=30) as http:
+        resp = await http.post("/api/v1/stream/text", json=TEXT, headers=key)
+        assert resp.status_code == 200 and resp.headers["content-type"] == "application/x-ndjson"
+        out = lines(resp.content)
+        assert "".join(line["data"] for line in out[:-1]) == TEXT["text"] and [line["seq"] for line in out[:-1]] == list(range(len(out) - 1))
+        assert out[-1] == {"end": "complete"}
+
+        sse = await http.post("/api/v1/stream/text", json=TEXT, headers=key | {"Accept": "text/event-stream"})
+        assert sse.headers["content-type"].startswith("text/event-stream")
+        events = [block for block in sse.text.split("\n\n") if block]
+        assert events[0] == 'event: chunk\nid: 0\ndata: {"seq":0,"data":"Curl users "}'
+        assert events[-1] == 'event: end\ndata: {"end":"complete"}'
+
+        assert (await http.post("/api/v1/stream/text", json=TEXT)).status_code == 401
+        assert (await http.post("/api/v1/stream/text", json=TEXT, headers={"X-API-Key": "nope"})).status_code == 403
+        bad = await http.post("/api/v1/stream/text", json={"text": "x", "unit": "lines"}, headers=key)
+        assert bad.status_code == 400 and bad.json()["error"]["details"][0]["field"] == "unit"
+        assert (await http.post("/api/v1/stream/text", content=b"[1]", headers=key)).json()["error"]["code"] == "bad_request"
+        missing = await http.post("/api/v1/stream/nope", json={}, headers=key)
+        assert missing.status_code == 404 and missing.json()["error"]["code"] == "unknown_channel"
+        assert (await http.get("/api/v1/stream/text", headers=key)).status_code == 405
+        chat = await http.post("/api/v1/stream/chat", json={"message": "hi"}, headers=key)
+        assert chat.status_code == 503 and chat.json()["error"]["code"] == "unavailable"
+        assert (await http.post("/api/v1/stream/text", content=b"\x00\x01", headers=key | {"Content-Type": "application/octet-stream"})).status_code == 415
+        xml = await http.post("/api/v1/stream/data", json={"records": [{"c": "\x01"}], "format": "xml"}, headers=key)
+        assert lines(xml.content)[-1]["error"]["code"] == "bad_source"
+
+
+async def test_metrics_get_and_leaving_cancels(server: ServerProc) -> None:
+    async with (
+        httpx.AsyncClient(base_url=server.http, timeout=30) as http,
+        http.stream("GET", "/api/v1/stream/metrics", params={"interval_ms": 200}, headers={"X-API-Key": server.key}) as resp,
+    ):
+        assert resp.status_code == 200
+        async for line in resp.aiter_lines():
+            assert "cpu" in orjson.loads(line)["data"]
+            break
+    deadline = time.monotonic() + 10
+    while server.metric("streamplex_streams", 'channel="metrics"') != 0:
+        assert time.monotonic() < deadline, "the metrics stream outlived its HTTP client"
+        await asyncio.sleep(0.05)
+
+
+async def test_media_as_raw_bytes(server: ServerProc) -> None:
+    key = {"X-API-Key": server.key}
+    async with httpx.AsyncClient(base_url=server.http, timeout=60) as http:
+        wav = await http.post("/api/v1/stream/audio", json={"source": "speech.wav", "format": "wav", "sample_rate": 16000, "realtime": False}, headers=key)
+        assert wav.status_code == 200 and wav.headers["content-type"] == "audio/wav"
+        info = orjson.loads(wav.headers["x-streamplex-info"])
+        assert info["sample_rate"] == 16000 and wav.content[:4] == b"RIFF"
+        assert abs((len(wav.content) - 44) // 2 - info["source"]["duration_ms"] * 16) <= 16  # every sample (16 per ms), to within a millisecond
+        video = await http.post("/api/v1/stream/video", json={"source": "counter.mp4", "fps": 5, "width": 64, "realtime": False}, headers=key)
+        assert video.headers["content-type"].startswith("multipart/x-mixed-replace")
+        assert video.content.count(b"Content-Type: image/jpeg") == video.content.count(b"\xff\xd8\xff") >= 10
+        ndjson = await http.post("/api/v1/stream/audio", json={"source": "speech.wav", "realtime": False}, headers=key | {"Accept": "application/x-ndjson"})
+        out = lines(ndjson.content)
+        assert out[0]["data"]["format"] == "pcm_s16le" and "binary" in out[1] and out[-1] == {"end": "complete"}
+
+
+async def test_rate_limit_cors_and_timeout(tmp) -> None:
+    srv = start_server(tmp, http_rate_limit=4, cors_origins="https://app.example", http_stream_timeout=1)
+    key = {"X-API-Key": srv.key}
+    try:
+        async with httpx.AsyncClient(base_url=srv.http, timeout=30) as http:
+            preflight = await http.options(
+                "/api/v1/stream/text", headers={"Origin": "https://app.example", "Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": "x-api-key,content-type"}
+            )
+            assert preflight.status_code == 200 and preflight.headers["access-control-allow-origin"] == "https://app.example"
+            timed = await http.post("/api/v1/stream/metrics", json={"interval_ms": 200}, headers=key | {"Origin": "https://app.example"})
+            assert timed.headers["access-control-allow-origin"] == "https://app.example"
+            assert lines(timed.content)[-1] == {"end": "timeout"}
+            foreign = await http.post("/api/v1/stream/text", json=TEXT, headers=key | {"Origin": "https://evil.example"})
+            assert "access-control-allow-origin" not in foreign.headers
+            statuses = [(await http.post("/api/v1/stream/text", json=TEXT, headers=key)).status_code for _ in range(2)]
+            limited = await http.post("/api/v1/stream/text", json=TEXT, headers=key)
+            assert statuses == [200, 200] and limited.status_code == 429 and int(limited.headers["retry-after"]) >= 1
+    finally:
+        srv.stop()
+
+
+async def test_drain_ends_http_streams(tmp) -> None:
+    srv = start_server(tmp)
+    try:
+        got = []
+        async with (
+            httpx.AsyncClient(base_url=srv.http, timeout=30) as http,
+            http.stream("POST", "/api/v1/stream/logs", json={"lines": 1}, headers={"X-API-Key": srv.key}) as resp,
+        ):
+            async for line in resp.aiter_lines():
+                got.append(orjson.loads(line))
+                if len(got) == 1:
+                    srv.proc.send_signal(signal.SIGTERM)
+        assert got[-1] == {"end": "shutdown"}
+    finally:
+        srv.stop()
