@@ -34,6 +34,7 @@ import resource
 import sys
 import tempfile
 import time
+import urllib.request
 from collections import Counter
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
@@ -241,9 +242,20 @@ def _expect(pipe: Connection, kind: str, timeout: float) -> Any:
     return message[1]
 
 
-def server_sample(server: Any, ps: psutil.Process, t0: float, last: dict[str, float]) -> dict[str, float]:
-    """RSS, tasks, connections, streams and server frames/s since the last sample."""
-    text = server.get("/metrics")[1].decode()
+def clients_cpu(procs: list[tuple[Any, Connection]]) -> float:
+    """CPU seconds the client processes have used."""
+    total = 0.0
+    for proc, _ in procs:
+        with contextlib.suppress(psutil.Error):
+            times = psutil.Process(proc.pid).cpu_times()
+            total += times.user + times.system
+    return total
+
+
+def server_sample(server: Any, ps: psutil.Process, t0: float, last: dict[str, float], client_cpu: float = 0.0) -> dict[str, float]:
+    """RSS, tasks, connections, streams, server frames/s and CPU % of the server and of all clients since the last sample."""
+    with urllib.request.urlopen(server.http + "/metrics", timeout=60) as resp:  # a saturated server answers late
+        text = resp.read().decode()
     values: dict[str, float] = Counter()
     for line in text.splitlines():
         if line.startswith("#"):
@@ -259,8 +271,10 @@ def server_sample(server: Any, ps: psutil.Process, t0: float, last: dict[str, fl
     now = time.monotonic()
     cpu = ps.cpu_times()
     rate = (values["frames_out"] - last.get("frames_out", values["frames_out"])) / max(1e-9, now - last.get("at", now)) if last else 0.0
-    cpu_pct = 100 * (cpu.user + cpu.system - last.get("cpu", 0.0)) / max(1e-9, now - last.get("at", now)) if last else 0.0
-    last.update(frames_out=values["frames_out"], at=now, cpu=cpu.user + cpu.system)
+    span = max(1e-9, now - last.get("at", now))
+    cpu_pct = 100 * (cpu.user + cpu.system - last.get("cpu", 0.0)) / span if last else 0.0
+    clients_pct = max(0.0, 100 * (client_cpu - last.get("clients", 0.0)) / span) if last else 0.0  # 0 once the clients exited
+    last.update(frames_out=values["frames_out"], at=now, cpu=cpu.user + cpu.system, clients=client_cpu)
     return {
         "t": now - t0,
         "rss_mib": ps.memory_info().rss / MiB,
@@ -270,6 +284,7 @@ def server_sample(server: Any, ps: psutil.Process, t0: float, last: dict[str, fl
         "outbox_mib": values["outbox_bytes"] / MiB,
         "frames_out_per_s": rate,
         "cpu_pct": cpu_pct,
+        "clients_cpu_pct": clients_pct,
     }
 
 
@@ -308,17 +323,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             first += share
         connected = sum(_expect(pipe, "connected", 600) for _, pipe in procs)
         connect_s = time.monotonic() - t0
-        timeline.append(server_sample(server, ps, t0, last))
+        timeline.append(server_sample(server, ps, t0, last, clients_cpu(procs)))
         t_start = time.monotonic() + args.warmup
         t_end = t_start + args.duration
         for _, pipe in procs:
             pipe.send(("go", t_start, t_end))
         while time.monotonic() < t_end:
             time.sleep(min(args.every, max(0.0, t_end - time.monotonic())))
-            timeline.append(server_sample(server, ps, t0, last))
+            timeline.append(server_sample(server, ps, t0, last, clients_cpu(procs)))
         results = [_expect(pipe, "result", 120) for _, pipe in procs]
         time.sleep(2)
-        timeline.append(server_sample(server, ps, t0, last))
+        timeline.append(server_sample(server, ps, t0, last, clients_cpu(procs)))
         log = server.log()
     finally:
         for proc, _ in procs:
@@ -358,12 +373,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 def report(result: dict[str, Any]) -> str:
     lines = [
-        "| t s | RSS MiB | tasks | connections | streams | outbox MiB | server frames/s | server CPU % |",
-        "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| t s | RSS MiB | tasks | connections | streams | outbox MiB | server frames/s | server CPU % | clients CPU % |",
+        "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for s in result["timeline"]:
         lines.append(
-            f"| {s['t']:.0f} | {s['rss_mib']:.0f} | {s['tasks']:.0f} | {s['connections']:.0f} | {s['streams']:.0f} | {s['outbox_mib']:.2f} | {s['frames_out_per_s']:.0f} | {s['cpu_pct']:.0f} |"
+            f"| {s['t']:.0f} | {s['rss_mib']:.0f} | {s['tasks']:.0f} | {s['connections']:.0f} | {s['streams']:.0f} | {s['outbox_mib']:.2f} | {s['frames_out_per_s']:.0f} | {s['cpu_pct']:.0f} | {s['clients_cpu_pct']:.0f} |"
         )
     lat, mlat = result["paced_latency_ms"], result["metrics_latency_ms"]
     lines += [
