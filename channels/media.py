@@ -38,7 +38,11 @@ IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 @dataclass(frozen=True, slots=True)
 class MediaRef:
-    """A checked media source: a file inside the media folder (`path`) or an http(s) URL (`url`)."""
+    """A checked media source: a file inside the media folder (`path`) or an http(s) URL (`url`).
+
+    `label` names it in messages and logs: the file name as the client gave it, or the URL without its
+    credentials, query and fragment (which may hold secrets).
+    """
 
     label: str
     path: Path | None = None
@@ -69,7 +73,7 @@ def media_ref(settings: Settings, source: str | None, url: str | None, url_param
         raise ChannelError(ErrorCode.INVALID_PARAMS, f"`{url_param}` must be an http or https URL with a host", [_detail(url_param, "not an http(s) URL", "url_scheme")])
     with contextlib.suppress(ValueError):
         _check_address(settings, ipaddress.ip_address(parsed.host), parsed.host)
-    return MediaRef(label=url, url=str(parsed))
+    return MediaRef(label=str(parsed.copy_with(userinfo=b"", query=None, fragment=None)), url=str(parsed))
 
 
 def _detail(field: str, message: str, kind: str) -> dict[str, str]:
@@ -109,7 +113,7 @@ async def _resolve(settings: Settings, url: httpx.URL) -> IPAddress:
     return addresses[0]
 
 
-async def _fetch(settings: Settings, url: str, sink: IO[bytes]) -> None:
+async def _fetch(settings: Settings, url: str, label: str, sink: IO[bytes]) -> None:
     """Download `url` into `sink`, following redirects; each hop connects to the address that was checked."""
     current = httpx.URL(url)
     limit = settings.media_url_max_bytes
@@ -138,7 +142,7 @@ async def _fetch(settings: Settings, url: str, sink: IO[bytes]) -> None:
                         raise ChannelError(ErrorCode.BAD_SOURCE, f"media URL is over the server's limit of {limit} bytes")
                     await asyncio.to_thread(sink.write, block)
                 await asyncio.to_thread(sink.flush)
-                log.info("fetched media URL %s (%d bytes)", url, size)
+                log.info("fetched media URL %s (%d bytes)", label, size)
                 return
     raise ChannelError(ErrorCode.BAD_SOURCE, f"media URL redirected more than {MAX_REDIRECTS} times")
 
@@ -159,7 +163,7 @@ async def local_media(settings: Settings, ref: MediaRef) -> AsyncIterator[Path]:
     try:
         try:
             async with asyncio.timeout(settings.media_url_timeout):
-                await _fetch(settings, ref.url, sink)
+                await _fetch(settings, ref.url, ref.label, sink)
         except TimeoutError:
             raise ChannelError(ErrorCode.BAD_SOURCE, f"media URL took longer than {settings.media_url_timeout:g} s to fetch") from None
         except httpx.HTTPError as exc:

@@ -73,6 +73,8 @@ def test_urls_are_refused_unless_the_setting_allows_them() -> None:
     err = refused(ErrorCode.FORBIDDEN, media_ref, settings(), None, "https://example.com/a.wav", "video_url")
     assert err.details and err.details[0]["field"] == "video_url"
     assert media_ref(settings(media_allow_urls=True), None, "https://example.com/a.wav", "video_url").url == "https://example.com/a.wav"
+    ref = media_ref(settings(media_allow_urls=True), None, "https://user:pw@example.com/a.wav?token=secret#t", "video_url")
+    assert ref.url == "https://user:pw@example.com/a.wav?token=secret#t" and ref.label == "https://example.com/a.wav"
 
 
 @pytest.mark.parametrize("url", ["ftp://example.com/a.wav", "file:///etc/passwd", "http://", "not a url"])
