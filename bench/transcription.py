@@ -1,0 +1,270 @@
+"""Live transcription capacity: K concurrent streams pushing speech at real-time pace, streamplex against a naive reference.
+
+Each stream pushes its own espeak-ng speech (sentences with short pauses, about 20 s) as 100 ms frames of
+16 kHz PCM, paced in real time, streams starting 1/K s apart. Latency of a final segment = when the client
+receives it minus when the end of its speech was pushed. A K is kept when the p95 of that latency over all
+final segments of all streams is under `--target` (3 s); the largest kept K is the capacity.
+
+Parts (`--parts`, run one after the other, never sharing the CPU):
+- `naive`: what a user would write with transformers: Whisper's standard 30 s window (`generate`, the
+  feature extractor padding every buffer to 30 s), one stream at a time in turn, the same LocalAgreement-2
+  policy, buffer and step; simulated in real time in this process.
+- `server`: K WebSocket clients against `python -m server` (started here) with the transcription channel:
+  truncated encoder input, all streams' windows decoded together in the batching engine.
+
+Also reported: word error rate against the spoken text, and the real-time factor (model compute seconds
+per second of audio per stream). Example: `python bench/transcription.py --ks 1,2,4,6,8 --naive-ks 1,2,3`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from channels.agreement import LocalAgreement, text_of  # noqa: E402
+from server.config import Settings  # noqa: E402
+from server.engine.asr import SAMPLE_RATE, Segment  # noqa: E402
+from tests.asrmodel import speech, wer  # noqa: E402
+
+SENTENCES = [
+    "The weather today is sunny with a light breeze from the west.",
+    "Please send the report to my office before noon on Friday.",
+    "She bought three apples and a loaf of bread at the market.",
+    "Our team will meet in the library after lunch to plan the project.",
+    "The train to the city leaves every hour from the main station.",
+    "He forgot his umbrella and walked home in the heavy rain.",
+    "We need more paper for the printer in the second room.",
+    "The children played football in the park until it got dark.",
+]
+FRAME_MS = 100
+STEP_MS = 1000
+
+
+def stream_audio(i: int, sentences: int) -> tuple[np.ndarray, str]:
+    """Stream i's speech (its own order of the sentences, 0.5 s pauses) and its text."""
+    order = [SENTENCES[(i + k) % len(SENTENCES)] for k in range(sentences)]
+    pause = np.zeros(SAMPLE_RATE // 2, dtype=np.float32)
+    return np.concatenate([part for text in order for part in (speech(text), pause)]), " ".join(order)
+
+
+def pct(values: list[float], q: float) -> float:
+    return float(np.percentile(values, q)) if values else float("nan")
+
+
+@dataclass
+class Run:
+    part: str
+    k: int
+    latencies: list[float] = field(default_factory=list)
+    wers: list[float] = field(default_factory=list)
+    compute_s: float = 0.0
+    audio_s: float = 0.0
+    wall_s: float = 0.0
+
+    def row(self, target: float) -> dict[str, Any]:
+        p95 = pct(self.latencies, 95)
+        return {
+            "part": self.part,
+            "K": self.k,
+            "finals": len(self.latencies),
+            "latency p50 s": round(pct(self.latencies, 50), 2),
+            "latency p95 s": round(p95, 2),
+            "max s": round(max(self.latencies, default=float("nan")), 2),
+            "WER": round(float(np.mean(self.wers)), 3),
+            "RTF": round(self.compute_s / self.audio_s, 3) if self.audio_s else None,
+            "ok": bool(p95 < target),
+        }
+
+
+# the naive reference
+
+
+def naive_run(k: int, audios: list[tuple[np.ndarray, str]], folder: Path) -> Run:
+    """K live streams served one at a time by transformers' `generate` on 30 s windows, simulated in real time."""
+    import torch
+    from transformers import WhisperFeatureExtractor, WhisperForConditionalGeneration
+
+    from server.engine.asr import WhisperVocab
+
+    model = WhisperForConditionalGeneration.from_pretrained(folder, dtype=torch.float32).eval()
+    features = WhisperFeatureExtractor.from_pretrained(folder)
+    vocab = WhisperVocab(folder / "tokenizer.json", multilingual=model.config.vocab_size >= 51865)
+    run = Run("naive: transformers, 30 s window, one at a time", k)
+    starts = [i / k for i in range(k)]
+    state = [{"buf": np.zeros(0, np.float32), "offset": 0.0, "taken": 0, "la": LocalAgreement(), "done": False} for _ in range(k)]
+    step = STEP_MS * SAMPLE_RATE // 1000
+    t0 = time.monotonic()
+
+    def finals(i: int, words: list[Any]) -> None:
+        now = time.monotonic() - t0
+        if words:
+            run.latencies.append(now - (starts[i] + words[-1].end))
+
+    while not all(s["done"] for s in state):
+        progressed = False
+        for i, s in enumerate(state):
+            if s["done"]:
+                continue
+            audio = audios[i][0]
+            available = min(len(audio), max(0, int((time.monotonic() - t0 - starts[i]) * SAMPLE_RATE)))
+            ended = available == len(audio)
+            if available - s["taken"] < step and not ended:
+                continue
+            progressed = True
+            s["buf"] = np.concatenate([s["buf"], audio[s["taken"] : available]])
+            s["taken"] = available
+            started = time.perf_counter()
+            feats = features(s["buf"], sampling_rate=SAMPLE_RATE, return_tensors="pt").input_features
+            with torch.inference_mode():
+                tokens = model.generate(feats, language="en", task="transcribe", return_timestamps=True)[0].tolist()
+            run.compute_s += time.perf_counter() - started
+            window = len(s["buf"]) / SAMPLE_RATE
+            segments, tail = vocab.segments(tokens, window)
+            if tail:
+                segments.append(Segment(segments[-1].end if segments else 0.0, window, vocab.decode(tail)))
+            la: LocalAgreement = s["la"]
+            finals(i, la.update(segments, s["offset"]))
+            cut = la.cut_point()
+            if len(s["buf"]) > 8 * SAMPLE_RATE and cut is not None:
+                drop = max(0, round((cut - s["offset"]) * SAMPLE_RATE))
+                s["buf"], s["offset"] = s["buf"][drop:], s["offset"] + drop / SAMPLE_RATE
+            if ended:
+                finals(i, la.force())
+                s["done"] = True
+                run.wers.append(wer(audios[i][1], text_of(la.committed)))
+        if not progressed:
+            time.sleep(0.01)
+    run.wall_s = time.monotonic() - t0
+    run.audio_s = sum(len(a) for a, _ in audios[:k]) / SAMPLE_RATE
+    return run
+
+
+# streamplex over WebSockets
+
+
+async def server_run(k: int, audios: list[tuple[np.ndarray, str]], server: Any) -> Run:
+    """K WebSocket clients, one stream each, pushing in real time; latency measured per final segment."""
+    from tests.serverproc import connect, send
+
+    run = Run("streamplex: truncated windows, batched decoding", k)
+    before = step_seconds(server)
+    t0 = time.monotonic() + 0.5
+
+    async def client(i: int) -> None:
+        audio, text = audios[i]
+        pcm = (np.clip(audio, -1, 1) * 32767).astype("<i2").tobytes()
+        frame = SAMPLE_RATE * FRAME_MS // 1000 * 2
+        ws = await connect(server, max_size=None)
+        sid = f"s{i}".encode()
+        start = t0 + i / k
+        await send(ws, op="subscribe", id=f"s{i}", channel="transcription", params={"language": "en", "step_ms": STEP_MS})
+
+        async def push() -> None:
+            for at in range(0, len(pcm), frame):
+                await asyncio.sleep(max(0.0, start + at / 2 / SAMPLE_RATE - time.monotonic()))
+                await ws.send(bytes([len(sid)]) + sid + pcm[at : at + frame])
+            await send(ws, op="push", id=f"s{i}", end=True)
+
+        pusher = asyncio.create_task(push())
+        async for message in ws:
+            frame_data = json.loads(message)
+            if frame_data["op"] == "chunk":
+                data = frame_data["data"]
+                if data["type"] == "final":
+                    run.latencies.append(time.monotonic() - (start + data["end"]))
+                elif data["type"] == "transcript":
+                    run.wers.append(wer(text, data["text"]))
+            elif frame_data["op"] == "end":
+                break
+            elif frame_data["op"] == "error":
+                raise RuntimeError(frame_data)
+        await pusher
+        await ws.close()
+
+    await asyncio.gather(*(client(i) for i in range(k)))
+    run.wall_s = time.monotonic() - t0
+    run.compute_s = step_seconds(server) - before
+    run.audio_s = sum(len(a) for a, _ in audios[:k]) / SAMPLE_RATE
+    return run
+
+
+def step_seconds(server: Any) -> float:
+    """The transcription runner's total step seconds, from /metrics."""
+    for line in server.get("/metrics")[1].decode().splitlines():
+        if "transcription" in line and "step_seconds_total" in line and not line.startswith("#"):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+def sweep(name: str, ks: list[int], once: Any, target: float) -> list[dict[str, Any]]:
+    """Run K ascending until p95 misses the target twice in a row."""
+    rows, misses = [], 0
+    for k in ks:
+        row = once(k).row(target)
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+        misses = 0 if row["ok"] else misses + 1
+        if misses == 2:
+            break
+    return rows
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+    keys = list(rows[0])
+    lines = ["| " + " | ".join(keys) + " |", "|" + " --- |" * len(keys)]
+    return "\n".join([*lines, *("| " + " | ".join(str(r[k]) for k in keys) + " |" for r in rows)])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--ks", default="1,2,4,6,8,10,12", help="stream counts for streamplex")
+    parser.add_argument("--naive-ks", default="1,2,3,4", help="stream counts for the naive reference")
+    parser.add_argument("--sentences", type=int, default=6, help="sentences per stream (about 3.5 s each)")
+    parser.add_argument("--target", type=float, default=3.0, help="p95 latency bound in seconds")
+    parser.add_argument("--model", default="whisper-base")
+    parser.add_argument("--parts", default="naive,server")
+    parser.add_argument("--json", type=Path, help="also write the rows here")
+    args = parser.parse_args()
+    ks, naive_ks = [int(x) for x in args.ks.split(",")], [int(x) for x in args.naive_ks.split(",")]
+    audios = [stream_audio(i, args.sentences) for i in range(max(ks + naive_ks))]
+    print(f"audio per stream: {np.mean([len(a) for a, _ in audios]) / SAMPLE_RATE:.1f} s", flush=True)
+    rows: list[dict[str, Any]] = []
+    for part in args.parts.split(","):
+        if part == "naive":
+            from server.engine.whisper_loading import model_folder
+
+            folder = model_folder(args.model, Settings().cache_dir)
+            rows += sweep(part, naive_ks, lambda k, folder=folder: naive_run(k, audios, folder), args.target)
+        elif part == "server":
+            import tempfile
+
+            from tests.serverproc import start_server
+
+            with tempfile.TemporaryDirectory() as tmp:
+                server = start_server(Path(tmp), asr_model=args.model, max_streams=256, rate=1000, burst=2000)
+                try:
+                    while json.loads(server.get("/ready")[1])["channels"]["transcription"] == "loading":
+                        time.sleep(0.2)
+                    rows += sweep(part, ks, lambda k, server=server: asyncio.run(server_run(k, audios, server)), args.target)
+                finally:
+                    server.stop()
+    print(table(rows))
+    best = {part: max((r["K"] for r in rows if r["part"].startswith(part) and r["ok"]), default=0) for part in ("naive", "streamplex")}
+    print(f"largest K with p95 < {args.target:g} s: {best}")
+    if args.json:
+        args.json.write_text(json.dumps({"rows": rows, "best": best}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
