@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import re
 import shutil
 import ssl
@@ -172,3 +173,16 @@ async def test_stream_keeps_flowing_when_the_other_instance_stops(nginx: Nginx, 
         assert fresh.ready["node"] == mine  # type: ignore[attr-defined]
         await fresh.close()
     await ws.close()
+
+
+async def test_one_address_is_limited_to_its_open_connections(nginx: Nginx) -> None:
+    limit = int(re.search(r"limit_conn streamplex_conn (\d+);", CONF.read_text()).group(1))
+    sockets = await asyncio.gather(*(_connect(nginx.ws()) for _ in range(limit)))
+    try:
+        with pytest.raises(websockets.InvalidStatus) as refused:
+            await websockets.connect(nginx.ws())
+        assert refused.value.response.status_code == 429
+    finally:
+        await asyncio.gather(*(ws.close() for ws in sockets))
+    again = await _connect(nginx.ws())
+    await again.close()
