@@ -33,6 +33,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from channels.agreement import LocalAgreement, text_of  # noqa: E402
+from channels.transcription import TRIM_SECONDS  # noqa: E402
 from server.config import Settings  # noqa: E402
 from server.engine.asr import SAMPLE_RATE, Segment  # noqa: E402
 from tests.asrmodel import speech, wer  # noqa: E402
@@ -136,7 +137,7 @@ def naive_run(k: int, audios: list[tuple[np.ndarray, str]], folder: Path) -> Run
             la: LocalAgreement = s["la"]
             finals(i, la.update(segments, s["offset"]))
             cut = la.cut_point()
-            if len(s["buf"]) > 8 * SAMPLE_RATE and cut is not None:
+            if len(s["buf"]) > TRIM_SECONDS * SAMPLE_RATE and cut is not None:
                 drop = max(0, round((cut - s["offset"]) * SAMPLE_RATE))
                 s["buf"], s["offset"] = s["buf"][drop:], s["offset"] + drop / SAMPLE_RATE
             if ended:

@@ -174,7 +174,7 @@ class TranscriptionChannel(Channel):
                 samples = pcm_s16le(item)
                 if len(samples):
                     await audio.put(samples)
-        except ChannelError as exc:
+        except Exception as exc:  # handed to the transcriber, which raises it in the stream
             await audio.close(exc)
         else:
             await audio.close()
@@ -190,7 +190,7 @@ class TranscriptionChannel(Channel):
                         await clock.at(sent / SAMPLE_RATE)
                     await audio.put(block[0])
                     sent += block.shape[1]
-        except ChannelError as exc:
+        except Exception as exc:  # handed to the transcriber, which raises it in the stream
             await audio.close(exc)
         else:
             await audio.close()
