@@ -40,6 +40,8 @@ DEFAULT_TOPICS = [
 ]  # fmt: skip
 NEUTRAL_BAND = 0.05  # VADER's usual threshold: compound >= 0.05 positive, <= -0.05 negative
 REDUNDANCY = 0.8  # a summary sentence this similar (cosine) to one already chosen is skipped
+UNUSED_PIPES = ["tagger", "attribute_ruler", "lemmatizer"]  # neither the parser (sentences) nor NER needs them
+TOPIC_CACHE = 4096  # topic label vectors kept (the default labels are embedded once, not per document)
 
 AnalysisType = Literal["sentiment", "entity", "topic", "summary", "all"]
 
@@ -106,7 +108,7 @@ class NLP:
         from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
 
         started = time.perf_counter()
-        self.nlp = spacy.load(SPACY_MODEL)
+        self.nlp = spacy.load(SPACY_MODEL, disable=UNUSED_PIPES)
         self.vader = SentimentIntensityAnalyzer()
         log.info("analysis: spaCy %s and VADER loaded in %.1f s", SPACY_MODEL, time.perf_counter() - started)
 
@@ -143,6 +145,7 @@ class AnalysisChannel(Channel):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.nlp = NLP()
+        self.topic_vectors: dict[str, np.ndarray] = {}
 
     async def stop(self) -> None:
         self.nlp.close()
@@ -174,9 +177,14 @@ class AnalysisChannel(Channel):
         doc = await self.nlp.run(self.nlp.parse, params.content, params.wants("entity"))
         sentences = [Sentence(s.text.strip(), s.start_char, s.end_char) for s in doc.sents if s.text.strip()]
         job = None
+        known: dict[str, np.ndarray] = {}
+        missing: list[str] = []
         if params.wants("topic") or params.wants("summary"):
             assert self.services.engine is not None
-            texts = [s.text for s in sentences] + (params.topics if params.wants("topic") else [])
+            if params.wants("topic"):
+                known = {t: self.topic_vectors[t] for t in params.topics if t in self.topic_vectors}
+                missing = [t for t in params.topics if t not in known]
+            texts = [s.text for s in sentences] + missing
             try:
                 job = self.services.engine.submit_items(self._embedding_runner(), texts)
             except EngineError as exc:
@@ -207,7 +215,10 @@ class AnalysisChannel(Channel):
                 except StepFailed as exc:
                     raise ChannelError(ErrorCode.INTERNAL, f"embedding failed: {exc}") from None
                 if params.wants("topic"):
-                    topics = await self._topics(params, vectors[: len(sentences)], vectors[len(sentences) :])
+                    self._remember(missing, vectors[len(sentences) :])
+                    known.update(zip(missing, vectors[len(sentences) :], strict=True))
+                    topic_vectors = np.stack([known[t] for t in params.topics])
+                    topics = await self._topics(params, vectors[: len(sentences)], topic_vectors)
                     aggregate["topic"] = topics["topics"][0]["label"]
                     aggregate["keywords"] = [k["keyword"] for k in topics["keywords"]]
                     yield topics
@@ -221,6 +232,13 @@ class AnalysisChannel(Channel):
                 job.cancel()
         aggregate["duration_ms"] = round((time.perf_counter() - started) * 1000, 1)
         yield aggregate
+
+    def _remember(self, labels: list[str], vectors: np.ndarray) -> None:
+        """Keep topic label vectors (oldest dropped first past TOPIC_CACHE)."""
+        for label, vector in zip(labels, vectors, strict=True):
+            self.topic_vectors[label] = vector
+        while len(self.topic_vectors) > TOPIC_CACHE:
+            del self.topic_vectors[next(iter(self.topic_vectors))]
 
     async def _topics(self, params: AnalysisParams, sentence_vectors: np.ndarray, topic_vectors: np.ndarray) -> dict[str, Any]:
         mean = sentence_vectors.mean(axis=0)
