@@ -1,20 +1,16 @@
 """Transport throughput, latency, CPU and memory: streamplex against a bare websockets broadcast server.
 
-Load phases (`--conns`, default 100 and 1000): every client subscribes one stream of ~`--frame-bytes`
-byte chunk frames, one every `--interval-ms`. On streamplex that is the `text` channel with identical
-params on every connection (inline text, `chunk_size` chosen so each frame is ~200 bytes, paced by
-`interval_ms`): one producer per connection, since no streamplex channel offers a shared stream of
-small frames at a set rate (logs and metrics are shared but their frames and rates are not ours to
-choose). The reference is a minimal `websockets.asyncio.server` (`--reference-server`, below) that
-broadcasts one frame of the same shape and size to every subscriber at the same rate.
+Load phases (`--conns`, default 100 and 1000): every client subscribes one shared stream of small
+chunk frames, one every `--interval-ms`. On streamplex that is the `metrics` channel with `fields`
+`--fields` (default cpu and memory: ~250-byte frames), which one sampler serves to every subscriber.
+The reference is a minimal `websockets.asyncio.server` (`--reference-server`, below) that broadcasts
+one frame of the same shape and `--frame-bytes` size to every subscriber at the same rate.
 
 Reported per phase, over a window of `--duration` seconds after `--warmup`:
 - delivered frames/s (chunk frames received by all clients inside the window);
-- delivery latency p50/p99: frame n of a stream is due at `start + n * interval` (the server's pacer
-  does not drift), so `arrival - n * interval` is the stream's start plus that frame's delay; its
-  minimum over the stream is taken as zero delay, and latency is the excess over it. Both ends read
-  the same CLOCK_MONOTONIC. The reference also stamps its send time into each frame, and the stamped
-  latency (arrival - stamp) is reported beside it as a check of the method;
+- delivery latency p50/p99: arrival time minus the time stamped in the frame by the server, both
+  read from the same clock (CLOCK_REALTIME, one machine): `data.time`, taken when the metrics sample
+  is read, on streamplex; the time the broadcast starts on the reference;
 - server CPU per delivered frame: psutil user+system time of the server process over the window,
   divided by the frames delivered in it.
 Idle phase (`--idle-conns`, default 2000): server RSS growth per authenticated idle connection, with
@@ -119,7 +115,7 @@ async def reference_server(port: int, interval: float, data_len: int) -> None:
         filler = (FILLER * (data_len // len(FILLER) + 1))[:data_len]
         while True:
             await asyncio.sleep(max(0.0, start + n * interval - loop.time()))
-            stamp = f"{time.monotonic():.6f} "
+            stamp = f"{time.time():.6f} "
             data = stamp + filler[len(stamp) :]
             broadcast(subscribers, orjson.dumps({"op": "chunk", "id": STREAM_ID, "seq": n, "data": data}).decode())
             n += 1
@@ -153,35 +149,29 @@ async def _client(job: Job, pipe: Connection) -> None:
     pipe.send(("connected", len(sockets)))
     loop = asyncio.get_running_loop()
     command = await loop.run_in_executor(None, pipe.recv)  # ("go", t_start, t_end) or ("close",)
-    result: dict[str, Any] = {"frames": 0, "latencies": [], "stamped": [], "errors": 0}
+    result: dict[str, Any] = {"frames": 0, "latencies": [], "bytes": 0, "errors": 0}
     if command[0] == "go" and job.subscribe is not None:
         t_start, t_end = command[1], command[2]
         subscribe = orjson.dumps(job.subscribe).decode()
 
         async def consume(ws: ClientConnection) -> None:
             await ws.send(subscribe)
-            arrivals: list[tuple[int, float, float]] = []  # (seq, arrival, stamp or 0)
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(t_end - time.monotonic() + 0.2):
                     async for message in ws:
-                        now = time.monotonic()
+                        now, arrival = time.monotonic(), time.time()
                         frame = orjson.loads(message)
                         if frame.get("op") != "chunk":
                             if frame.get("op") in ("error", "end"):
                                 result["errors"] += frame.get("op") == "error"
                                 break
                             continue
-                        stamp = float(frame["data"].split(" ", 1)[0]) if job.stamped else 0.0
-                        arrivals.append((frame["seq"], now, stamp))
-            if not arrivals:
-                return
-            base = min(now - seq * job.interval for seq, now, _ in arrivals)
-            for seq, now, stamp in arrivals:
-                if t_start <= now <= t_end:
-                    result["frames"] += 1
-                    result["latencies"].append(now - seq * job.interval - base)
-                    if stamp:
-                        result["stamped"].append(now - stamp)
+                        data = frame["data"]
+                        stamp = float(data.split(" ", 1)[0]) if job.stamped else data["time"]
+                        if t_start <= now <= t_end:
+                            result["frames"] += 1
+                            result["bytes"] += len(message)
+                            result["latencies"].append(arrival - stamp)
 
         await asyncio.gather(*(consume(ws) for ws in sockets), return_exceptions=False)
         pipe.send(("result", result))
@@ -209,7 +199,8 @@ class Server:
         self.target = target
         self.port = free_port()
         self.log = tempfile.NamedTemporaryFile(prefix=f"bench-{target}-", suffix=".log", delete=False)  # noqa: SIM115
-        env = {**os.environ, "STREAMPLEX_API_KEYS": KEY, "STREAMPLEX_CHAT_MODEL": "", "STREAMPLEX_PER_MESSAGE_DEFLATE": "true" if deflate else "false"}
+        no_models = {f"STREAMPLEX_{name}": "" for name in ("CHAT_MODEL", "ASR_MODEL", "EMBEDDING_MODEL", "TRANSLATION_MODEL")}
+        env = {**os.environ, **no_models, "STREAMPLEX_API_KEYS": KEY, "STREAMPLEX_LOG_LEVEL": "WARNING", "STREAMPLEX_PER_MESSAGE_DEFLATE": "true" if deflate else "false"}
         if target == "streamplex":
             command = [sys.executable, "-m", "server", "--port", str(self.port)]
         else:
@@ -297,14 +288,8 @@ def _join(procs: list[tuple[Any, Connection]]) -> None:
 def load_phase(server: Server, conns: int, args: argparse.Namespace) -> dict[str, Any]:
     """N connections, each one stream; figures over the measurement window."""
     interval = args.interval_ms / 1000
-    data_len = args.frame_bytes - FRAME_OVERHEAD
-    if server.target == "streamplex":
-        chunks = int((args.warmup + args.duration + 5) / interval) + 1
-        text = (FILLER * (chunks * data_len // len(FILLER) + 1))[: chunks * data_len]
-        params = {"text": text, "unit": "chars", "chunk_size": data_len, "interval_ms": args.interval_ms}
-    else:
-        params = {}
-    job = Job(server.url, conns, None, {"op": "subscribe", "id": STREAM_ID, "channel": "text", "params": params}, interval, server.target == "reference")
+    params = {"interval_ms": args.interval_ms, "fields": args.fields.split(",")} if server.target == "streamplex" else {}
+    job = Job(server.url, conns, None, {"op": "subscribe", "id": STREAM_ID, "channel": "metrics", "params": params}, interval, server.target == "reference")
     procs = _spawn(job, args.workers)
     t_start = time.monotonic() + 0.5 + args.warmup
     t_end = t_start + args.duration
@@ -322,16 +307,14 @@ def load_phase(server: Server, conns: int, args: argparse.Namespace) -> dict[str
     _join(procs)
     frames = sum(r["frames"] for r in results)
     latencies = [x for r in results for x in r["latencies"]]
-    stamped = [x for r in results for x in r["stamped"]]
     return {
         "target": server.target,
         "conns": conns,
         "frames_per_s": frames / args.duration,
         "expected_per_s": conns / interval,
+        "frame_bytes": sum(r["bytes"] for r in results) / frames if frames else float("nan"),
         "p50_ms": 1000 * pct(latencies, 50),
         "p99_ms": 1000 * pct(latencies, 99),
-        "stamped_p50_ms": 1000 * pct(stamped, 50) if stamped else None,
-        "stamped_p99_ms": 1000 * pct(stamped, 99) if stamped else None,
         "cpu_us_per_frame": 1e6 * (cpu1 - cpu0) / frames if frames else float("nan"),
         "server_cpu_percent": 100 * (cpu1 - cpu0) / args.duration,
         "errors": sum(r["errors"] for r in results),
@@ -368,15 +351,14 @@ def report(loads: list[dict[str, Any]], idles: list[dict[str, Any]]) -> str:
     """The figures as Markdown tables, streamplex quoted as a ratio to the reference of the same run."""
     ref_load = {r["conns"]: r for r in loads if r["target"] == "reference"}
     lines = [
-        "| server | conns | frames/s (expected) | p50 ms | p99 ms | ref stamped p50/p99 ms | server CPU us/frame | CPU vs ref | server CPU % |",
+        "| server | conns | frame bytes | frames/s (expected) | p50 ms | p99 ms | server CPU us/frame | CPU vs ref | server CPU % |",
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in loads:
         ref = ref_load.get(r["conns"])
         ratio = f"{r['cpu_us_per_frame'] / ref['cpu_us_per_frame']:.2f}x" if ref and r["target"] != "reference" else "1.00x" if ref else "-"
-        stamped = f"{_fmt(r['stamped_p50_ms'], 2)} / {_fmt(r['stamped_p99_ms'], 2)}" if r["stamped_p50_ms"] is not None else "-"
         lines.append(
-            f"| {r['target']} | {r['conns']} | {r['frames_per_s']:.0f} ({r['expected_per_s']:.0f}) | {r['p50_ms']:.2f} | {r['p99_ms']:.2f} | {stamped} | {r['cpu_us_per_frame']:.1f} | {ratio} | {r['server_cpu_percent']:.0f} |"
+            f"| {r['target']} | {r['conns']} | {r['frame_bytes']:.0f} | {r['frames_per_s']:.0f} ({r['expected_per_s']:.0f}) | {r['p50_ms']:.2f} | {r['p99_ms']:.2f} | {r['cpu_us_per_frame']:.1f} | {ratio} | {r['server_cpu_percent']:.0f} |"
         )
     ref_idle = {r["deflate"]: r for r in idles if r["target"] == "reference"}
     lines += ["", "| server | idle conns | permessage-deflate | RSS before -> after MiB | KiB per conn | vs ref |", "| --- | ---: | --- | ---: | ---: | ---: |"]
@@ -394,7 +376,8 @@ def main() -> None:
     parser.add_argument("--conns", default="100,1000", help="comma-separated connection counts for the load phases")
     parser.add_argument("--idle-conns", type=int, default=2000, help="connections for the idle-memory phases (0 skips them)")
     parser.add_argument("--interval-ms", type=int, default=100, help="milliseconds between a stream's frames")
-    parser.add_argument("--frame-bytes", type=int, default=200, help="size of each chunk frame on the wire (before WebSocket framing)")
+    parser.add_argument("--frame-bytes", type=int, default=250, help="size of the reference's chunk frames (before WebSocket framing); match streamplex's, which the report shows")
+    parser.add_argument("--fields", default="cpu,memory", help="the metrics groups streamplex's stream carries")
     parser.add_argument("--duration", type=float, default=12.0, help="measurement window of each load phase, seconds")
     parser.add_argument("--warmup", type=float, default=3.0, help="seconds between subscribing and the window")
     parser.add_argument("--settle", type=float, default=3.0, help="seconds to wait after the idle connections opened before reading RSS")

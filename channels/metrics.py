@@ -165,8 +165,12 @@ class MetricsChannel(Channel):
         engine = self.services.engine
         sampler = Sampler(self.services.stats, engine.metrics if engine is not None else dict, node=self.settings.node)
         prev = await asyncio.to_thread(sampler.sample)
+        loop = asyncio.get_running_loop()
+        due = loop.time()
         while True:
-            await asyncio.sleep(min(self._intervals, default=1.0))
+            # On a fixed schedule (the time spent sampling does not add up), at the shortest interval asked for now.
+            due = max(due + min(self._intervals, default=1.0), loop.time())
+            await asyncio.sleep(due - loop.time())
             cur = await asyncio.to_thread(sampler.sample)
             publish((prev, cur))
             prev = cur

@@ -1,8 +1,9 @@
 """The ASGI app, the only module that knows ASGI: `/ws` served directly; `/health`, `/ready`, `/metrics`, `/channels`, the HTTP streams
-(`/api/v1/stream/*`), the API documents (`/openapi.json`, `/asyncapi.json`) by Starlette."""
+(`/api/v1/stream/*`), the API documents (`/openapi.json`, `/asyncapi.json`) and the dashboard (`/`) by Starlette."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 
@@ -11,13 +12,14 @@ from starlette.datastructures import Headers
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
-from starlette.routing import Route
+from starlette.responses import FileResponse, JSONResponse, Response
+from starlette.routing import Mount, Route
+from starlette.staticfiles import StaticFiles
 from starlette.types import Receive, Scope, Send
 
 from server import apidocs
-from server.config import Settings
-from server.connection import Connection, Disconnected
+from server.config import ROOT, Settings
+from server.connection import Connection, Disconnected, watch_slow_consumers
 from server.http_stream import PREFIX, HttpStreams
 from server.logbuffer import RingLogHandler
 from server.runtime import Runtime
@@ -80,6 +82,9 @@ class App:
         await Connection(self.runtime, _AsgiTransport(receive, send), address, _header_key(Headers(scope=scope))).run()
 
 
+CLIENT_JS = ROOT / "client_js"
+
+
 def _cors(settings: Settings) -> list[Middleware]:
     origins = [o.strip() for o in settings.cors_origins.split(",") if o.strip()]
     if not origins:
@@ -115,19 +120,26 @@ def create_app(settings: Settings | None = None, log_handler: RingLogHandler | N
         schemas = {name: channel.Params.model_json_schema() for name, channel in runtime.channels.items()}
         return JSONResponse({"channels": [entry | {"params": schemas[entry["name"]]} for entry in runtime.channel_table()]})
 
+    http_streams = HttpStreams(runtime)
+
     async def openapi(request: Request) -> Response:
         return JSONResponse(apidocs.openapi(runtime.channels))
 
     async def asyncapi(request: Request) -> Response:
         return JSONResponse(apidocs.asyncapi(runtime.channels))
 
+    async def dashboard(request: Request) -> Response:
+        return FileResponse(CLIENT_JS / "index.html", headers={"Cache-Control": "no-cache"})
+
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         await runtime.start()
+        watchdog = asyncio.create_task(watch_slow_consumers(runtime), name="slow-consumer-watchdog")
         try:
             yield
         finally:
             await runtime.drain(runtime.settings.shutdown_timeout)
+            watchdog.cancel()
             await runtime.stop()
 
     app = Starlette(
@@ -136,9 +148,12 @@ def create_app(settings: Settings | None = None, log_handler: RingLogHandler | N
             Route("/ready", ready),
             Route("/metrics", metrics),
             Route("/channels", channels),
-            Route(PREFIX + "/{channel}", HttpStreams(runtime).endpoint, methods=["GET", "POST"]),
+            Route(PREFIX + "/metrics", http_streams.endpoint, methods=["GET", "POST"]),
+            Route(PREFIX + "/{channel}", http_streams.endpoint, methods=["POST"]),
             Route("/openapi.json", openapi),
             Route("/asyncapi.json", asyncapi),
+            Route("/", dashboard),
+            Mount("/client", StaticFiles(directory=CLIENT_JS)),
         ],
         middleware=_cors(runtime.settings),
         lifespan=lifespan,

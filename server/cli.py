@@ -67,5 +67,7 @@ def serve(argv: list[str] | None = None) -> None:
         timeout_graceful_shutdown=settings.shutdown_timeout + 2,
     )
     server = DrainingServer(config, app.state.runtime)
-    asyncio.run(server.serve())
+    # uvloop when installed (uvicorn's "auto" loop): asyncio.run alone would always pick the default loop.
+    with asyncio.Runner(loop_factory=config.get_loop_factory()) as runner:
+        runner.run(server.serve())
 

@@ -9,10 +9,11 @@ import asyncio
 import contextlib
 import logging
 import math
-from typing import Protocol
+from collections.abc import Awaitable, Coroutine
+from typing import Any, Protocol
 
 from server.auth import Principal
-from server.outbox import OutboxOverflow
+from server.outbox import OutboxOverflow, Payload, Pending
 from server.protocol import (
     Auth,
     CloseCode,
@@ -65,8 +66,11 @@ class Connection:
         self.header_key = header_key
         self.session: Session | None = None
         self._close: tuple[int, str] | None = None
-        self._reader: asyncio.Task[None] | None = None
-        self._finished = asyncio.Event()
+        self._task: asyncio.Task[Any] | None = None
+        self._writer: asyncio.Task[None] | None = None
+        self._reading = False
+        self._stopping = False
+        self._finished: asyncio.Future[None] | None = None  # made only when shutdown() waits for the end
         self._sending_since: float | None = None
 
     def outbox_bytes(self) -> int:
@@ -92,40 +96,62 @@ class Connection:
         self.stats.connections_total += 1
         self.runtime.connections.add(self)
         log.info("session %s opened from %s (%s)", session.id, self.address, principal.label)
+        session.outbox.direct = self._send_now
         session.reply({"op": "ready", "session": session.id, "node": self.settings.node, "channels": self.runtime.channel_table(principal.scopes), "limits": self.runtime.limits()})
-        writer = asyncio.create_task(self._write(session), name=f"writer:{session.id}")
-        self._reader = asyncio.create_task(self._read(session), name=f"reader:{session.id}")
-        watchdog = asyncio.create_task(self._watch(writer), name=f"watchdog:{session.id}")
+        # Two tasks per connection: this one reads, the writer sends what the direct path could not.
+        self._task = asyncio.current_task()
+        writer = self._writer = asyncio.create_task(self._write(session), name=f"writer:{session.id}")
+        writer.add_done_callback(lambda _: self._stop_reading())
+        self._reading = True
         try:
-            await asyncio.wait({writer, self._reader}, return_when=asyncio.FIRST_COMPLETED)
+            await self._read(session)
+        except asyncio.CancelledError:
+            if not self._stopping:
+                raise
+            self._task.uncancel()
         finally:
-            watchdog.cancel()
-            self._reader.cancel()
+            self._reading = False
             await session.end_all(EndReason.UNSUBSCRIBED, notify=False)
             writer.cancel()
-            await asyncio.gather(writer, self._reader, watchdog, return_exceptions=True)
+            await asyncio.gather(writer, return_exceptions=True)
             self.runtime.connections.discard(self)
             self.stats.connections -= 1
             await limits.release(principal.label, conn_id)
             if self._close is not None:
                 await self._send_close(*self._close)
-            self._finished.set()
+            if self._finished is not None:
+                self._finished.set_result(None)
             log.info("session %s closed (%s)", session.id, self._close[1] if self._close else "client left")
 
     async def shutdown(self, timeout: float) -> None:
         """End every stream with reason `shutdown`, flush, and close with 1001."""
         session = self.session
-        if session is None or self._reader is None:
+        if session is None or not self._reading:
             return
         self._close = (CloseCode.GOING_AWAY, "server shutting down; reconnect")
         await session.end_all(EndReason.SHUTDOWN)
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(timeout):
                 await session.outbox.drained()
-        self._reader.cancel()
+        self._finished = asyncio.get_running_loop().create_future()
+        self._stop_reading()
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(timeout):
-                await self._finished.wait()
+                await asyncio.shield(self._finished)
+
+    def _stop_reading(self) -> None:
+        """End the read loop (the writer has stopped, the client is too slow, or the server drains)."""
+        if self._reading and not self._stopping and self._task is not None:
+            self._stopping = True
+            self._task.cancel()
+
+    def check_slow(self, now: float) -> None:
+        """Close the client as a slow consumer if its one pending send has been blocked past `slow_consumer_timeout`."""
+        since, timeout = self._sending_since, self.settings.slow_consumer_timeout
+        if since is not None and now - since > timeout and self._writer is not None and not self._writer.done():
+            log.warning("session %s: client has not read for %g s; closing as slow consumer", self.session.id if self.session else "?", timeout)
+            self._close = (CloseCode.SLOW_CONSUMER, f"client did not read for {timeout:g} s")
+            self._writer.cancel()
 
     async def _send_close(self, code: int, reason: str) -> None:
         self.stats.closes[code] += 1
@@ -219,27 +245,71 @@ class Connection:
                 raise ProtocolError(ErrorCode.BAD_REQUEST, "already authenticated")
 
     async def _write(self, session: Session) -> None:
-        loop = asyncio.get_running_loop()
-        while True:
-            payload = await session.outbox.get()
-            self._sending_since = loop.time()
-            try:
-                await self.transport.send(payload)
-            except Disconnected:
-                return
-            self._sending_since = None
+        outbox = session.outbox
+        with contextlib.suppress(Disconnected):
+            while True:
+                await self._send(await outbox.get())
+
+    async def _send(self, item: Payload | Pending) -> None:
+        """Send one frame (or finish one the direct path started); kept apart so no frame outlives its send in the writer's locals."""
+        self._sending_since = asyncio.get_running_loop().time()
+        if isinstance(item, Pending):
+            await item.rest
+            size = item.size
+        else:
+            await self.transport.send(item)
+            size = len(item)
+        self._sending_since = None
+        self.stats.frames_out += 1
+        self.stats.bytes_out += size
+
+    def _send_now(self, payload: Payload) -> Awaitable[None] | None:
+        """The outbox's direct path: send at once, in the caller's stack; what could not finish is left to the writer."""
+        try:
+            rest = start_eagerly(self.transport.send(payload))
+        except Disconnected:
+            return None  # the reader sees the disconnect and ends the connection
+        if rest is None:
             self.stats.frames_out += 1
             self.stats.bytes_out += len(payload)
+        return rest
 
-    async def _watch(self, writer: asyncio.Task[None]) -> None:
-        """Close a client whose one pending send has been blocked for slow_consumer_timeout (one timer per connection, not per frame)."""
-        timeout = self.settings.slow_consumer_timeout
-        loop = asyncio.get_running_loop()
+
+async def watch_slow_consumers(runtime: Runtime) -> None:
+    """One task for the whole server: close every client whose pending send has been blocked past `slow_consumer_timeout`."""
+    loop = asyncio.get_running_loop()
+    while True:
+        await asyncio.sleep(min(1.0, runtime.settings.slow_consumer_timeout / 4))
+        now = loop.time()
+        for connection in list(runtime.connections):
+            connection.check_slow(now)
+
+
+def start_eagerly(coro: Coroutine[Any, Any, None]) -> Awaitable[None] | None:
+    """Run `coro` now, up to its first suspension (3.12's eager tasks, for one coroutine on 3.11).
+
+    Returns None when it finished without suspending (a send into a writable socket does), else an
+    awaitable that drives the rest. An exception raised before the first suspension propagates.
+    """
+    try:
+        waiting = coro.send(None)
+    except StopIteration:
+        return None
+    return _drive(coro, waiting)
+
+
+async def _drive(coro: Coroutine[Any, Any, None], waiting: Any) -> None:
+    """Go on driving a coroutine that suspended on `waiting` (a future, or None for a bare yield), as a task would."""
+    try:
         while True:
-            await asyncio.sleep(min(1.0, timeout / 4))
-            since = self._sending_since
-            if since is not None and loop.time() - since > timeout:
-                log.warning("session %s: client has not read for %g s; closing as slow consumer", self.session.id if self.session else "?", timeout)
-                self._close = (CloseCode.SLOW_CONSUMER, f"client did not read for {timeout:g} s")
-                writer.cancel()
+            if waiting is None:
+                await asyncio.sleep(0)
+            else:
+                waiting._asyncio_future_blocking = False
+                await asyncio.wait({waiting})
+            try:
+                waiting = coro.send(None)
+            except StopIteration:
                 return
+    finally:
+        coro.close()

@@ -3,16 +3,73 @@
 Lossless frames wait for room; lossy streams get a `Lane` that keeps at most `depth` pending
 frames once the outbox is full, dropping the oldest and counting them; control frames (replies,
 `end`) always enter, up to a hard bound of twice the byte limit, past which the client is too slow.
+
+While the writer is idle and nothing waits, a new frame skips the queue: the `direct` hook starts
+sending it at once (see `Connection._send_now`), which saves waking the writer task for every frame.
+A send that could not finish at once (the socket's buffer is full) comes back as a `Pending` that the
+writer finishes before anything else.
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 Payload = str | bytes
+
+
+class Pending:
+    """A frame whose send has started but not finished: the writer awaits `rest`."""
+
+    __slots__ = ("rest", "size")
+
+    def __init__(self, rest: Awaitable[None], size: int) -> None:
+        self.rest = rest
+        self.size = size
+
+
+Direct = Callable[[Payload], Awaitable[None] | None]
+
+
+class Flag:
+    """asyncio.Event without its per-instance deque: a future exists only while someone waits (thousands of idle outboxes)."""
+
+    __slots__ = ("_set", "_waiters")
+
+    def __init__(self, value: bool = False) -> None:
+        self._set = value
+        self._waiters: list[asyncio.Future[None]] | None = None
+
+    def is_set(self) -> bool:
+        return self._set
+
+    def set(self) -> None:
+        if self._set:
+            return
+        self._set = True
+        waiters, self._waiters = self._waiters, None
+        for fut in waiters or ():
+            if not fut.done():
+                fut.set_result(None)
+
+    def clear(self) -> None:
+        self._set = False
+
+    async def wait(self) -> None:
+        """Return once the flag is set (at once if it is)."""
+        if self._set:
+            return
+        fut = asyncio.get_running_loop().create_future()
+        if self._waiters is None:
+            self._waiters = []
+        self._waiters.append(fut)
+        try:
+            await fut
+        finally:
+            if self._waiters is not None and fut in self._waiters:
+                self._waiters.remove(fut)
 
 
 class OutboxOverflow(Exception):
@@ -41,13 +98,13 @@ class Outbox:
 
     def __init__(self, max_bytes: int) -> None:
         self.max_bytes = max_bytes
-        self._queue: deque[tuple[Payload, int] | Lane] = deque()
+        self._queue: deque[tuple[Payload, int] | Lane | Pending] = deque()
         self._bytes = 0
-        self._nonempty = asyncio.Event()
-        self._room = asyncio.Event()
-        self._room.set()
-        self._empty = asyncio.Event()
-        self._empty.set()
+        self._idle = False
+        self.direct: Direct | None = None
+        self._nonempty = Flag()
+        self._room = Flag(True)
+        self._empty = Flag(True)
 
     @property
     def size(self) -> int:
@@ -55,6 +112,15 @@ class Outbox:
         return self._bytes
 
     def _append(self, entry: tuple[Payload, int] | Lane) -> None:
+        if self._idle and self.direct is not None and isinstance(entry, tuple):
+            rest = self.direct(entry[0])
+            if rest is None:
+                return
+            self._queue.append(Pending(rest, entry[1]))
+            self._idle = False
+            self._nonempty.set()
+            self._empty.clear()
+            return
         self._queue.append(entry)
         if isinstance(entry, tuple):
             self._bytes += entry[1]
@@ -94,14 +160,20 @@ class Outbox:
         """Forget a lane's pending frames (its stream ended)."""
         lane.pending.clear()
 
-    async def get(self) -> Payload:
-        """The next frame to send, waiting for one."""
+    async def get(self) -> Payload | Pending:
+        """The next frame to send (or a started send to finish), waiting for one."""
         while True:
             while not self._queue:
                 self._nonempty.clear()
                 self._empty.set()
-                await self._nonempty.wait()
+                self._idle = True
+                try:
+                    await self._nonempty.wait()
+                finally:
+                    self._idle = False
             entry = self._queue.popleft()
+            if isinstance(entry, Pending):
+                return entry
             if isinstance(entry, Lane):
                 if not entry.pending:
                     entry.scheduled = False
