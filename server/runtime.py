@@ -18,6 +18,7 @@ from server.hub import Hub
 from server.keylimits import KeyLimits
 from server.logbuffer import RingLogHandler
 from server.protocol import PROTOCOL_VERSION
+from server.redact import RedactKeys
 from server.redis_broker import RedisBroker
 from server.telemetry import Telemetry
 
@@ -138,10 +139,12 @@ class Runtime:
 
 
 def configure_logging(settings: Settings) -> RingLogHandler:
-    """Route every logger to stderr and to the ring buffer the logs channel reads."""
+    """Route every logger to stderr and to the ring buffer the logs channel reads, with API keys redacted."""
     ring = RingLogHandler(settings.log_buffer, settings.node)
     console = logging.StreamHandler(sys.stderr)
     console.setFormatter(logging.Formatter("%(asctime)s %(levelname)-8s %(name)s: %(message)s"))
+    for handler in (console, ring):
+        handler.addFilter(RedactKeys())
     root = logging.getLogger()
     root.handlers[:] = [console, ring]
     root.setLevel(settings.log_level)
