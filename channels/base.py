@@ -69,8 +69,10 @@ class Feeds(Protocol):
     """Shared fan-out streams (the hub): one producer per topic, however many subscribers."""
 
     def subscribe(
-        self, topic: str, producer: Producer | None = None, depth: int = 64
-    ) -> AbstractAsyncContextManager[AsyncIterator[Any]]: ...
+        self, topic: str, producer: Producer | None = None, depth: int = 64, sink: Callable[[Any], None] | None = None
+    ) -> AbstractAsyncContextManager[AsyncIterator[Any]]:
+        """Subscribe to `topic` (starting `producer` with its first subscriber); with `sink`, each message is handed to it at once instead of queued."""
+        ...
 
     def provide(self, topic: str, producer: Producer) -> None:
         """Register `topic`'s producer, so that another node's demand can start it with no local subscriber."""
@@ -117,6 +119,8 @@ class StreamContext:
 
     stream_id: str
     inbox: asyncio.Queue[Any]
+    emit: Callable[[Any], None] | None = None
+    """Where a lossy stream may hand chunks at once instead of yielding them (no task switch per chunk); None where the caller only iterates."""
 
     async def pushed(self) -> AsyncIterator[Any]:
         """Yield pushed items (JSON values or bytes) until the client ends its input."""

@@ -10,8 +10,8 @@ import asyncio
 import os
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Callable
-from typing import Any, Literal
+from collections.abc import AsyncIterator, Callable, Collection
+from typing import Any, Literal, get_args
 
 import psutil
 from pydantic import Field
@@ -32,8 +32,11 @@ class MetricsParams(ParamsModel):
     fields: list[Group] | None = Field(None, min_length=1, description="Only these groups (besides `time` and `interval_s`); all when omitted.")
 
 
+GROUPS: tuple[Group, ...] = get_args(Group)
+
+
 class Sampler:
-    """Reads raw machine and server counters."""
+    """Reads raw machine and server counters, only for the groups asked for."""
 
     def __init__(self, stats: Callable[[], dict[str, Any]], engine: Callable[[], dict[str, Any]] = dict, disk_path: str = "/", node: str = "") -> None:
         self.node = node
@@ -43,35 +46,50 @@ class Sampler:
         self.process = psutil.Process()
         self.gpu = GpuProbe()
 
-    def sample(self) -> dict[str, Any]:
-        """One raw sample: cumulative counters and instantaneous gauges (blocking; run in a thread)."""
-        disk_io = psutil.disk_io_counters()
+    def sample(self, groups: Collection[str] = GROUPS) -> dict[str, Any]:
+        """One raw sample of `groups`: cumulative counters and instantaneous gauges (blocking; run in a thread)."""
+        raw: dict[str, Any] = {"node": self.node, "t": time.monotonic(), "time": time.time()}
+        for group in groups:
+            raw[group] = getattr(self, f"_read_{group}")()
+        return raw
+
+    def _read_cpu(self) -> dict[str, Any]:
+        busy = [(t.user + t.nice + t.system + t.irq + t.softirq + getattr(t, "steal", 0.0), sum(t)) for t in psutil.cpu_times(percpu=True)]
+        return {"busy": busy, "load": list(os.getloadavg())}
+
+    def _read_memory(self) -> dict[str, Any]:
+        return psutil.virtual_memory()._asdict()
+
+    def _read_swap(self) -> dict[str, Any]:
+        return psutil.swap_memory()._asdict()
+
+    def _read_disk(self) -> dict[str, Any]:
+        io = psutil.disk_io_counters()
+        return {"usage": psutil.disk_usage(self.disk_path)._asdict(), "io": (io.read_bytes, io.write_bytes) if io else None}
+
+    def _read_network(self) -> tuple[int, int, int, int]:
         net = psutil.net_io_counters()
+        return (net.bytes_sent, net.bytes_recv, net.packets_sent, net.packets_recv)
+
+    def _read_process(self) -> dict[str, Any]:
         proc = self.process
         with proc.oneshot():
             cpu = proc.cpu_times()
-            process = {
+            return {
                 "rss_bytes": proc.memory_info().rss,
                 "threads": proc.num_threads(),
                 "fds": proc.num_fds() if hasattr(proc, "num_fds") else None,
                 "cpu_seconds": cpu.user + cpu.system,
             }
-        return {
-            "node": self.node,
-            "t": time.monotonic(),
-            "time": time.time(),
-            "cpu": [(t.user + t.nice + t.system + t.irq + t.softirq + getattr(t, "steal", 0.0), sum(t)) for t in psutil.cpu_times(percpu=True)],
-            "load": list(os.getloadavg()),
-            "memory": psutil.virtual_memory()._asdict(),
-            "swap": psutil.swap_memory()._asdict(),
-            "disk": psutil.disk_usage(self.disk_path)._asdict(),
-            "disk_io": (disk_io.read_bytes, disk_io.write_bytes) if disk_io else None,
-            "net": (net.bytes_sent, net.bytes_recv, net.packets_sent, net.packets_recv),
-            "process": process,
-            "gpu": self.gpu.read(),
-            "server": self.stats(),
-            "engine": self.engine(),
-        }
+
+    def _read_gpu(self) -> Any:
+        return self.gpu.read()
+
+    def _read_engine(self) -> dict[str, Any]:
+        return self.engine()
+
+    def _read_server(self) -> dict[str, Any]:
+        return self.stats()
 
 
 def _rate(new: float, old: float, dt: float) -> float:
@@ -83,50 +101,77 @@ def _busy_percent(new: tuple[float, float], old: tuple[float, float]) -> float:
     return round(100.0 * (new[0] - old[0]) / total, 1) if total > 0 else 0.0
 
 
-def derive(prev: dict[str, Any], cur: dict[str, Any]) -> dict[str, Any]:
-    """The published metrics: gauges from `cur`, rates over the span from `prev` to `cur`."""
-    dt = cur["t"] - prev["t"]
-    per_core = [_busy_percent(n, o) for n, o in zip(cur["cpu"], prev["cpu"], strict=False)]
-    total = (sum(n[0] for n in cur["cpu"]) - sum(o[0] for o in prev["cpu"]), sum(n[1] for n in cur["cpu"]) - sum(o[1] for o in prev["cpu"]))
-    mem, swap, disk = cur["memory"], cur["swap"], cur["disk"]
-    disk_out: dict[str, Any] = {"path": "/", "total_bytes": disk["total"], "used_bytes": disk["used"], "free_bytes": disk["free"], "percent": disk["percent"]}
-    if cur["disk_io"] and prev["disk_io"]:
-        disk_out["read_bytes_per_s"] = _rate(cur["disk_io"][0], prev["disk_io"][0], dt)
-        disk_out["write_bytes_per_s"] = _rate(cur["disk_io"][1], prev["disk_io"][1], dt)
-    proc, server, old_server = cur["process"], cur["server"], prev["server"]
+def _cpu(cur: dict[str, Any], prev: dict[str, Any], dt: float) -> dict[str, Any]:
+    per_core = [_busy_percent(n, o) for n, o in zip(cur["busy"], prev["busy"], strict=False)]
+    total = _busy_percent((sum(n[0] for n in cur["busy"]), sum(n[1] for n in cur["busy"])), (sum(o[0] for o in prev["busy"]), sum(o[1] for o in prev["busy"])))
+    return {"percent": total, "per_core": per_core, "count": len(per_core), "load": [round(x, 2) for x in cur["load"]]}
+
+
+def _memory(cur: dict[str, Any], prev: dict[str, Any], dt: float) -> dict[str, Any]:
+    return {"total_bytes": cur["total"], "available_bytes": cur["available"], "used_bytes": cur["used"], "percent": cur["percent"]}
+
+
+def _swap(cur: dict[str, Any], prev: dict[str, Any], dt: float) -> dict[str, Any]:
+    return {"total_bytes": cur["total"], "used_bytes": cur["used"], "percent": cur["percent"]}
+
+
+def _disk(cur: dict[str, Any], prev: dict[str, Any], dt: float) -> dict[str, Any]:
+    usage = cur["usage"]
+    out: dict[str, Any] = {"path": "/", "total_bytes": usage["total"], "used_bytes": usage["used"], "free_bytes": usage["free"], "percent": usage["percent"]}
+    if cur["io"] and prev["io"]:
+        out["read_bytes_per_s"] = _rate(cur["io"][0], prev["io"][0], dt)
+        out["write_bytes_per_s"] = _rate(cur["io"][1], prev["io"][1], dt)
+    return out
+
+
+def _network(cur: tuple[int, ...], prev: tuple[int, ...], dt: float) -> dict[str, Any]:
+    names = ("sent_bytes_per_s", "recv_bytes_per_s", "sent_packets_per_s", "recv_packets_per_s")
+    return {name: _rate(n, o, dt) for name, n, o in zip(names, cur, prev, strict=True)}
+
+
+def _process(cur: dict[str, Any], prev: dict[str, Any], dt: float) -> dict[str, Any]:
+    busy = round(100.0 * max(0.0, cur["cpu_seconds"] - prev["cpu_seconds"]) / dt, 1) if dt > 0 else 0.0
+    return {"rss_bytes": cur["rss_bytes"], "threads": cur["threads"], "fds": cur["fds"], "cpu_percent": busy}
+
+
+def _as_is(cur: Any, prev: Any, dt: float) -> Any:
+    return cur
+
+
+def _server(cur: dict[str, Any], prev: dict[str, Any], dt: float) -> dict[str, Any]:
     return {
-        "node": cur.get("node", ""),
-        "time": round(cur["time"], 3),
-        "interval_s": round(dt, 3),
-        "cpu": {"percent": round(100.0 * total[0] / total[1], 1) if total[1] > 0 else 0.0, "per_core": per_core, "count": len(per_core), "load": [round(x, 2) for x in cur["load"]]},
-        "memory": {"total_bytes": mem["total"], "available_bytes": mem["available"], "used_bytes": mem["used"], "percent": mem["percent"]},
-        "swap": {"total_bytes": swap["total"], "used_bytes": swap["used"], "percent": swap["percent"]},
-        "disk": disk_out,
-        "network": {
-            "sent_bytes_per_s": _rate(cur["net"][0], prev["net"][0], dt),
-            "recv_bytes_per_s": _rate(cur["net"][1], prev["net"][1], dt),
-            "sent_packets_per_s": _rate(cur["net"][2], prev["net"][2], dt),
-            "recv_packets_per_s": _rate(cur["net"][3], prev["net"][3], dt),
-        },
-        "process": {
-            "rss_bytes": proc["rss_bytes"],
-            "threads": proc["threads"],
-            "fds": proc["fds"],
-            "cpu_percent": round(100.0 * max(0.0, proc["cpu_seconds"] - prev["process"]["cpu_seconds"]) / dt, 1) if dt > 0 else 0.0,
-        },
-        "gpu": cur["gpu"],
-        "engine": cur["engine"],
-        "server": {
-            "connections": server["connections"],
-            "streams": server["streams"],
-            "frames_out_per_s": _rate(server["frames_out"], old_server["frames_out"], dt),
-            "bytes_out_per_s": _rate(server["bytes_out"], old_server["bytes_out"], dt),
-            "frames_in_per_s": _rate(server["frames_in"], old_server["frames_in"], dt),
-            "dropped_total": server["dropped"],
-            "dropped_per_s": _rate(server["dropped"], old_server["dropped"], dt),
-            "errors_total": server["errors"],
-        },
+        "connections": cur["connections"],
+        "streams": cur["streams"],
+        "frames_out_per_s": _rate(cur["frames_out"], prev["frames_out"], dt),
+        "bytes_out_per_s": _rate(cur["bytes_out"], prev["bytes_out"], dt),
+        "frames_in_per_s": _rate(cur["frames_in"], prev["frames_in"], dt),
+        "dropped_total": cur["dropped"],
+        "dropped_per_s": _rate(cur["dropped"], prev["dropped"], dt),
+        "errors_total": cur["errors"],
     }
+
+
+DERIVE: dict[str, Callable[[Any, Any, float], Any]] = {
+    "cpu": _cpu,
+    "memory": _memory,
+    "swap": _swap,
+    "disk": _disk,
+    "network": _network,
+    "process": _process,
+    "gpu": _as_is,
+    "engine": _as_is,
+    "server": _server,
+}
+
+
+def derive(prev: dict[str, Any], cur: dict[str, Any], groups: Collection[str] = GROUPS) -> dict[str, Any]:
+    """The published metrics of `groups` (those both samples hold): gauges from `cur`, rates over the span from `prev` to `cur`."""
+    dt = cur["t"] - prev["t"]
+    out: dict[str, Any] = {"node": cur.get("node", ""), "time": round(cur["time"], 3), "interval_s": round(dt, 3)}
+    for group in groups:
+        if group in cur and group in prev:
+            out[group] = DERIVE[group](cur[group], prev[group], dt)
+    return out
 
 
 class MetricsChannel(Channel):
@@ -138,6 +183,7 @@ class MetricsChannel(Channel):
     def __init__(self, services: Any) -> None:
         super().__init__(services)
         self._intervals: Counter[float] = Counter()
+        self._wants: Counter[tuple[str, ...]] = Counter()  # each stream's groups; () is all
         self._views: dict[tuple[str, float, float, tuple[str, ...]], Shared] = {}
 
     def _view(self, node: str, last: dict[str, Any], cur: dict[str, Any], fields: tuple[str, ...]) -> Shared:
@@ -147,9 +193,7 @@ class MetricsChannel(Channel):
         if view is None:
             if len(self._views) >= VIEW_CACHE:
                 self._views.clear()
-            data = derive(last, cur)
-            if fields:
-                data = {k: v for k, v in data.items() if k in fields or k in ("time", "interval_s")}
+            data = derive(last, cur, fields or GROUPS)
             view = self._views[key] = Shared(data)
         return view
 
@@ -161,38 +205,69 @@ class MetricsChannel(Channel):
     async def start(self) -> None:
         self.services.feeds.provide(TOPIC, self._sample_forever)
 
+    def _groups(self) -> Collection[str]:
+        """What the sampler reads: the groups any stream here asked for (all when one asked for all, or none is here)."""
+        if not self._wants or () in self._wants:
+            return GROUPS
+        return {group for fields in self._wants for group in fields}
+
     async def _sample_forever(self, publish: Publish) -> None:
         engine = self.services.engine
         sampler = Sampler(self.services.stats, engine.metrics if engine is not None else dict, node=self.settings.node)
-        prev = await asyncio.to_thread(sampler.sample)
+        prev = await asyncio.to_thread(sampler.sample, self._groups())
         loop = asyncio.get_running_loop()
         due = loop.time()
         while True:
             # On a fixed schedule (the time spent sampling does not add up), at the shortest interval asked for now.
             due = max(due + min(self._intervals, default=1.0), loop.time())
             await asyncio.sleep(due - loop.time())
-            cur = await asyncio.to_thread(sampler.sample)
+            cur = await asyncio.to_thread(sampler.sample, self._groups())
             publish((prev, cur))
             prev = cur
 
     async def stream(self, params: MetricsParams, ctx: StreamContext) -> AsyncIterator[Any]:
         interval = params.interval_ms / 1000
         fields = tuple(sorted(set(params.fields or ())))
+        wanted = fields or GROUPS
         self._intervals[interval] += 1
+        self._wants[fields] += 1
         try:
-            # Samples come from every node sharing the broker (see server/redis_broker.py); rates are per node.
-            async with self.services.feeds.subscribe(TOPIC, self._sample_forever, depth=16) as samples:
-                last: dict[str, dict[str, Any]] = {}
-                async for message in samples:
-                    if isinstance(message, Gap):
-                        continue
-                    prev, cur = message
-                    node = cur.get("node", "")
-                    start = last.setdefault(node, prev)
-                    if cur["t"] - start["t"] >= interval * 0.95:
-                        yield self._view(node, start, cur, fields)
-                        last[node] = cur
+            last: dict[str, dict[str, Any]] = {}
+
+            def pick(message: Any) -> Shared | None:
+                """This stream's chunk for a sample, if its interval has passed (rates are per node)."""
+                if isinstance(message, Gap):
+                    return None
+                prev, cur = message
+                node = cur.get("node", "")
+                start = last.setdefault(node, prev)
+                if any(group not in start for group in wanted):  # sampled before this stream asked for it
+                    last[node] = cur
+                    return None
+                if cur["t"] - start["t"] < interval * 0.95:
+                    return None
+                last[node] = cur
+                return self._view(node, start, cur, fields)
+
+            emit = ctx.emit
+            if emit is not None:
+                # Each sample goes to this stream in the sampler's own stack: no task switch per chunk.
+                def sink(message: Any) -> None:
+                    if (chunk := pick(message)) is not None:
+                        emit(chunk)
+
+                async with self.services.feeds.subscribe(TOPIC, self._sample_forever, sink=sink):
+                    await asyncio.get_running_loop().create_future()  # until the stream is cancelled
+            else:
+                # Samples come from every node sharing the broker (see server/redis_broker.py).
+                async with self.services.feeds.subscribe(TOPIC, self._sample_forever, depth=16) as samples:
+                    async for message in samples:
+                        if (chunk := pick(message)) is not None:
+                            yield chunk
         finally:
             self._intervals[interval] -= 1
             if not self._intervals[interval]:
                 del self._intervals[interval]
+            self._wants[fields] -= 1
+            if not self._wants[fields]:
+                del self._wants[fields]

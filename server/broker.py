@@ -3,24 +3,38 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections import defaultdict, deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from channels.base import Gap
 
+log = logging.getLogger(__name__)
+
 
 class Subscription:
-    """A bounded queue of one subscriber's messages; when full, the oldest is dropped and counted."""
+    """A bounded queue of one subscriber's messages; when full, the oldest is dropped and counted.
 
-    def __init__(self, depth: int) -> None:
+    With a `sink`, messages are not queued: the sink is called with each one at once, in the
+    publisher's stack (no task switch per message); it must not block, and what it raises is logged.
+    """
+
+    def __init__(self, depth: int, sink: Callable[[Any], None] | None = None) -> None:
         self._items: deque[Any] = deque()
         self._depth = depth
         self._dropped = 0
         self._ready = asyncio.Event()
+        self._sink = sink
 
     def deliver(self, message: Any) -> None:
         """Add a message (called by the broker on the event-loop thread)."""
+        if self._sink is not None:
+            try:
+                self._sink(message)
+            except Exception:
+                log.exception("a subscriber's sink failed")
+            return
         if len(self._items) >= self._depth:
             self._items.popleft()
             self._dropped += 1
@@ -49,9 +63,9 @@ class MemoryBroker:
         for sub in self._topics.get(topic, ()):
             sub.deliver(message)
 
-    def subscribe(self, topic: str, depth: int) -> Subscription:
-        """A new subscription to `topic`."""
-        sub = Subscription(depth)
+    def subscribe(self, topic: str, depth: int, sink: Callable[[Any], None] | None = None) -> Subscription:
+        """A new subscription to `topic` (queued, or handed to `sink` at once)."""
+        sub = Subscription(depth, sink)
         self._topics[topic].add(sub)
         return sub
 

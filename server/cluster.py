@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections import Counter
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from channels.base import Producer
@@ -29,11 +29,13 @@ class ClusterHub(Hub):
         broker.on_demand = self._demanded
 
     @contextlib.asynccontextmanager
-    async def subscribe(self, topic: str, producer: Producer | None = None, depth: int = 64) -> AsyncIterator[AsyncIterator[Any]]:
+    async def subscribe(
+        self, topic: str, producer: Producer | None = None, depth: int = 64, sink: Callable[[Any], None] | None = None
+    ) -> AsyncIterator[AsyncIterator[Any]]:
         """As Hub.subscribe; the topic counts as wanted by this node while subscribed."""
         self._wanted[topic] += 1
         try:
-            async with super().subscribe(topic, producer, depth) as items:
+            async with super().subscribe(topic, producer, depth, sink) as items:
                 yield items
         finally:
             self._wanted[topic] -= 1

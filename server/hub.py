@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from channels.base import Producer
@@ -24,9 +24,11 @@ class Hub:
         self._provided: dict[str, Producer] = {}
 
     @contextlib.asynccontextmanager
-    async def subscribe(self, topic: str, producer: Producer | None = None, depth: int = 64) -> AsyncIterator[AsyncIterator[Any]]:
-        """Subscribe to `topic`, starting `producer` if this is its first subscriber."""
-        sub = self.broker.subscribe(topic, depth)
+    async def subscribe(
+        self, topic: str, producer: Producer | None = None, depth: int = 64, sink: Callable[[Any], None] | None = None
+    ) -> AsyncIterator[AsyncIterator[Any]]:
+        """Subscribe to `topic`, starting `producer` if this is its first subscriber; with `sink`, messages go to it at once."""
+        sub = self.broker.subscribe(topic, depth, sink)
         self._refs[topic] = self._refs.get(topic, 0) + 1
         if producer is not None and topic not in self._producers:
             self._producers[topic] = asyncio.create_task(self._run(topic, producer), name=f"producer:{topic}")

@@ -85,11 +85,11 @@ class RedisBroker(MemoryBroker):
         except asyncio.QueueFull:
             self.outbound_dropped += 1
 
-    def subscribe(self, topic: str, depth: int) -> Subscription:
+    def subscribe(self, topic: str, depth: int, sink: Callable[[Any], None] | None = None) -> Subscription:
         """A new subscription; its topic is announced to the other nodes at once if it is shared."""
         if topic in self.shared:
             self._announce.set()
-        return super().subscribe(topic, depth)
+        return super().subscribe(topic, depth, sink)
 
     def mark_down(self, exc: BaseException) -> None:
         """Record that Redis failed; the first failure of an outage logs one warning."""

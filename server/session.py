@@ -145,7 +145,7 @@ class Session:
         log.info("session %s stream %s (%s) ended: %s", self.id, stream.id, stream.channel.name, reason)
 
     async def _produce(self, stream: Stream) -> None:
-        ctx = StreamContext(stream.id, stream.inbox)
+        ctx = StreamContext(stream.id, stream.inbox, (lambda item: self._offer(stream, item)) if stream.lane is not None else None)
         reason, error = EndReason.COMPLETE, None
         try:
             async with contextlib.aclosing(stream.channel.stream(stream.params, ctx)) as chunks:
@@ -166,14 +166,22 @@ class Session:
         self.stats.dropped[channel] += n
 
     async def _emit(self, stream: Stream, item: Any) -> None:
+        if stream.lane is not None:
+            self._offer(stream, item)
+            return
+        seq = stream.seq
+        stream.seq += 1
+        await self.outbox.put(stream.render((seq, item)))
+
+    def _offer(self, stream: Stream, item: Any) -> None:
+        """Queue a lossy stream's chunk (or count a Gap) without waiting: it is dropped later if the client falls behind."""
+        lane = stream.lane
+        if lane is None or self.streams.get(stream.id) is not stream:
+            return
         if isinstance(item, Gap):
-            if stream.lane is not None:
-                stream.lane.dropped += item.count
+            lane.dropped += item.count
             self._dropped(stream.channel.name, item.count)
             return
         seq = stream.seq
         stream.seq += 1
-        if stream.lane is not None:
-            self.outbox.offer(stream.lane, (seq, item))
-        else:
-            await self.outbox.put(stream.render((seq, item)))
+        self.outbox.offer(lane, (seq, item))

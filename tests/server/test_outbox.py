@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from server.outbox import Lane, Outbox, OutboxOverflow
+from server.outbox import Flag, Lane, Outbox, OutboxOverflow, Pending
 
 
 async def test_lossless_put_waits_for_room() -> None:
@@ -53,3 +53,55 @@ async def test_drained_waits_for_the_writer() -> None:
     getter = asyncio.create_task(box.get())
     await asyncio.wait_for(drained, 1)
     getter.cancel()
+
+
+async def test_direct_path_sends_at_once_only_while_the_writer_idles() -> None:
+    box = Outbox(max_bytes=100)
+    sent: list[str] = []
+    box.direct = lambda payload: sent.append(payload)  # type: ignore[func-returns-value]
+    await box.put("queued")  # no writer waiting yet: it queues
+    assert sent == []
+    assert await box.get() == "queued"
+    writer = asyncio.create_task(box.get())
+    await asyncio.sleep(0)  # the writer now idles in get()
+    await box.put("a")
+    box.put_control("b")
+    assert sent == ["a", "b"]
+    assert not writer.done()
+    writer.cancel()
+
+
+async def test_a_send_that_suspends_is_finished_by_the_writer_before_later_frames() -> None:
+    box = Outbox(max_bytes=100)
+    gate = asyncio.get_running_loop().create_future()
+    order: list[str] = []
+
+    async def rest() -> None:
+        await gate
+        order.append("a")
+
+    box.direct = lambda payload: rest()
+    writer = asyncio.create_task(box.get())
+    await asyncio.sleep(0)
+    await box.put("a")  # the direct send cannot finish: it becomes a Pending for the writer
+    box.direct = None
+    await box.put("b")  # must queue behind it, not overtake it
+    pending = await asyncio.wait_for(writer, 1)
+    assert isinstance(pending, Pending) and pending.size == 1
+    gate.set_result(None)
+    await pending.rest
+    order.append(await box.get())
+    assert order == ["a", "b"]
+
+
+async def test_flag_wakes_every_waiter_and_forgets_cancelled_ones() -> None:
+    flag = Flag()
+    waiters = [asyncio.create_task(flag.wait()) for _ in range(3)]
+    await asyncio.sleep(0)
+    waiters[0].cancel()
+    await asyncio.sleep(0)
+    flag.set()
+    await asyncio.wait_for(asyncio.gather(*waiters[1:]), 1)
+    assert flag.is_set()
+    flag.clear()
+    assert not flag.is_set()
