@@ -5,8 +5,9 @@ Input: a media file (`source` under the media folder, or `audio_url`) decoded wi
 s16le (any whole number of samples per frame), ended by `{"op":"push","id":...,"end":true}`.
 
 Every `step_ms` of new audio the stream's buffer (at most 30 s) is transcribed again in the engine, which
-batches the windows of all live streams. LocalAgreement-2 (channels/agreement.py) decides which words are
-final. Chunks:
+batches the windows of all live streams; the buffer's final words are forced as the start of the
+transcript, so only the words after them are decoded again. LocalAgreement-2 (channels/agreement.py)
+decides which words are final. Chunks:
 - `{"type":"language","language":"fr","detected":true}` once the language is known;
 - `{"type":"partial","start":s,"end":s,"text":...}`: the words after the final ones (may still change);
 - `{"type":"final","start":s,"end":s,"text":...}`: words that will not change (times in seconds of audio);
@@ -272,9 +273,18 @@ class _Transcriber:
         text = text_of(before)[-PROMPT_CHARS:]
         return self.vocab.encode(" " + text)[-64:] if text else []
 
+    def _prefix(self) -> tuple[list[int], float]:
+        """Final words inside the buffer, forced as the transcript's start (so they are not decoded again), and where they end."""
+        inside = [w for w in self.agreement.committed if (w.start + w.end) / 2 >= self.offset]
+        if not inside:
+            return [], 0.0
+        start = self.vocab.timestamp(inside[0].start - self.offset)
+        return [start, *self.vocab.encode(" " + text_of(inside))], self.agreement.committed_until - self.offset
+
     async def _transcribe(self) -> tuple[list[Segment], str | None]:
-        """The buffer's timed segments (unfinished text at the end becomes a segment up to the buffer's end), and the language."""
-        request = TranscriptionRequest(self.buffer, self.language, self.params.task, True, self._prompt())
+        """Timed segments of the buffer after its final words (unfinished text at the end runs to the buffer's end), and the language."""
+        prefix, resume = self._prefix()
+        request = TranscriptionRequest(self.buffer, self.language, self.params.task, True, self._prompt(), prefix)
         prompt = self.vocab.prompt(request)
         tokens: list[int] = []
         try:
@@ -289,7 +299,7 @@ class _Transcriber:
                 if update.finish == "cancelled":
                     raise ChannelError(ErrorCode.UNAVAILABLE, "the model engine stopped")
         window = len(self.buffer) / SAMPLE_RATE
-        segments, tail = self.vocab.segments(tokens, window)
+        segments, tail = self.vocab.segments([self.vocab.timestamp(resume), *tokens] if prefix else tokens, window)
         if tail:
             start = segments[-1].end if segments else 0.0
             segments.append(Segment(start, window, self.vocab.decode(tail)))

@@ -24,7 +24,8 @@ TIME_PRECISION = 0.02  # seconds per timestamp token
 class TranscriptionRequest:
     """One window: `audio` (float32, 16 kHz mono, at most 30 s), `language` (None: detected), `task`, `prompt` (previous text's token ids).
 
-    The runner sets `detected_language` during the prefill when `language` is None.
+    `prefix`: tokens the transcript is forced to begin with (with timestamps, starting with a time token);
+    decoding continues after them, they are not returned. The runner sets `detected_language` during the prefill when `language` is None.
     """
 
     audio: np.ndarray
@@ -32,6 +33,7 @@ class TranscriptionRequest:
     task: Literal["transcribe", "translate"] = "transcribe"
     timestamps: bool = True
     prompt: list[int] = field(default_factory=list)
+    prefix: list[int] = field(default_factory=list)
     detected_language: str | None = None
 
 
@@ -73,11 +75,15 @@ class WhisperVocab:
         return self.tokenizer.decode([i for i in ids if i < self.eot])
 
     def prompt(self, request: TranscriptionRequest) -> list[int]:
-        """Decoder prompt: previous text, start, language (a slot the runner fills when detecting), task, no-timestamps."""
+        """Decoder prompt: previous text, start, language (a slot the runner fills when detecting), task, no-timestamps, prefix."""
         prev = [self.sot_prev, *request.prompt] if request.prompt else []
         language = [self.languages[request.language or "en"]] if self.multilingual else []
         task = [self.translate if request.task == "translate" else self.transcribe] if self.multilingual else []
-        return [*prev, self.sot, *language, *task, *([] if request.timestamps else [self.no_timestamps])]
+        return [*prev, self.sot, *language, *task, *([] if request.timestamps else [self.no_timestamps]), *request.prefix]
+
+    def timestamp(self, seconds: float) -> int:
+        """The time token nearest to `seconds` (from the window's start)."""
+        return self.timestamp_begin + max(0, round(seconds / TIME_PRECISION))
 
     def is_timestamp(self, token: int) -> bool:
         return token >= self.timestamp_begin

@@ -243,7 +243,7 @@ class WhisperRunner(Runner):
         prompt = vocab.prompt(request)
         row = block.add(self._cross_kv(enc), len(prompt) + self.max_new_tokens(len(prompt)))
         max_timestamp = vocab.timestamp_begin + math.ceil(samples / SAMPLE_RATE / 0.02)
-        self._rows.append(_Row(seq_id, request, len(prompt), max_timestamp, []))
+        self._rows.append(_Row(seq_id, request, len(prompt), max_timestamp, list(request.prefix)))  # the rules see the prefix as generated
         if request.language is None and vocab.multilingual:
             at = prompt.index(vocab.sot) + 1
             logits = self._forward([row], torch.tensor([prompt[:at]], device=self.device))
