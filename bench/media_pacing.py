@@ -11,6 +11,12 @@ temporary media folder, starts the real server on it, and over `--seconds` of me
   it (`await asyncio.sleep(chunk_ms / 1000)` after each chunk) and with the channel's clock, lag
   measured the same way when each chunk is due to be sent.
 
+Before that, one stream of each kind runs unpaced in this process, to give the cost of a stream as
+seconds of media produced per second of wall time (x real time); and the block-wise resampling of
+60 s of 44.1 kHz stereo to 16 kHz in 100 ms blocks is timed two ways side by side: torchaudio's
+kernel applied with torch's conv1d (torch's intra-op threads, as set for the engine) and with numpy's
+einsum in the calling thread (what channels/media_decode.py does).
+
 Example: `python bench/media_pacing.py --seconds 60 --audio 8 --video 2`.
 """
 
@@ -26,14 +32,18 @@ from fractions import Fraction
 from pathlib import Path
 
 import av
+import numpy as np
 import orjson
+import torch
 import websockets
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from channels.media_decode import AudioDecoder  # noqa: E402
+from channels.audio import encode_samples  # noqa: E402
+from channels.media_decode import AudioDecoder, StreamingResampler, VideoDecoder  # noqa: E402
 from channels.pacing import Clock  # noqa: E402
+from channels.video import JpegEncoder  # noqa: E402
 from scripts.make_media_samples import frame_image  # noqa: E402
 from server.protocol import parse_server_binary  # noqa: E402
 from tests.serverproc import start_server  # noqa: E402
@@ -113,6 +123,48 @@ async def in_process(path: Path, seconds: float, naive: bool) -> list[float]:
     return lags
 
 
+def resampling() -> None:
+    """torch conv1d (intra-op thread pool) against numpy einsum (calling thread) for the same blocks and kernel."""
+    resampler = StreamingResampler(44100, 16000)
+    signal = np.random.default_rng(0).standard_normal((2, 44100 * 60)).astype(np.float32)
+    kernel = torch.from_numpy(resampler.kernel)[:, None, :]
+    t = time.perf_counter()
+    for i in range(0, signal.shape[1], 4410):
+        resampler.push(signal[:, i : i + 4410])
+    numpy_s = time.perf_counter() - t
+    buffer = torch.zeros((2, resampler.width))
+    t = time.perf_counter()
+    for i in range(0, signal.shape[1], 4410):
+        buffer = torch.cat((buffer, torch.from_numpy(signal[:, i : i + 4410])), dim=1)
+        blocks = (buffer.shape[1] - 2 * resampler.width) // resampler.orig
+        torch.nn.functional.conv1d(buffer[:, None, : blocks * resampler.orig + 2 * resampler.width], kernel, stride=resampler.orig)
+        buffer = buffer[:, blocks * resampler.orig :]
+    torch_s = time.perf_counter() - t
+    print(f"resampling 60 s stereo 44.1->16 kHz in 100 ms blocks: numpy einsum {numpy_s:.3f} s, torch conv1d ({torch.get_num_threads()} threads) {torch_s:.3f} s")
+
+
+async def throughput(folder: Path, seconds: float) -> None:
+    """Unpaced cost of one audio stream (decode, resample to 44.1 kHz, s16) and one video stream (decode, scale, JPEG)."""
+    t = time.perf_counter()
+    samples = 0
+    async with AudioDecoder(folder / "long.wav", "long.wav", sample_rate=44100, channels=1) as audio:
+        async for block in audio.blocks(4410):
+            encode_samples(block, "pcm_s16le")
+            samples += block.shape[1]
+    wall = time.perf_counter() - t
+    print(f"audio unpaced: {samples / 44100:.1f} s of 22.05->44.1 kHz in {wall:.2f} s = {samples / 44100 / wall:.0f}x real time")
+    t = time.perf_counter()
+    frames = 0
+    async with VideoDecoder(folder / "long.mp4", "long.mp4", fps=30, width=320) as video:
+        encoder = JpegEncoder(video.width, video.height, 80)
+        async for frame in video.frames():
+            if not frame.repeat:
+                await video.run(encoder.encode, frame.frame)
+            frames += 1
+    wall = time.perf_counter() - t
+    print(f"video unpaced: {frames / 30:.1f} s of 25->30 fps 320x240 JPEG in {wall:.2f} s = {frames / 30 / wall:.1f}x real time")
+
+
 def summary(lags: list[float]) -> str:
     ordered = sorted(lags)
     p95 = ordered[int(0.95 * (len(ordered) - 1))]
@@ -131,6 +183,8 @@ async def main() -> None:
         t = time.perf_counter()
         write_media(folder, args.seconds)
         print(f"media written in {time.perf_counter() - t:.1f} s")
+        resampling()
+        await throughput(folder, args.seconds)
         server = start_server(Path(tmp), media_dir=folder)
         try:
             audio = {"source": "long.wav", "sample_rate": 44100, "channels": 1, "format": "pcm_s16le", "chunk_ms": 100, "realtime": True}

@@ -20,8 +20,8 @@ from typing import Any, Self, TypeVar
 
 import av
 import numpy as np
-import torch
 import torchaudio
+from numpy.lib.stride_tricks import sliding_window_view
 
 from channels.base import ChannelError
 from server.protocol import ErrorCode
@@ -32,44 +32,51 @@ _DONE = object()
 
 class StreamingResampler:
     """torchaudio's sinc resampling applied block by block: the concatenated output equals
-    `torchaudio.functional.resample` of the whole signal (same kernel, same windows, same length)."""
+    `torchaudio.functional.resample` of the whole signal (same kernel, same windows, same length).
+
+    The kernel is torchaudio's; each block is filtered with numpy's einsum, which runs in the calling
+    thread only. torch's conv1d would enter its intra-op thread pool for every small block, and on a busy
+    CPU (the model engine, other streams) that costs many times the arithmetic (bench/media_pacing.py).
+    """
 
     def __init__(self, orig_freq: int, new_freq: int) -> None:
         self.identity = orig_freq == new_freq
         transform = torchaudio.transforms.Resample(orig_freq, new_freq)
-        self.kernel: torch.Tensor = getattr(transform, "kernel", torch.zeros(0))  # absent when the rates are equal
+        kernel = getattr(transform, "kernel", None)  # absent when the rates are equal
+        self.kernel = np.zeros((1, 1), np.float32) if kernel is None else kernel[:, 0, :].numpy()  # (new phases, taps)
         self.width: int = getattr(transform, "width", 0)
         self.orig = orig_freq // transform.gcd
         self.new = new_freq // transform.gcd
-        self.buffer: torch.Tensor | None = None  # the padded input from the next output block on
+        self.buffer: np.ndarray | None = None  # the padded input from the next output block on
         self.taken = 0
         self.given = 0
 
-    def _blocks(self, buffer: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _blocks(self, buffer: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        channels = buffer.shape[0]
         blocks = max(0, (buffer.shape[1] - 2 * self.width) // self.orig)
         if blocks == 0:
-            return buffer.new_zeros((buffer.shape[0], 0)), buffer
-        window = buffer[:, : blocks * self.orig + 2 * self.width]
-        out = torch.nn.functional.conv1d(window[:, None], self.kernel, stride=self.orig)
-        return out.transpose(1, 2).reshape(buffer.shape[0], -1), buffer[:, blocks * self.orig :]
+            return np.zeros((channels, 0), np.float32), buffer
+        windows = sliding_window_view(buffer[:, : blocks * self.orig + 2 * self.width], self.kernel.shape[1], axis=1)[:, :: self.orig]
+        out = np.einsum("cbk,pk->cbp", windows, self.kernel).reshape(channels, -1)
+        return out, buffer[:, blocks * self.orig :]
 
-    def push(self, samples: torch.Tensor) -> torch.Tensor:
+    def push(self, samples: np.ndarray) -> np.ndarray:
         """Feed (channels, n) float32 samples; return the output samples now complete."""
         self.taken += samples.shape[1]
         if self.identity:
             self.given += samples.shape[1]
             return samples
         if self.buffer is None:
-            self.buffer = samples.new_zeros((samples.shape[0], self.width))
-        out, self.buffer = self._blocks(torch.cat((self.buffer, samples), dim=1))
+            self.buffer = np.zeros((samples.shape[0], self.width), np.float32)
+        out, self.buffer = self._blocks(np.concatenate((self.buffer, samples), axis=1))
         self.given += out.shape[1]
         return out
 
-    def flush(self, channels: int) -> torch.Tensor:
+    def flush(self, channels: int) -> np.ndarray:
         """The remaining output after the last input (the signal is taken as silent past its end)."""
         if self.identity or self.buffer is None:
-            return torch.zeros((channels, 0))
-        tail = torch.nn.functional.pad(self.buffer, (0, self.width + self.orig))
+            return np.zeros((channels, 0), np.float32)
+        tail = np.pad(self.buffer, ((0, 0), (0, self.width + self.orig)))
         out, _ = self._blocks(tail)
         self.buffer = None
         total = math.ceil(self.new * self.taken / self.orig)
@@ -233,26 +240,26 @@ class AudioDecoder(_Decoder):
 
     def _blocks(self, block_samples: int) -> Generator[np.ndarray, None, None]:
         resampler = StreamingResampler(self.info.sample_rate, self.sample_rate)
-        pending: list[torch.Tensor] = []
+        pending: list[np.ndarray] = []
         held = 0
 
-        def cut(out: torch.Tensor) -> Iterator[np.ndarray]:
+        def cut(out: np.ndarray) -> Iterator[np.ndarray]:
             nonlocal held
             if out.shape[1]:
                 pending.append(out)
                 held += out.shape[1]
             while held >= block_samples:
-                joined = torch.cat(pending, dim=1)
-                yield np.ascontiguousarray(joined[:, :block_samples].numpy())
+                joined = np.concatenate(pending, axis=1)
+                yield np.ascontiguousarray(joined[:, :block_samples])
                 rest = joined[:, block_samples:]
                 pending[:] = [rest] if rest.shape[1] else []
                 held = rest.shape[1]
 
         for samples in self._source_blocks():
-            yield from cut(resampler.push(torch.from_numpy(samples)))
+            yield from cut(resampler.push(samples))
         yield from cut(resampler.flush(self.channels))
         if held:
-            yield np.ascontiguousarray(torch.cat(pending, dim=1).numpy())
+            yield np.ascontiguousarray(np.concatenate(pending, axis=1))
 
     def blocks(self, block_samples: int) -> AsyncIterator[np.ndarray]:
         """Async iterator of float32 (channels, block_samples) arrays at `sample_rate`; the last may be shorter."""
