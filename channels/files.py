@@ -17,10 +17,15 @@ BLOCK_CHARS = 65536
 def resolve_inside(folder: Path, name: str, param: str) -> Path:
     """The file `name` inside `folder`; ChannelError if it escapes the folder or does not exist."""
     root = folder.resolve()
-    path = (root / name).resolve()
+    try:
+        path = (root / name).resolve()
+        is_file = path.is_file()
+    except (OSError, ValueError) as exc:  # a name too long for the file system, or holding a NUL
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise ChannelError(ErrorCode.INVALID_PARAMS, f"{param} is not a usable file name ({reason})", [{"field": param, "message": "not a usable file name", "type": "value_error"}]) from None
     if not path.is_relative_to(root) or path == root:
         raise ChannelError(ErrorCode.FORBIDDEN, f"{param} {name!r} is outside the server's folder for it")
-    if not path.is_file():
+    if not is_file:
         raise ChannelError(ErrorCode.INVALID_PARAMS, f"{param} {name!r} not found", [{"field": param, "message": "no such file", "type": "not_found"}])
     return path
 

@@ -62,7 +62,6 @@ def _error_responses(*codes: int) -> dict[str, Any]:
         401: "No API key (`X-API-Key` header)",
         403: "Wrong API key, or the key may not use this channel",
         404: "No such channel",
-        405: "This channel is streamed with POST",
         415: "A raw body for a channel that takes no pushed input",
         422: "A media stream ended before any media (`bad_source`)",
         429: "Over the per-address request limit, or too many failed authentications; see Retry-After",
@@ -102,7 +101,10 @@ def openapi(channels: dict[str, Channel]) -> dict[str, Any]:
         paths[f"{PREFIX}/{name}"] = {"post": operation}
     if "metrics" in channels:
         schema = channels["metrics"].Params.model_json_schema()
-        parameters = [{"name": key, "in": "query", "required": False, "schema": {k: v for k, v in prop.items() if k != "title"}} for key, prop in schema.get("properties", {}).items()]
+        parameters = [
+            {"name": key, "in": "query", "required": False, "style": "form", "explode": True, "schema": {k: v for k, v in prop.items() if k != "title"}}
+            for key, prop in schema.get("properties", {}).items()
+        ]
         paths[f"{PREFIX}/metrics"]["get"] = {
             "operationId": "stream_metrics_get",
             "summary": "The metrics stream, params as query parameters.",

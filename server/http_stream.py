@@ -88,13 +88,23 @@ def negotiate(accept: str, channel: Channel) -> str:
     return "raw" if channel.media else "ndjson"
 
 
-def _query_params(request: Request) -> dict[str, Any]:
+def _is_array(prop: dict[str, Any]) -> bool:
+    return prop.get("type") == "array" or any(branch.get("type") == "array" for branch in prop.get("anyOf", []))
+
+
+def query_params(request: Request, channel: Channel) -> dict[str, Any]:
+    """Params from the query string: each value as JSON when it parses, else a string; a list param may repeat (`?f=a&f=b`)."""
+    arrays = {key for key, prop in channel.Params.model_json_schema().get("properties", {}).items() if _is_array(prop)}
     params: dict[str, Any] = {}
-    for key, value in request.query_params.items():
+    for key, text in request.query_params.multi_items():
         try:
-            params[key] = orjson.loads(value)
+            value = orjson.loads(text)
         except orjson.JSONDecodeError:
-            params[key] = value  # a bare word is a string
+            value = text  # a bare word is a string
+        if key in arrays and not isinstance(value, list):
+            params.setdefault(key, []).append(value)
+        else:
+            params[key] = value
     return params
 
 
@@ -125,7 +135,7 @@ class HttpStreams:
     async def endpoint(self, request: Request) -> Response:
         """Validate, then stream one channel's chunks in the negotiated format."""
         address = request.client.host if request.client else "unknown"
-        name = request.path_params["channel"]
+        name = request.url.path.removeprefix(PREFIX + "/")
         if self.limiter is not None and (wait := self.limiter.take(address)):
             return error_response(429, str(ErrorCode.RATE_LIMITED), f"over {self.settings.http_rate_limit} requests per minute from this address", retry_after=wait)
         principal = self._authenticate(request, address)
@@ -136,8 +146,6 @@ class HttpStreams:
         channel = self.runtime.channels.get(name)
         if channel is None:
             return error_response(404, str(ErrorCode.UNKNOWN_CHANNEL), f"unknown channel {name!r}; available: {sorted(self.runtime.channels)}")
-        if request.method == "GET" and name != "metrics":
-            return error_response(405, str(ErrorCode.BAD_REQUEST), f"use POST for channel {name!r}")
         if not principal.may_use(name):
             return error_response(403, str(ErrorCode.FORBIDDEN), f"this API key may not use channel {name!r}")
         status = channel.status()
@@ -149,7 +157,7 @@ class HttpStreams:
         if raw_body and not channel.accepts_push:
             return error_response(415, str(ErrorCode.BAD_REQUEST), f"channel {name!r} takes no pushed input: send its params as a JSON body")
         if request.method == "GET" or raw_body:
-            raw = _query_params(request)
+            raw = query_params(request, channel)
         else:
             body = await request.body()
             try:

@@ -1,0 +1,440 @@
+// streamplex.js: a dependency-free ES module client of the streamplex protocol v1 (docs/protocol.md).
+//
+//   import { Client } from "./streamplex.js";
+//   const client = new Client("ws://127.0.0.1:8000/ws", { apiKey });
+//   await client.connect();
+//   for await (const chunk of client.subscribe("text", { text: "Hello world.", unit: "words" })) console.log(chunk.data);
+//
+// Browsers cannot set headers on a WebSocket, so the client authenticates with the first frame.
+
+/** The protocol's error codes (the `code` of `error` frames and of `end` errors). */
+export const ERROR_CODES = Object.freeze([
+  "bad_request", "unknown_op", "unknown_channel", "invalid_params", "duplicate_id", "unknown_id",
+  "rate_limited", "forbidden", "too_many_streams", "unavailable", "bad_source", "internal",
+]);
+
+/** Close codes after which reconnecting with the same key cannot help. */
+const FATAL_CLOSES = new Set([4001, 4002, 4003]);
+
+/** A refused frame or a stream that ended with an error: `code` is one of ERROR_CODES. */
+export class StreamplexError extends Error {
+  constructor(code, message, { id = null, details = null, retryAfter = null } = {}) {
+    super(`${code}: ${message}`);
+    this.name = "StreamplexError";
+    this.code = code;
+    this.id = id;
+    this.details = details;
+    this.retryAfter = retryAfter;
+  }
+
+  static fromFrame(frame) {
+    return new StreamplexError(frame.code, frame.message, { id: frame.id ?? null, details: frame.details ?? null, retryAfter: frame.retry_after ?? null });
+  }
+}
+
+/** The socket closed and was not re-established; `closeCode` is the WebSocket close code. */
+export class ConnectionClosedError extends StreamplexError {
+  constructor(closeCode, reason) {
+    super("connection_closed", `connection closed (${closeCode})${reason ? ": " + reason : ""}`);
+    this.name = "ConnectionClosedError";
+    this.closeCode = closeCode;
+    this.reason = reason;
+  }
+}
+
+/** Close 4001/4002/4003: a wrong key, no auth in time, or too many failures from this address. */
+export class AuthenticationError extends ConnectionClosedError {
+  constructor(closeCode, reason) {
+    super(closeCode, reason);
+    this.name = "AuthenticationError";
+  }
+}
+
+const encoder = new TextEncoder();
+const decoder = new TextDecoder();
+
+/** A client binary frame: u8 n, the stream id in n bytes of UTF-8, the payload. */
+export function encodePush(id, payload) {
+  const rawId = encoder.encode(id);
+  if (rawId.length < 1 || rawId.length > 255) throw new RangeError("a binary frame's stream id must be 1 to 255 bytes of UTF-8");
+  const body = payload instanceof ArrayBuffer ? new Uint8Array(payload) : new Uint8Array(payload.buffer, payload.byteOffset, payload.byteLength);
+  const frame = new Uint8Array(1 + rawId.length + body.length);
+  frame[0] = rawId.length;
+  frame.set(rawId, 1);
+  frame.set(body, 1 + rawId.length);
+  return frame;
+}
+
+/** Split a server binary frame (u8 n, id, u32 seq big-endian, payload) into { id, seq, payload }. */
+export function decodeBinary(buffer) {
+  const bytes = new Uint8Array(buffer);
+  const n = bytes[0];
+  if (bytes.length < 1 + n + 4) throw new RangeError("truncated binary frame");
+  const id = decoder.decode(bytes.subarray(1, 1 + n));
+  const seq = new DataView(bytes.buffer, bytes.byteOffset + 1 + n, 4).getUint32(0, false);
+  return { id, seq, payload: bytes.subarray(5 + n) };
+}
+
+const END = Symbol("end");
+
+/** One stream: iterate it (`for await`), or pass callbacks; leaving the loop unsubscribes. */
+export class Subscription {
+  constructor(client, channel, params, id, { onChunk, onEnd, onError, resume = true } = {}) {
+    this.client = client;
+    this.channel = channel;
+    this.params = params;
+    this.id = id;
+    this.resume = resume;
+    this.restarts = 0;
+    this.reason = null;
+    this.onChunk = onChunk;
+    this.onEnd = onEnd;
+    this.onError = onError;
+    this._items = [];
+    this._waiter = null;
+    this._terminal = null;
+    this._awaitingSubscribed = true;
+    this.opened = new Promise((resolve, reject) => {
+      this._resolveOpened = resolve;
+      this._rejectOpened = reject;
+    });
+    this.opened.catch(() => {}); // a refusal also reaches the iterator and onError
+  }
+
+  get ended() {
+    return this._terminal !== null;
+  }
+
+  _wake() {
+    if (this._waiter) {
+      const wake = this._waiter;
+      this._waiter = null;
+      wake();
+    }
+  }
+
+  _deliver(chunk) {
+    if (this._terminal) return;
+    if (this.onChunk) this.onChunk(chunk, this);
+    else this._items.push(chunk);
+    this._wake();
+  }
+
+  _subscribed() {
+    if (!this._awaitingSubscribed) return;
+    this._awaitingSubscribed = false;
+    if (this._openedDone) this.restarts += 1;
+    this._openedDone = true;
+    this._resolveOpened(this);
+  }
+
+  _finish(error, reason) {
+    if (this._terminal) return;
+    this._terminal = error ?? END;
+    this.reason = reason ?? (error ? "error" : "complete");
+    this._awaitingSubscribed = false;
+    if (error) {
+      this._rejectOpened(error);
+      if (this.onError) this.onError(error, this);
+    } else {
+      this._resolveOpened(this);
+    }
+    if (this.onEnd) this.onEnd(this.reason, this);
+    this._wake();
+  }
+
+  /** Push input: a JSON value, or an ArrayBuffer / typed array (sent as a binary frame). */
+  push(data) {
+    return this.client.push(this.id, data);
+  }
+
+  /** Mark the end of pushed input. */
+  end() {
+    return this.client.push(this.id, undefined, { end: true });
+  }
+
+  /** Unsubscribe (when still open). */
+  cancel() {
+    if (this._terminal) return;
+    this._finish(null, "unsubscribed");
+    this.client._unsubscribe(this);
+  }
+
+  async *[Symbol.asyncIterator]() {
+    try {
+      await this.opened;
+      while (true) {
+        while (this._items.length === 0) {
+          if (this._terminal === END) return;
+          if (this._terminal) throw this._terminal;
+          await new Promise((resolve) => { this._waiter = resolve; });
+        }
+        yield this._items.shift();
+      }
+    } finally {
+      this.cancel();
+    }
+  }
+}
+
+/**
+ * A connection: one WebSocket, any number of streams. Events (EventTarget): `ready` (detail: the ready frame),
+ * `state` (detail: "connecting" | "open" | "reconnecting" | "closed"), `warning` (detail: a refused frame without a stream).
+ */
+export class Client extends EventTarget {
+  constructor(url, { apiKey, reconnect = true, backoff = [500, 30000], maxRetries = Infinity, heartbeatMs = 15000, heartbeatTimeoutMs = 10000, WebSocketImpl = globalThis.WebSocket } = {}) {
+    super();
+    this.url = url;
+    this.apiKey = apiKey;
+    this.reconnect = reconnect;
+    this.backoff = backoff;
+    this.maxRetries = maxRetries;
+    this.heartbeatMs = heartbeatMs;
+    this.heartbeatTimeoutMs = heartbeatTimeoutMs;
+    this.WebSocketImpl = WebSocketImpl;
+    this.ready = null;
+    this.state = "closed";
+    this.reconnects = 0;
+    this._ws = null;
+    this._subs = new Map();
+    this._pongs = [];
+    this._nextId = 1;
+    this._closing = false;
+    this._heartbeat = null;
+  }
+
+  /** The channels this key may use, by name (from the latest `ready`). */
+  get channels() {
+    return Object.fromEntries((this.ready?.channels ?? []).map((c) => [c.name, c]));
+  }
+
+  _setState(state) {
+    this.state = state;
+    this.dispatchEvent(new CustomEvent("state", { detail: state }));
+  }
+
+  /** Open the socket and authenticate; resolves with the `ready` frame, rejects with AuthenticationError or ConnectionClosedError. */
+  connect() {
+    this._closing = false;
+    this._setState("connecting");
+    return this._open();
+  }
+
+  _open() {
+    return new Promise((resolve, reject) => {
+      const ws = new this.WebSocketImpl(this.url);
+      ws.binaryType = "arraybuffer";
+      let authenticated = false;
+      ws.onopen = () => ws.send(JSON.stringify({ op: "auth", api_key: this.apiKey }));
+      ws.onmessage = (event) => {
+        if (!authenticated) {
+          const frame = JSON.parse(event.data);
+          if (frame.op !== "ready") return;
+          authenticated = true;
+          this._ws = ws;
+          this.ready = frame;
+          this._startHeartbeat();
+          this._setState("open");
+          this.dispatchEvent(new CustomEvent("ready", { detail: frame }));
+          resolve(frame);
+          return;
+        }
+        this._onMessage(event.data);
+      };
+      ws.onclose = (event) => {
+        const error = FATAL_CLOSES.has(event.code) ? new AuthenticationError(event.code, event.reason) : new ConnectionClosedError(event.code, event.reason);
+        if (!authenticated) {
+          reject(error);
+          return;
+        }
+        this._onClose(ws, error);
+      };
+      ws.onerror = () => {}; // the close event that follows carries the code
+    });
+  }
+
+  _startHeartbeat() {
+    clearInterval(this._heartbeat);
+    if (!this.heartbeatMs) return;
+    this._heartbeat = setInterval(() => {
+      this.ping(this.heartbeatTimeoutMs).catch(() => {
+        // no pong in time: the socket is dead even if the browser has not noticed yet
+        if (this._ws) this._ws.close(4000, "heartbeat timeout");
+      });
+    }, this.heartbeatMs);
+  }
+
+  _onMessage(raw) {
+    if (typeof raw !== "string") {
+      const { id, seq, payload } = decodeBinary(raw);
+      this._subs.get(id)?._deliver({ seq, data: payload, dropped: 0, binary: true });
+      return;
+    }
+    const frame = JSON.parse(raw);
+    const sub = typeof frame.id === "string" ? this._subs.get(frame.id) : undefined;
+    switch (frame.op) {
+      case "chunk":
+        sub?._deliver({ seq: frame.seq, data: frame.data, dropped: frame.dropped ?? 0, binary: false });
+        break;
+      case "subscribed":
+        sub?._subscribed();
+        break;
+      case "end":
+        if (sub) this._ended(sub, frame);
+        break;
+      case "error": {
+        const error = StreamplexError.fromFrame(frame);
+        if (sub && sub._awaitingSubscribed) {
+          this._subs.delete(sub.id);
+          sub._finish(error, "error");
+        } else if (sub) {
+          if (sub.onError) sub.onError(error, sub);
+          else this.dispatchEvent(new CustomEvent("warning", { detail: error }));
+        } else {
+          this.dispatchEvent(new CustomEvent("warning", { detail: error }));
+        }
+        break;
+      }
+      case "pong":
+        this._pongs.shift()?.resolve();
+        break;
+      default:
+        break;
+    }
+  }
+
+  _ended(sub, frame) {
+    if (frame.reason === "shutdown" && sub.resume && this.reconnect) {
+      sub._awaitingSubscribed = true; // subscribed again once reconnected
+      return;
+    }
+    this._subs.delete(sub.id);
+    if (frame.reason === "error") sub._finish(new StreamplexError(frame.error.code, frame.error.message, { id: sub.id }), "error");
+    else if (frame.reason === "shutdown") sub._finish(new StreamplexError("shutdown", "the server shut down", { id: sub.id }), "shutdown");
+    else sub._finish(null, frame.reason);
+  }
+
+  _onClose(ws, error) {
+    if (this._ws !== ws) return;
+    this._ws = null;
+    clearInterval(this._heartbeat);
+    for (const pong of this._pongs.splice(0)) pong.reject(error);
+    if (this._closing || !this.reconnect || error instanceof AuthenticationError) {
+      this._failAll(error);
+      this._setState("closed");
+      return;
+    }
+    this._setState("reconnecting");
+    this._reconnect(error);
+  }
+
+  async _reconnect(lastError) {
+    let delay = this.backoff[0];
+    for (let attempt = 1; !this._closing; attempt += 1) {
+      await new Promise((resolve) => setTimeout(resolve, delay * (0.5 + Math.random() / 2)));
+      if (this._closing) return;
+      try {
+        await this._open();
+        this.reconnects += 1;
+        this._resubscribe();
+        return;
+      } catch (error) {
+        lastError = error;
+        if (error instanceof AuthenticationError || attempt >= this.maxRetries) break;
+      }
+      delay = Math.min(this.backoff[1], delay * 2);
+    }
+    this._failAll(lastError);
+    this._setState("closed");
+  }
+
+  _resubscribe() {
+    for (const sub of [...this._subs.values()]) {
+      if (!sub.resume) {
+        this._subs.delete(sub.id);
+        sub._finish(new StreamplexError("connection_lost", "the connection was lost", { id: sub.id }), "lost");
+        continue;
+      }
+      sub._awaitingSubscribed = true;
+      this._send({ op: "subscribe", id: sub.id, channel: sub.channel, params: sub.params });
+    }
+  }
+
+  _failAll(error) {
+    for (const sub of this._subs.values()) sub._finish(error, "error");
+    this._subs.clear();
+  }
+
+  _send(frame) {
+    if (!this._ws || this._ws.readyState !== 1) throw new ConnectionClosedError(1006, "not connected");
+    this._ws.send(typeof frame === "string" || frame instanceof Uint8Array ? frame : JSON.stringify(frame));
+  }
+
+  /**
+   * Open a stream of `channel` with `params`. Returns a Subscription: iterate it, or give `onChunk`/`onEnd`/`onError`.
+   * With `resume` (default), a stream cut by a reconnect or a server shutdown is subscribed again (it starts over).
+   */
+  subscribe(channel, params = {}, options = {}) {
+    const id = options.id ?? `${channel.slice(0, 8)}-${this._nextId++}`;
+    if (this._subs.has(id)) throw new StreamplexError("duplicate_id", `stream id ${id} is already open`, { id });
+    const sub = new Subscription(this, channel, params, id, options);
+    this._subs.set(id, sub);
+    try {
+      this._send({ op: "subscribe", id, channel, params });
+    } catch (error) {
+      this._subs.delete(id);
+      sub._finish(error, "error");
+    }
+    return sub;
+  }
+
+  /** Push to a stream: binary data (ArrayBuffer, typed array) as a binary frame, anything else as a `push` op. */
+  push(id, data, { end = false } = {}) {
+    if (data instanceof ArrayBuffer || ArrayBuffer.isView(data)) {
+      this._send(encodePush(id, data));
+      if (end) this._send({ op: "push", id, end: true });
+      return;
+    }
+    const frame = { op: "push", id };
+    if (data !== undefined && data !== null) frame.data = data;
+    if (end) frame.end = true;
+    this._send(frame);
+  }
+
+  _unsubscribe(sub) {
+    if (this._subs.get(sub.id) !== sub) return;
+    this._subs.delete(sub.id);
+    if (this._ws && this._ws.readyState === 1) this._send({ op: "unsubscribe", id: sub.id });
+  }
+
+  /** A protocol ping; resolves with the round trip in milliseconds. */
+  ping(timeoutMs = 10000) {
+    return new Promise((resolve, reject) => {
+      const start = performance.now();
+      const timer = setTimeout(() => {
+        const i = this._pongs.indexOf(entry);
+        if (i >= 0) this._pongs.splice(i, 1);
+        reject(new StreamplexError("timeout", "no pong in time"));
+      }, timeoutMs);
+      const entry = {
+        resolve: () => { clearTimeout(timer); resolve(performance.now() - start); },
+        reject: (error) => { clearTimeout(timer); reject(error); },
+      };
+      this._pongs.push(entry);
+      try {
+        this._send({ op: "ping" });
+      } catch (error) {
+        this._pongs.splice(this._pongs.indexOf(entry), 1);
+        entry.reject(error);
+      }
+    });
+  }
+
+  /** Close the socket (1000); open streams end with ConnectionClosedError. */
+  close() {
+    this._closing = true;
+    clearInterval(this._heartbeat);
+    if (this._ws) this._ws.close(1000, "client closed");
+    else this._failAll(new ConnectionClosedError(1000, "client closed"));
+  }
+}

@@ -1,0 +1,25 @@
+"""client_js/streamplex.js under Node against the live server: first-frame auth, streams, typed errors, binary frames, pings."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+
+from tests.serverproc import ROOT, ServerProc
+
+
+def test_streamplex_js_against_the_server(server: ServerProc) -> None:
+    done = subprocess.run(["node", str(ROOT / "tests" / "client_js" / "client.mjs"), server.url, server.key], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-4000:]
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    text = "One socket, many streams. Chunks keep their order."
+    assert report["ready"] == "ready" and report["words"] == text == report["chars"] and report["seqs_in_order"]
+    assert report["invalid"] == {"isTyped": True, "code": "invalid_params", "field": "unit"}
+    assert report["audio"]["info"] == 16000 and report["audio"]["last"]["done"]
+    assert report["audio"]["binaryBytes"] == 2 * report["audio"]["last"]["samples"]
+    assert report["metrics_seen"] == 2
+    assert report["push_errors"] == ["bad_request", "bad_request"]
+    assert report["encoded"] == "02733100" + "01fffe"
+    assert report["decoded"] == {"id": "a1", "seq": 5, "payload": "ffd8"}
+    assert report["ping_ms"] < 5000 and report["state_after_heartbeats"] == "open"
+    assert report["wrong_key"] == {"isAuth": True, "closeCode": 4001}
