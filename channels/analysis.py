@@ -116,7 +116,11 @@ class NLP:
         loop = asyncio.get_running_loop()
         async with self.lock:
             if self.nlp is None:
-                await loop.run_in_executor(self.executor, self._load)
+                try:
+                    await loop.run_in_executor(self.executor, self._load)
+                except (ImportError, OSError) as exc:
+                    log.exception("analysis: loading spaCy or VADER failed")
+                    raise ChannelError(ErrorCode.UNAVAILABLE, f"the analysis models could not be loaded: {exc}") from None
         return await loop.run_in_executor(self.executor, fn, *args)
 
     def parse(self, text: str, entities: bool) -> Any:
