@@ -69,6 +69,7 @@ class Run:
     k: int
     latencies: list[float] = field(default_factory=list)
     wers: list[float] = field(default_factory=list)
+    texts: list[str] = field(default_factory=list)
     compute_s: float = 0.0
     audio_s: float = 0.0
     wall_s: float = 0.0
@@ -91,9 +92,13 @@ class Run:
 # the naive reference
 
 
-def naive_run(k: int, audios: list[tuple[np.ndarray, str]], folder: Path) -> Run:
+def naive_run(k: int, audios: list[tuple[np.ndarray, str]], folder: Path, threads: int) -> Run:
     """K live streams served one at a time by transformers' `generate` on 30 s windows, simulated in real time."""
     import torch
+
+    from server.engine.device import cpu_threads
+
+    torch.set_num_threads(cpu_threads(threads))
     from transformers import WhisperFeatureExtractor, WhisperForConditionalGeneration
 
     from server.engine.asr import WhisperVocab
@@ -144,6 +149,7 @@ def naive_run(k: int, audios: list[tuple[np.ndarray, str]], folder: Path) -> Run
                 finals(i, la.force())
                 s["done"] = True
                 run.wers.append(wer(audios[i][1], text_of(la.committed)))
+                run.texts.append(text_of(la.committed))
         if not progressed:
             time.sleep(0.01)
     run.wall_s = time.monotonic() - t0
@@ -186,6 +192,7 @@ async def server_run(k: int, audios: list[tuple[np.ndarray, str]], server: Any) 
                     run.latencies.append(time.monotonic() - (start + data["end"]))
                 elif data["type"] == "transcript":
                     run.wers.append(wer(text, data["text"]))
+                    run.texts.append(data["text"])
             elif frame_data["op"] == "end":
                 break
             elif frame_data["op"] == "error":
@@ -208,15 +215,18 @@ def step_seconds(server: Any) -> float:
     return 0.0
 
 
-def sweep(name: str, ks: list[int], once: Any, target: float) -> list[dict[str, Any]]:
-    """Run K ascending until p95 misses the target twice in a row."""
+def sweep(name: str, ks: list[int], once: Any, target: float, keep_going: bool) -> list[dict[str, Any]]:
+    """Run K ascending until p95 misses the target twice in a row (or every K with `keep_going`)."""
     rows, misses = [], 0
     for k in ks:
-        row = once(k).row(target)
+        run = once(k)
+        row = run.row(target)
         rows.append(row)
         print(json.dumps(row), flush=True)
+        worst = int(np.argmax(run.wers))
+        print(f"  worst transcript (WER {run.wers[worst]:.2f}): {run.texts[worst]}", flush=True)
         misses = 0 if row["ok"] else misses + 1
-        if misses == 2:
+        if misses == 2 and not keep_going:
             break
     return rows
 
@@ -234,7 +244,9 @@ def main() -> None:
     parser.add_argument("--sentences", type=int, default=6, help="sentences per stream (about 3.5 s each)")
     parser.add_argument("--target", type=float, default=3.0, help="p95 latency bound in seconds")
     parser.add_argument("--model", default="whisper-base")
+    parser.add_argument("--threads", type=int, default=0, help="CPU threads for both (0: one per core, the server's default)")
     parser.add_argument("--parts", default="naive,server")
+    parser.add_argument("--keep-going", action="store_true", help="run every K even after two misses")
     parser.add_argument("--json", type=Path, help="also write the rows here")
     args = parser.parse_args()
     ks, naive_ks = [int(x) for x in args.ks.split(",")], [int(x) for x in args.naive_ks.split(",")]
@@ -246,18 +258,18 @@ def main() -> None:
             from server.engine.whisper_loading import model_folder
 
             folder = model_folder(args.model, Settings().cache_dir)
-            rows += sweep(part, naive_ks, lambda k, folder=folder: naive_run(k, audios, folder), args.target)
+            rows += sweep(part, naive_ks, lambda k, folder=folder: naive_run(k, audios, folder, args.threads), args.target, args.keep_going)
         elif part == "server":
             import tempfile
 
             from tests.serverproc import start_server
 
             with tempfile.TemporaryDirectory() as tmp:
-                server = start_server(Path(tmp), asr_model=args.model, max_streams=256, rate=1000, burst=2000)
+                server = start_server(Path(tmp), asr_model=args.model, engine_threads=args.threads, max_streams=256, rate=1000, burst=2000)
                 try:
                     while json.loads(server.get("/ready")[1])["channels"]["transcription"] == "loading":
                         time.sleep(0.2)
-                    rows += sweep(part, ks, lambda k, server=server: asyncio.run(server_run(k, audios, server)), args.target)
+                    rows += sweep(part, ks, lambda k, server=server: asyncio.run(server_run(k, audios, server)), args.target, args.keep_going)
                 finally:
                     server.stop()
     print(table(rows))

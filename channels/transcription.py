@@ -39,7 +39,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-TRIM_SECONDS = 8.0  # cut the buffer at a final segment's end once it is longer than this
+TRIM_SECONDS = 5.0  # cut the buffer at a final segment's end once it is longer than this
 FORCE_SECONDS = 24.0  # a buffer this long with no final segment end has its pending words made final and is cut
 KEEP_SECONDS = 5.0  # audio kept after such a forced cut
 MAX_PENDING_SECONDS = 30.0  # audio received but not yet transcribed; beyond it pushed input waits (the push queue fills)
