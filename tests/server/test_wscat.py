@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import queue
+import re
 import subprocess
+import threading
 import time
 
 from tests.serverproc import ROOT, ServerProc
@@ -32,20 +35,57 @@ def _session(server: ServerProc, lines: list[str], seconds: float, *extra: str) 
     return frames
 
 
-def test_wscat_session_with_header_auth(server: ServerProc) -> None:
-    frames = _session(
-        server,
-        ['{"op":"subscribe","id":"t1","channel":"text","params":{"text":"Hello from streamplex. Streams interleave on one socket.","unit":"words","chunk_size":3}}', '{"op":"ping"}'],
-        1.0,
-        "-H",
-        f"X-API-Key: {server.key}",
+def _readme_session() -> list[tuple[str | None, list[str]]]:
+    """The README's wscat session as steps: a `>` line to type (None first) and the `<` lines it brings."""
+    readme = (ROOT / "README.md").read_text()
+    block = readme[readme.index("## Try it with wscat") :].split("```")[1]
+    steps: list[tuple[str | None, list[str]]] = [(None, [])]
+    for line in block.splitlines():
+        if line.startswith("> "):
+            steps.append((line[2:], []))
+        elif line.startswith("< "):
+            steps[-1][1].append(line[2:])
+    return steps
+
+
+def _matches(expected: str, frame: dict) -> bool:
+    """A README line shortened with `...` matches on op, id and seq; a whole one must equal the frame."""
+    if "..." not in expected:
+        return json.loads(expected) == frame
+    keys = {k: v for k, v in re.findall(r'"(op|id)":"([^"]*)"', expected[:80])}
+    seq = re.search(r'"seq":(\d+)', expected)
+    return all(frame.get(k) == v for k, v in keys.items()) and (seq is None or frame.get("seq") == int(seq.group(1)))
+
+
+def test_wscat_replays_the_readme_session(server: ServerProc) -> None:
+    """Type each `>` line of README's session into wscat (header auth) and wait for the `<` lines it shows."""
+    proc = subprocess.Popen(
+        [str(WSCAT), "-c", server.url, "-H", f"X-API-Key: {server.key}"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     )
-    ops = [f["op"] for f in frames]
-    assert ops[0] == "ready" and "subscribed" in ops and {"op": "pong"} in frames
-    chunks = [f for f in frames if f["op"] == "chunk"]
-    assert "".join(c["data"] for c in chunks) == "Hello from streamplex. Streams interleave on one socket."
-    assert [c["seq"] for c in chunks] == list(range(len(chunks)))
-    assert {"op": "end", "id": "t1", "reason": "complete"} in frames
+    received: queue.Queue[dict] = queue.Queue()
+
+    def pump() -> None:
+        assert proc.stdout is not None
+        for raw in proc.stdout:
+            raw = raw.strip().lstrip(">").strip().removeprefix("< ")
+            if raw.startswith("{"):
+                received.put(json.loads(raw))
+
+    threading.Thread(target=pump, daemon=True).start()
+    try:
+        assert proc.stdin is not None
+        for typed, expected in _readme_session():
+            if typed is not None:
+                proc.stdin.write(typed + "\n")
+                proc.stdin.flush()
+            for line in expected:
+                frame = received.get(timeout=15)
+                while frame.get("op") == "chunk" and frame.get("id") == "m1" and not _matches(line, frame):
+                    frame = received.get(timeout=15)  # a later metrics sample may arrive before the unsubscribe lands
+                assert _matches(line, frame), (line, frame)
+    finally:
+        proc.terminate()
+        proc.wait(10)
 
 
 def test_wscat_first_frame_auth(server: ServerProc) -> None:
