@@ -332,8 +332,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             time.sleep(min(args.every, max(0.0, t_end - time.monotonic())))
             timeline.append(server_sample(server, ps, t0, last, clients_cpu(procs)))
         results = [_expect(pipe, "result", 120) for _, pipe in procs]
-        time.sleep(2)
-        timeline.append(server_sample(server, ps, t0, last, clients_cpu(procs)))
+        left = time.monotonic()
+        while True:  # every client is gone: how long until the server holds nothing?
+            timeline.append(server_sample(server, ps, t0, last, clients_cpu(procs)))
+            if (timeline[-1]["connections"] == 0 and timeline[-1]["streams"] == 0) or time.monotonic() - left > args.drain:
+                break
+            time.sleep(1.0)
+        drained_s = time.monotonic() - left
         log = server.log()
     finally:
         for proc, _ in procs:
@@ -367,6 +372,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "failed_connects": sum(r["failed_connects"] for r in results),
         **{k: dict(v) for k, v in totals.items()},
         "server_tracebacks": log.count("Traceback"),
+        "drained_s": round(drained_s, 1),
+        "drained": timeline[-1]["connections"] == 0 and timeline[-1]["streams"] == 0,
         "timeline": timeline,
     }
 
@@ -388,6 +395,8 @@ def report(result: dict[str, Any]) -> str:
         f"paced text/data latency ms: p50 {lat[50]}, p90 {lat[90]}, p99 {lat[99]}, p99.9 {lat[99.9]} over {result['paced_frames']} frames",
         f"metrics latency ms (sample time to arrival): p50 {mlat[50]}, p90 {mlat[90]}, p99 {mlat[99]}",
         f"lossy chunks dropped (reported to clients): {result['dropped']}; churned connections: {result['churned']} ({result['failed_connects']} failed to connect)",
+        f"after the clients left: server {'empty' if result['drained'] else 'NOT empty'} after {result['drained_s']} s "
+        f"(connections {result['timeline'][-1]['connections']:.0f}, streams {result['timeline'][-1]['streams']:.0f}, tasks {result['timeline'][-1]['tasks']:.0f})",
         f"errors: {result['errors']}; stream ends: {result['ends']}; closed by the server: {result['closed_by_server']}; tracebacks in the server log: {result['server_tracebacks']}",
     ]
     return "\n".join(lines)
@@ -403,6 +412,7 @@ def main() -> None:
     parser.add_argument("--slow-share", type=float, default=0.05, help="share of slow-reading connections")
     parser.add_argument("--churn", type=float, default=0.01, help="share of the other connections replaced every second")
     parser.add_argument("--chat", action="store_true", help="2%% of the connections chat (loads the bundled chat model)")
+    parser.add_argument("--drain", type=float, default=120.0, help="seconds to wait, after the clients left, for the server to hold no connection or stream")
     parser.add_argument("--every", type=float, default=5.0, help="seconds between server samples")
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--json", type=Path, help="also write the result here")
