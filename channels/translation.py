@@ -69,7 +69,9 @@ class TranslationChannel(Channel):
 
     async def start(self) -> None:
         pairs = sorted(self.apertium.pairs)
-        extra = {"x-apertium-pairs": pairs, "x-neural-model": self.settings.translation_model or None}
+        engine = self.services.engine
+        models = engine.models("translation") if engine is not None else []
+        extra = {"x-apertium-pairs": pairs, "x-neural-model": models[0] if models else None}
         self.Params = type("TranslationParams", (TranslationParams,), {"model_config": ConfigDict(extra="forbid", json_schema_extra=extra)})  # type: ignore[misc]
 
     async def stop(self) -> None:

@@ -22,7 +22,7 @@ from server.engine.seq2seq import Seq2SeqRunner
 from server.hub import Hub
 from server.logbuffer import RingLogHandler
 from tests.channels.helpers import make, run
-from tests.serverproc import ServerProc, collect, connect, send
+from tests.serverproc import ServerProc, collect, connect, send, start_server
 from tests.tinymarian import tiny_marian
 
 KNOWN = {
@@ -146,6 +146,30 @@ async def test_over_the_server(server: ServerProc) -> None:
     await ws.close()
     schema = {c["name"]: c for c in orjson.loads(server.get("/channels")[1])["channels"]}["translation"]["params"]
     assert "eng-spa" in schema["x-apertium-pairs"]
+
+
+async def test_neural_over_the_server(tmp_path_factory: pytest.TempPathFactory) -> None:
+    folder = tiny_marian(tmp_path_factory.mktemp("marian") / "opus-mt-tiny")
+    srv = start_server(tmp_path_factory.mktemp("neural"), translation_model=folder)
+    try:
+        schema = {c["name"]: c for c in orjson.loads(srv.get("/channels")[1])["channels"]}["translation"]["params"]
+        assert schema["x-neural-model"] == "opus-mt-tiny"
+        ws = await connect(srv)
+        for _ in range(600):  # the model loads in the background after start
+            await send(ws, op="subscribe", id="n", channel="translation", params={"text": "The cat is black. Hi", "backend": "neural"})
+            first = orjson.loads(await asyncio.wait_for(ws.recv(), 30))
+            if first["op"] == "subscribed":
+                break
+            assert first["code"] == "unavailable", first
+            await asyncio.sleep(0.2)
+        chunks, end = await collect(ws, "n", timeout=60)
+        await ws.close()
+    finally:
+        srv.stop()
+    assert end["reason"] == "complete"
+    final = chunks[-1]["data"]
+    assert final["backend"] == "neural" and final["sentences"] == 2
+    assert "".join(c["data"]["delta"] for c in chunks[:-1]) == final["text"]
 
 
 def test_missing_apertium_makes_the_channel_unavailable(tmp_path: Path) -> None:
