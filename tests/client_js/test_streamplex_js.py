@@ -1,4 +1,4 @@
-"""client_js/streamplex.js under Node against the live server: first-frame auth, streams, typed errors, binary frames, pings."""
+"""client_js/streamplex.js under Node against the live server: first-frame auth, streams, typed errors, binary frames, pings, reconnect."""
 
 from __future__ import annotations
 
@@ -21,5 +21,6 @@ def test_streamplex_js_against_the_server(server: ServerProc) -> None:
     assert report["push_errors"] == ["bad_request", "bad_request"]
     assert report["encoded"] == "02733100" + "01fffe"
     assert report["decoded"] == {"id": "a1", "seq": 5, "payload": "ffd8"}
+    assert report["reconnect"] == {"restarts": 1, "reconnects": 1, "state": "open"}
     assert report["ping_ms"] < 5000 and report["state_after_heartbeats"] == "open"
     assert report["wrong_key"] == {"isAuth": True, "closeCode": 4001}
