@@ -40,7 +40,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 TRIM_SECONDS = 5.0  # cut the buffer at a final segment's end once it is longer than this
-FORCE_SECONDS = 24.0  # a buffer this long with no final segment end has its pending words made final and is cut
+FORCE_SECONDS = 24.0  # a buffer still this long after trimming has its pending words made final and is cut
 KEEP_SECONDS = 5.0  # audio kept after such a forced cut
 MAX_PENDING_SECONDS = 30.0  # audio received but not yet transcribed; beyond it pushed input waits (the push queue fills)
 PROMPT_CHARS = 200  # final text before the buffer given to Whisper as context
@@ -232,14 +232,15 @@ class _Transcriber:
             final = self.agreement.update(segments, self.offset)
             if final:
                 yield self._final(final)
-            if len(self.buffer) > FORCE_SECONDS * SAMPLE_RATE and self.agreement.cut_point() is None:
+            cut = self.agreement.cut_point()
+            if cut is not None and cut > self.offset and len(self.buffer) > TRIM_SECONDS * SAMPLE_RATE:
+                self._cut(cut)
+            if len(self.buffer) > FORCE_SECONDS * SAMPLE_RATE:
                 forced = self.agreement.force()
                 if forced:
                     yield self._final(forced)
-                # nothing final to cut at (silence, or one endless segment): keep the last few seconds only
+                # still too long (silence, or one endless segment): keep the last few seconds only
                 self._cut(max(self.agreement.committed_until, self.offset + len(self.buffer) / SAMPLE_RATE - KEEP_SECONDS))
-            elif len(self.buffer) > TRIM_SECONDS * SAMPLE_RATE and (cut := self.agreement.cut_point()) is not None:
-                self._cut(cut)
             if self.params.partials:
                 text = text_of(self.agreement.pending)
                 if text != self.last_partial:
