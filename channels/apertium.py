@@ -131,10 +131,14 @@ class Pipeline:
             return unescape(reply[:-1].decode(errors="replace"))
 
     async def _spawn(self) -> None:
-        command = await asyncio.to_thread(pipeline_command, self.pair.mode)
-        self.proc = await asyncio.create_subprocess_exec(
-            "bash", "-c", command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True, limit=1 << 20
-        )
+        try:
+            command = await asyncio.to_thread(pipeline_command, self.pair.mode)
+            self.proc = await asyncio.create_subprocess_exec(
+                "bash", "-c", command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True, limit=1 << 20
+            )
+        except (OSError, subprocess.SubprocessError) as exc:
+            log.exception("apertium %s: the pipeline could not start", self.pair.name)
+            raise ApertiumError(f"the {self.pair.name} pipeline could not start: {exc}") from None
         self._stderr = asyncio.create_task(self._log_stderr(self.proc), name=f"apertium-{self.pair.name}-stderr")
         log.info("apertium %s pipeline started (pid %d)", self.pair.name, self.proc.pid)
 

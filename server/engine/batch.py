@@ -16,7 +16,7 @@ from typing import Any
 
 
 class StepFailed(Exception):
-    """The step that ran some of a job's items raised (the server log has the traceback)."""
+    """A job cannot complete: a step that ran some of its items raised (the server log has the traceback), or the engine stopped."""
 
 
 class BatchRunner(ABC):

@@ -135,6 +135,7 @@ class Engine:
         self.runners: dict[str, Runner | BatchRunner] = {}
         self.schedulers: dict[str, Scheduler] = {}
         self.queues: dict[str, ItemQueue] = {}
+        self._jobs_in_step: list[Job] = []
         self.stats = {name: StepStats() for name in names}
         self.errors: dict[str, str] = {}
         self._streams: dict[int, Stream] = {}
@@ -165,9 +166,8 @@ class Engine:
         for stream in list(self._streams.values()):
             stream._deliver(finish="cancelled")
         self._streams.clear()
-        for queue in self.queues.values():
-            for job in queue.abort():
-                job.cancel()
+        for job in [*self._jobs_in_step, *(j for queue in self.queues.values() for j in queue.abort())]:
+            job._fail("the engine has stopped")
         self.schedulers.clear()
         self.queues.clear()
         for runner in self.runners.values():
@@ -346,15 +346,20 @@ class Engine:
         runner, queue = self.runners[name], self.queues[name]
         assert isinstance(runner, BatchRunner)
         batch = queue.take()
+        self._jobs_in_step = list(dict.fromkeys(job for job, _ in batch))
         started = time.perf_counter()
         try:
             results = await asyncio.get_running_loop().run_in_executor(self._executor, runner.run, [job.items[i] for job, i in batch])
+            if len(results) != len(batch):
+                raise RuntimeError(f"{name} returned {len(results)} results for {len(batch)} items")
         except Exception as exc:
             log.exception("step of %s failed; its jobs end with an error", name)
-            for job in dict.fromkeys(job for job, _ in batch):
+            for job in self._jobs_in_step:
                 job._fail(f"{type(exc).__name__}: {exc}")
+            self._jobs_in_step = []
             return
         elapsed = time.perf_counter() - started
+        self._jobs_in_step = []
         for (job, i), result in zip(batch, results, strict=True):
             if not job.done:
                 job._deliver(i, result)

@@ -100,3 +100,16 @@ async def test_failed_step_fails_its_jobs_only() -> None:
         with pytest.raises(StepFailed, match="injected failure"):
             await engine.submit_items(runner.name, ["doomed"]).wait()
         assert len(await engine.submit_items(runner.name, ["fine", "also fine"]).wait()) == 2
+
+
+async def test_engine_stop_fails_waiting_jobs() -> None:
+    runner = embedding_runner()
+    async with engine_with(runner, batch_items=1) as engine:
+        in_step = engine.submit_items(runner.name, ["a sentence being embedded when the engine stops " * 20])
+        while engine.queues[runner.name].pending:  # wait until the loop has taken it into a step
+            await asyncio.sleep(0)
+        queued = engine.submit_items(runner.name, [f"sentence {i}" for i in range(50)])
+        assert not in_step.done
+    for job in (in_step, queued):
+        with pytest.raises(StepFailed, match="stopped"):
+            await job.wait()
