@@ -78,8 +78,9 @@ def open_streams(srv: ServerProc) -> float:
 
 
 async def test_vanished_clients_are_reaped_within_the_heartbeat_bound(tmp: Path) -> None:
-    # a slow-consumer close needs 60 s of a blocked send here: only the heartbeat can reap the frozen client in time
-    srv = start_server(tmp, heartbeat_interval=1, heartbeat_timeout=1, slow_consumer_timeout=60)
+    # A slow-consumer close needs 60 s of a blocked send here: only the heartbeat can reap the frozen client in time.
+    # A dropped session waits `resume_window` for a resume before its streams end: the bound is heartbeat + resume window.
+    srv = start_server(tmp, heartbeat_interval=1, heartbeat_timeout=1, slow_consumer_timeout=60, resume_window=1)
     try:
         baseline_tasks = srv.metric("streamplex_tasks")
         killed = client_process(srv)
@@ -93,7 +94,7 @@ async def test_vanished_clients_are_reaped_within_the_heartbeat_bound(tmp: Path)
         frozen.send_signal(signal.SIGSTOP)  # the socket stays open but nothing answers: only the heartbeat can tell
         try:
             took = await wait_for(lambda: srv.metric("streamplex_connections") == 0 and open_streams(srv) == 0, 30)
-            # pings every 1 s, 1 s to answer: gone after about 2 s; generous for a loaded machine
+            # pings every 1 s, 1 s to answer, 1 s to resume: gone after about 3 s; generous for a loaded machine
             assert took < 12, took
         finally:
             frozen.kill()
