@@ -296,7 +296,8 @@ def main() -> None:
     from tests.serverproc import start_server
 
     with tempfile.TemporaryDirectory() as tmp:
-        settings: dict[str, Any] = {"chat_model": "smollm2-135m-instruct"} if args.chat else {}
+        # Abruptly dropped sessions stay resumable for the resume window: keep it inside --settle.
+        settings: dict[str, Any] = {"resume_window": min(30.0, args.settle / 3), **({"chat_model": "smollm2-135m-instruct"} if args.chat else {})}
         server = start_server(Path(tmp), **settings)
         try:
             if args.chat:

@@ -28,15 +28,17 @@ from server.runtime import Runtime
 class _AsgiTransport:
     """server.connection.Transport straight over the ASGI callables (Starlette's per-send wrappers cost more than the send)."""
 
-    __slots__ = ("_receive", "_send")
+    __slots__ = ("_receive", "_send", "left_cleanly")
 
     def __init__(self, receive: Receive, send: Send) -> None:
         self._receive = receive
         self._send = send
+        self.left_cleanly = False
 
     async def receive(self) -> str | bytes | None:
         message = await self._receive()
         if message["type"] != "websocket.receive":
+            self.left_cleanly = message.get("code") in (1000, 1001)
             return None
         text = message.get("text")
         return text if text is not None else message.get("bytes") or b""

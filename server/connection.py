@@ -22,6 +22,7 @@ from server.protocol import (
     Ping,
     ProtocolError,
     Push,
+    Resume,
     Subscribe,
     Unsubscribe,
     decode_binary,
@@ -40,6 +41,9 @@ class Disconnected(Exception):
 
 class Transport(Protocol):
     """The socket as the connection sees it."""
+
+    left_cleanly: bool
+    """After `receive` returned None: whether the client closed with 1000 or 1001 (not a dropped connection)."""
 
     async def receive(self) -> str | bytes | None:
         """The next message, or None once the client has disconnected."""
@@ -70,6 +74,8 @@ class Connection:
         self._writer: asyncio.Task[None] | None = None
         self._reading = False
         self._stopping = False
+        self._dropped = False  # the connection dropped (no close frame with 1000 or 1001): resumable
+        self._resumed = False
         self._finished: asyncio.Future[None] | None = None  # made only when shutdown() waits for the end
         self._sending_since: float | None = None
 
@@ -97,23 +103,32 @@ class Connection:
         self.runtime.connections.add(self)
         log.info("session %s opened from %s (%s)", session.id, self.address, principal.label)
         session.outbox.direct = self._send_now
-        session.reply({"op": "ready", "session": session.id, "node": self.settings.node, "channels": self.runtime.channel_table(principal.scopes), "limits": self.runtime.limits()})
+        ready = {"op": "ready", "session": session.id, "node": self.settings.node, "channels": self.runtime.channel_table(principal.scopes), "limits": self.runtime.limits()}
+        if self.settings.resume_window > 0:
+            ready["resume"] = {"token": session.token, "window_s": self.settings.resume_window}
+        session.reply(ready)
         # Two tasks per connection: this one reads, the writer sends what the direct path could not.
         self._task = asyncio.current_task()
-        writer = self._writer = asyncio.create_task(self._write(session), name=f"writer:{session.id}")
-        writer.add_done_callback(lambda _: self._stop_reading())
+        self._start_writer(session)
         self._reading = True
         try:
-            await self._read(session)
+            await self._read()
         except asyncio.CancelledError:
             if not self._stopping:
                 raise
             self._task.uncancel()
         finally:
             self._reading = False
-            await session.end_all(EndReason.UNSUBSCRIBED, notify=False)
-            writer.cancel()
-            await asyncio.gather(writer, return_exceptions=True)
+            session = self.session
+            writer, self._writer = self._writer, None
+            resumable = self._dropped and self._close is None and self.settings.resume_window > 0 and not self.runtime.draining
+            if not resumable:
+                await session.end_all(EndReason.UNSUBSCRIBED, notify=False)
+            if writer is not None:
+                writer.cancel()
+                await asyncio.gather(writer, return_exceptions=True)
+            if resumable:
+                self.runtime.detach(session)
             self.runtime.connections.discard(self)
             self.stats.connections -= 1
             await limits.release(principal.label, conn_id)
@@ -138,6 +153,35 @@ class Connection:
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(timeout):
                 await asyncio.shield(self._finished)
+
+    def _start_writer(self, session: Session) -> None:
+        writer = self._writer = asyncio.create_task(self._write(session), name=f"writer:{session.id}")
+        writer.add_done_callback(self._writer_done)
+
+    def _writer_done(self, writer: asyncio.Task[None]) -> None:
+        if writer is self._writer:
+            self._stop_reading()
+
+    async def _resume(self, op: Resume) -> None:
+        """Take over the detached session named by `op.token`: replay what the client missed, then go on."""
+        fresh = self.session
+        if fresh is None or fresh.streams or fresh.ended or self._resumed:
+            raise ProtocolError(ErrorCode.BAD_REQUEST, "resume must be the first op after ready")
+        old = self.runtime.reattach(op.token, fresh.principal.label)
+        if old is None:
+            raise ProtocolError(ErrorCode.RESUME_FAILED, "no session to resume: its token is unknown or expired, or it belongs to another API key")
+        self._resumed = True
+        writer, self._writer = self._writer, None
+        if writer is not None:
+            writer.cancel()
+            await asyncio.gather(writer, return_exceptions=True)
+        report, frames = await old.resume(op.streams)
+        self.session = old
+        old.outbox.direct = self._send_now
+        old.reply({"op": "resumed", "session": old.id, "streams": report})
+        old.outbox.extend(frames)
+        self._start_writer(old)
+        log.info("session %s resumed from %s: %d stream(s), %d frame(s) replayed", old.id, self.address, len(report), len(frames))
 
     def _stop_reading(self) -> None:
         """End the read loop (the writer has stopped, the client is too slow, or the server drains)."""
@@ -198,12 +242,14 @@ class Connection:
         self.stats.frames_in += 1
         self.stats.bytes_in += len(message)
 
-    async def _read(self, session: Session) -> None:
+    async def _read(self) -> None:
         bucket = TokenBucket(self.settings.rate, self.settings.burst)
         key_limits = self.runtime.key_limits
         strikes = 0
         try:
             while (message := await self.transport.receive()) is not None:
+                session = self.session
+                assert session is not None
                 self._count_in(message)
                 try:
                     wait = bucket.take()
@@ -223,6 +269,7 @@ class Connection:
                 except ProtocolError as exc:
                     self.stats.errors[str(exc.code)] += 1
                     session.reply(exc.frame())
+            self._dropped = not self.transport.left_cleanly
         except OutboxOverflow:
             self._close = (CloseCode.SLOW_CONSUMER, "client does not read its frames")
 
@@ -241,6 +288,8 @@ class Connection:
                 await session.unsubscribe(op.id)
             case Ping():
                 session.reply({"op": "pong"})
+            case Resume():
+                await self._resume(op)
             case Auth():
                 raise ProtocolError(ErrorCode.BAD_REQUEST, "already authenticated")
 

@@ -156,6 +156,25 @@ class Outbox:
             lane.scheduled = True
             self._append(lane)
 
+    def clear(self) -> None:
+        """Forget every queued frame and lossy lane (a resumed session replays what its client missed)."""
+        for entry in self._queue:
+            if isinstance(entry, Lane):
+                entry.pending.clear()
+                entry.scheduled = False
+        self._queue.clear()
+        self._bytes = 0
+        self._room.set()
+        self._nonempty.clear()
+        self._empty.set()
+
+    def extend(self, payloads: list[Payload]) -> None:
+        """Queue frames already held elsewhere (a resume's replay), past the bound if need be: producers then wait."""
+        for payload in payloads:
+            self._append((payload, len(payload)))
+        if self._bytes >= self.max_bytes:
+            self._room.clear()
+
     def discard(self, lane: Lane) -> None:
         """Forget a lane's pending frames (its stream ended)."""
         lane.pending.clear()

@@ -30,6 +30,7 @@ class ErrorCode(StrEnum):
     TOO_MANY_STREAMS = "too_many_streams"
     UNAVAILABLE = "unavailable"
     BAD_SOURCE = "bad_source"
+    RESUME_FAILED = "resume_failed"
     INTERNAL = "internal"
 
 
@@ -55,6 +56,7 @@ class EndReason(StrEnum):
     UNSUBSCRIBED = "unsubscribed"
     ERROR = "error"
     SHUTDOWN = "shutdown"
+    RESUME_GAP = "resume_gap"
 
 
 class ProtocolError(Exception):
@@ -122,8 +124,14 @@ class Ping(_Op):
     op: Literal["ping"]
 
 
-ClientOp = Auth | Subscribe | Push | Unsubscribe | Ping
-CLIENT_OPS: dict[str, type[_Op]] = {"auth": Auth, "subscribe": Subscribe, "push": Push, "unsubscribe": Unsubscribe, "ping": Ping}
+class Resume(_Op):
+    op: Literal["resume"]
+    token: str = Field(max_length=256)
+    streams: dict[StreamIdStr, int] = Field(default_factory=dict, max_length=4096)
+
+
+ClientOp = Auth | Subscribe | Push | Unsubscribe | Ping | Resume
+CLIENT_OPS: dict[str, type[_Op]] = {"auth": Auth, "subscribe": Subscribe, "push": Push, "unsubscribe": Unsubscribe, "ping": Ping, "resume": Resume}
 
 
 def decode_text(text: str) -> ClientOp:

@@ -17,9 +17,10 @@ from server.engine import build_engine
 from server.hub import Hub
 from server.keylimits import KeyLimits
 from server.logbuffer import RingLogHandler
-from server.protocol import PROTOCOL_VERSION
+from server.protocol import PROTOCOL_VERSION, EndReason
 from server.redact import RedactKeys
 from server.redis_broker import RedisBroker
+from server.session import Session
 from server.telemetry import Telemetry
 
 if TYPE_CHECKING:
@@ -50,9 +51,11 @@ class Runtime:
         self.services = Services(settings=settings, feeds=self.hub, logs=self.logs, stats=self.telemetry.stats.snapshot, engine=self.engine)
         self.channels: dict[str, Channel] = {name: cls(self.services) for name, cls in discover().items()}
         self.connections: set[Connection] = set()
+        self.detached: dict[str, tuple[Session, asyncio.TimerHandle]] = {}  # by resume token
         self.draining = False
         self.started = False
         self.drain_started = asyncio.Event()  # HTTP streams end with reason `shutdown` when it is set
+        self._expiring: set[asyncio.Task[None]] = set()
 
     def gauges(self) -> dict[str, float]:
         """Extra gauges for /metrics: outbox bytes, asyncio tasks, engine streams and the engine's per-runner figures."""
@@ -90,13 +93,43 @@ class Runtime:
         self.started = True
         log.info("streamplex ready on node %s with channels: %s", self.settings.node, ", ".join(self.channels))
 
+    def detach(self, session: Session) -> None:
+        """Keep a session whose connection dropped for `resume_window` seconds; its streams go on meanwhile."""
+        session.detached = True
+        session.outbox.direct = None
+        handle = asyncio.get_running_loop().call_later(self.settings.resume_window, self._expire, session.token)
+        self.detached[session.token] = (session, handle)
+        log.info("session %s detached; resumable for %g s", session.id, self.settings.resume_window)
+
+    def reattach(self, token: str, label: str) -> Session | None:
+        """The detached session with this resume token, if it belongs to the same API key."""
+        entry = self.detached.get(token)
+        if entry is None or entry[0].principal.label != label:
+            return None
+        del self.detached[token]
+        entry[1].cancel()
+        return entry[0]
+
+    def _expire(self, token: str) -> None:
+        entry = self.detached.pop(token, None)
+        if entry is not None:
+            log.info("session %s was not resumed within %g s; its streams end", entry[0].id, self.settings.resume_window)
+            task = asyncio.create_task(entry[0].end_all(EndReason.UNSUBSCRIBED, notify=False), name=f"expire:{entry[0].id}")
+            self._expiring.add(task)
+            task.add_done_callback(self._expiring.discard)
+
     async def drain(self, timeout: float) -> None:
         """End every stream with reason `shutdown` and close every connection with 1001, within `timeout`."""
         self.draining = True
         self.drain_started.set()
+        for token in list(self.detached):
+            self.detached[token][1].cancel()
+            self._expire(token)
         if self.connections:
             log.info("draining %d connection(s)", len(self.connections))
             await asyncio.wait([asyncio.create_task(c.shutdown(timeout)) for c in list(self.connections)], timeout=timeout + 1)
+        if self._expiring:
+            await asyncio.wait(list(self._expiring), timeout=timeout)
 
     async def stop(self) -> None:
         """Stop channels and producers."""

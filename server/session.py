@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import logging
 import secrets
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -37,9 +38,27 @@ class Stream:
     lane: Lane | None = None
     task: asyncio.Task[None] | None = field(default=None, repr=False)
     prefix: str = field(init=False, repr=False)
+    replay: deque[tuple[int, Payload]] = field(default_factory=deque, repr=False)
+    replay_bytes: int = 0
+    end_payload: Payload | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         self.prefix = chunk_prefix(self.id)
+
+    def record(self, seq: int, payload: Payload, limit: int) -> None:
+        """Keep a sent chunk frame for replay on resume: the newest ones, up to `limit` bytes."""
+        self.replay.append((seq, payload))
+        self.replay_bytes += len(payload)
+        while self.replay_bytes > limit and self.replay:
+            self.replay_bytes -= len(self.replay.popleft()[1])
+
+    def missed(self, last_seq: int) -> list[Payload] | None:
+        """The chunk frames after `last_seq` (from the replay buffer), or None when some of them are no longer held."""
+        if self.channel.lossy or last_seq + 1 >= self.seq:
+            return []
+        if not self.replay or self.replay[0][0] > last_seq + 1:
+            return None
+        return [payload for seq, payload in self.replay if seq > last_seq]
 
     def render(self, item: tuple[int, Any]) -> Payload:
         """Encode one (seq, chunk) as a frame, reporting drops on lossy streams."""
@@ -61,6 +80,9 @@ class Session:
         self.stats = stats
         self.streams: dict[str, Stream] = {}
         self.outbox = Outbox(settings.outbox_bytes)
+        self.token = secrets.token_urlsafe(24)
+        self.ended: dict[str, Stream] = {}  # recently ended streams, for a resume that missed their last frames
+        self.detached = False
 
     def reply(self, frame: dict[str, Any]) -> None:
         """Queue a control frame (may raise OutboxOverflow)."""
@@ -109,6 +131,35 @@ class Session:
         for item in items:
             stream.inbox.put_nowait(item)
 
+    async def resume(self, last_seqs: dict[str, int]) -> tuple[dict[str, Any], list[Payload]]:
+        """Reattach after a dropped connection: drop what was queued for the old socket and return, per stream,
+        what `resumed` reports and the frames to send again (chunks after the client's last seq, then any `end`).
+
+        A lossless stream whose missed chunks are no longer all held ends with reason `resume_gap`; lossy
+        streams go on from now. Open streams the client does not name are taken as having received nothing;
+        ended ones it does not name as finished with.
+        """
+        self.outbox.clear()
+        self.detached = False
+        report: dict[str, Any] = {}
+        frames: list[Payload] = []
+        ended = [s for s in self.ended.values() if s.id in last_seqs and s.id not in self.streams]
+        for stream in [*self.streams.values(), *ended]:
+            last = last_seqs.get(stream.id, -1)
+            missed = stream.missed(last)
+            if missed is None:
+                if self.streams.get(stream.id) is stream:
+                    await self._cancel(stream)
+                    self._finish(stream, EndReason.RESUME_GAP, notify=False)
+                frames.append(encode(end_frame(stream.id, EndReason.RESUME_GAP)))
+                report[stream.id] = {"channel": stream.channel.name, "resumed": False}
+                continue
+            frames += missed
+            if stream.end_payload is not None and self.streams.get(stream.id) is not stream:
+                frames.append(stream.end_payload)
+            report[stream.id] = {"channel": stream.channel.name, "resumed": True, "replayed": len(missed), "next_seq": stream.seq}
+        return report, frames
+
     async def unsubscribe(self, stream_id: str) -> None:
         """Cancel a stream's producer at once and tell the client."""
         stream = self.streams.get(stream_id)
@@ -139,9 +190,14 @@ class Session:
         if stream.lane is not None:
             self.outbox.discard(stream.lane)
         if notify:
+            stream.end_payload = encode(end_frame(stream.id, reason, error))
             # Past the hard bound the client is not reading; the writer's watchdog closes it as a slow consumer.
             with contextlib.suppress(OutboxOverflow):
-                self.reply(end_frame(stream.id, reason, error))
+                self.outbox.put_control(stream.end_payload)
+            if self.settings.resume_window > 0:
+                self.ended[stream.id] = stream
+                if len(self.ended) > self.settings.max_streams:
+                    del self.ended[next(iter(self.ended))]
         log.info("session %s stream %s (%s) ended: %s", self.id, stream.id, stream.channel.name, reason)
 
     async def _produce(self, stream: Stream) -> None:
@@ -171,7 +227,10 @@ class Session:
             return
         seq = stream.seq
         stream.seq += 1
-        await self.outbox.put(stream.render((seq, item)))
+        payload = stream.render((seq, item))
+        await self.outbox.put(payload)
+        if self.settings.resume_window > 0 and self.settings.resume_buffer_bytes > 0:
+            stream.record(seq, payload, self.settings.resume_buffer_bytes)
 
     def _offer(self, stream: Stream, item: Any) -> None:
         """Queue a lossy stream's chunk (or count a Gap) without waiting: it is dropped later if the client falls behind."""

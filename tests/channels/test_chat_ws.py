@@ -61,3 +61,47 @@ async def _metrics_chunk(ws) -> dict:
         frame = await recv(ws)
         if frame["op"] == "chunk" and frame["id"] == "m":
             return frame["data"]
+
+
+async def test_chat_cut_mid_answer_resumes_without_loss(chat_server: ServerProc) -> None:
+    params = {"message": "Write one sentence about the sea.", "max_tokens": 40, "temperature": 0}
+
+    async def deltas(frames: dict[int, dict]) -> str:
+        return "".join(frames[i].get("delta", "") for i in sorted(frames))
+
+    ws = await connect(chat_server)
+    await send(ws, op="subscribe", id="c", channel="chat", params=params)
+    whole: dict[int, dict] = {}
+    while True:
+        frame = await recv(ws, timeout=60)
+        if frame["op"] == "chunk":
+            whole[frame["seq"]] = frame["data"]
+        elif frame["op"] == "end":
+            break
+    await ws.close()
+
+    ws = await connect(chat_server)
+    token = ws.ready["resume"]["token"]
+    await send(ws, op="subscribe", id="c", channel="chat", params=params)
+    got: dict[int, dict] = {}
+    while sum("delta" in d for d in got.values()) < 5:
+        frame = await recv(ws, timeout=60)
+        if frame["op"] == "chunk":
+            got[frame["seq"]] = frame["data"]
+    ws.transport.abort()  # the TCP connection drops, no close frame
+    await asyncio.sleep(0.5)
+    ws = await connect(chat_server)
+    await send(ws, op="resume", token=token, streams={"c": max(got)})
+    resumed = await recv(ws)
+    assert resumed["op"] == "resumed" and resumed["streams"]["c"]["resumed"], resumed
+    while True:
+        frame = await recv(ws, timeout=60)
+        if frame["op"] == "chunk":
+            assert frame["seq"] not in got
+            got[frame["seq"]] = frame["data"]
+        elif frame["op"] == "end":
+            assert frame["reason"] == "complete"
+            break
+    await ws.close()
+    assert sorted(got) == list(range(len(got)))
+    assert await deltas(got) == await deltas(whole) and len(await deltas(whole)) > 20

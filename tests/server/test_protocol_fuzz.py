@@ -103,11 +103,11 @@ def test_missing_required_field_is_bad_request(frame: dict[str, Any], data: st.D
 
 
 WRONG_TYPES = {
-    "api_key": st.integers() | st.none() | st.lists(st.text(), max_size=2),
-    "id": st.integers() | st.none() | st.just("") | st.booleans(),
-    "channel": st.integers() | st.none() | st.dictionaries(st.text(max_size=3), st.integers(), max_size=2),
-    "params": st.lists(st.integers(), max_size=3) | st.text(max_size=5) | st.integers(),
-    "end": st.integers() | st.text(max_size=5) | st.none(),
+    "api_key": st.integers(-(2**63), 2**63 - 1) | st.none() | st.lists(st.text(), max_size=2),
+    "id": st.integers(-(2**63), 2**63 - 1) | st.none() | st.just("") | st.booleans(),
+    "channel": st.integers(-(2**63), 2**63 - 1) | st.none() | st.dictionaries(st.text(max_size=3), st.integers(-(2**63), 2**63 - 1), max_size=2),
+    "params": st.lists(st.integers(-(2**63), 2**63 - 1), max_size=3) | st.text(max_size=5) | st.integers(-(2**63), 2**63 - 1),
+    "end": st.integers(-(2**63), 2**63 - 1) | st.text(max_size=5) | st.none(),
 }
 
 

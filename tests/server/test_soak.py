@@ -9,7 +9,8 @@ from tests.serverproc import start_server
 
 
 async def test_churn_returns_to_baseline(tmp: Path) -> None:
-    srv = start_server(tmp)
+    # Abruptly dropped sessions stay resumable for the resume window: keep it well inside settle_s.
+    srv = start_server(tmp, resume_window=3)
     try:
         result = await soak(srv, duration=15, clients=15, warmup=3, settle_s=20, rss_tolerance_mib=30, every=5)
     finally:

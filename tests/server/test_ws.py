@@ -236,23 +236,29 @@ async def test_chat_unavailable_without_model(server: ServerProc) -> None:
     await ws.close()
 
 
-async def test_disconnect_with_open_streams_leaves_nothing_behind(server: ServerProc) -> None:
-    base_tasks = server.metric("streamplex_streams", 'channel="text"')
-    for _ in range(5):
-        ws = await connect(server)
-        await send(ws, op="subscribe", id="t", channel="text", params={"text": "z" * 10_000, "chunk_size": 1, "interval_ms": 10})
-        await send(ws, op="subscribe", id="m", channel="metrics", params={"interval_ms": 100})
-        await send(ws, op="subscribe", id="l", channel="logs", params={})
-        await recv(ws)
-        ws.transport.abort()  # vanish without a close frame
-    for _ in range(50):
-        if server.metric("streamplex_connections") == 0 and server.metric("streamplex_streams", 'channel="text"') == base_tasks:
-            break
-        await asyncio.sleep(0.1)
-    assert server.metric("streamplex_connections") == 0
-    for channel in ("text", "metrics", "logs"):
-        assert server.metric("streamplex_streams", f'channel="{channel}"') == 0
-    assert server.metric("streamplex_outbox_bytes") == 0
+async def test_disconnect_with_open_streams_leaves_nothing_behind(tmp) -> None:
+    srv = start_server(tmp, resume_window=1)  # a dropped session waits this long for a resume
+    try:
+        for n in range(6):
+            ws = await connect(srv)
+            await send(ws, op="subscribe", id="t", channel="text", params={"text": "z" * 10_000, "chunk_size": 1, "interval_ms": 10})
+            await send(ws, op="subscribe", id="m", channel="metrics", params={"interval_ms": 100})
+            await send(ws, op="subscribe", id="l", channel="logs", params={})
+            await recv(ws)
+            if n % 2:
+                await ws.close()  # a clean close: the session ends at once
+            else:
+                ws.transport.abort()  # vanish without a close frame: resumable, then reaped
+        for _ in range(100):
+            if srv.metric("streamplex_connections") == 0 and srv.metric("streamplex_streams", 'channel="text"') == 0:
+                break
+            await asyncio.sleep(0.1)
+        assert srv.metric("streamplex_connections") == 0
+        for channel in ("text", "metrics", "logs"):
+            assert srv.metric("streamplex_streams", f'channel="{channel}"') == 0
+        assert srv.metric("streamplex_outbox_bytes") == 0
+    finally:
+        srv.stop()
 
 
 async def test_binary_frame_header_roundtrip() -> None:
