@@ -41,6 +41,7 @@ DEFAULT_TOPICS = [
 NEUTRAL_BAND = 0.05  # VADER's usual threshold: compound >= 0.05 positive, <= -0.05 negative
 REDUNDANCY = 0.8  # a summary sentence this similar (cosine) to one already chosen is skipped
 UNUSED_PIPES = ["tagger", "attribute_ruler", "lemmatizer"]  # neither the parser (sentences) nor NER needs them
+MAX_SENTENCES = 2000  # bounds the summary's similarity matrix (2000 x 2000 float32 = 16 MB)
 TOPIC_CACHE = 4096  # topic label vectors kept (the default labels are embedded once, not per document)
 
 AnalysisType = Literal["sentiment", "entity", "topic", "summary", "all"]
@@ -180,6 +181,8 @@ class AnalysisChannel(Channel):
         started = time.perf_counter()
         doc = await self.nlp.run(self.nlp.parse, params.content, params.wants("entity"))
         sentences = [Sentence(s.text.strip(), s.start_char, s.end_char) for s in doc.sents if s.text.strip()]
+        if len(sentences) > MAX_SENTENCES:
+            raise ChannelError(ErrorCode.INVALID_PARAMS, f"content has {len(sentences)} sentences; the limit is {MAX_SENTENCES}")
         job = None
         known: dict[str, np.ndarray] = {}
         missing: list[str] = []

@@ -102,6 +102,12 @@ async def test_summary_is_an_ordered_subset(channel: AnalysisChannel) -> None:
     assert 3 not in indexes  # the off-topic sentence is the least central
 
 
+async def test_too_many_sentences_end_with_an_error(channel: AnalysisChannel, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("channels.analysis.MAX_SENTENCES", 3)
+    with pytest.raises(ChannelError, match="4 sentences; the limit is 3"):
+        await run(channel, {"content": "One. Two. Three. Four.", "analysis_type": "sentiment"})
+
+
 def test_centrality_summary_order_and_redundancy() -> None:
     v = np.array([[1, 0, 0], [1, 0, 0], [0.6, 0.8, 0], [0, 0, 1]], dtype=np.float32)
     assert [i for i, _ in centrality_summary(v, 2)] == [0, 2]
