@@ -94,6 +94,7 @@ class Settings(BaseSettings):
     engine_max_batch: int = Field(32, ge=1, description="Sequences a model decodes together in one step; more wait in its queue with their position shown.")
     engine_step_tokens: int = Field(512, ge=2, description="Tokens one step may feed a model: one per decoding sequence plus prompt chunks. Must be at least `engine_max_batch` + `engine_prefill_chunk`.")
     engine_prefill_chunk: int = Field(256, ge=1, description="Prompt tokens a sequence feeds per step; a longer prompt is prefilled over several steps, so decoding streams never stall for long.")
+    engine_prefix_cache_tokens: int = Field(2048, ge=0, description="Prompt tokens whose keys and values the chat runner keeps after prefill, so that a later prompt starting the same way (the chat template's system prompt, a conversation's earlier turns) skips them; 0 turns the cache off.")
     engine_kv_cache_mb: int = Field(2048, ge=1, description="KV cache memory per model in MiB. A stream is admitted when its prompt plus `max_tokens` fits (rows are padded to the longest), else it queues.")
     engine_max_queue: int = Field(1024, ge=1, description="Requests a model may hold queued (including those about to join the next step); beyond that new streams are refused with `unavailable`.")
     engine_batch_items: int = Field(128, ge=1, description="Items (e.g. sentences to embed) a one-shot batch runner takes per step, across all streams' requests, oldest first.")

@@ -6,10 +6,17 @@ that fit in one chunk are packed together (a block-diagonal mask keeps them apar
 prompt); a longer prompt goes chunk by chunk through its own block. `attention.segmented_attention`
 routes each part to its block. When a prompt is done its first token is sampled and its keys and values
 are copied into the batch, which it leaves (freeing the row) as soon as it finishes or is cancelled.
+
+Prefix cache: the keys and values of recent prompts are kept (`PrefixCache`, bounded in tokens). A new
+prompt that starts with the same tokens as a kept one (every chat prompt starts with the template's
+system prompt; a conversation's next turn starts with the previous prompt) is seeded with them and only
+its remaining tokens go through the model. Causal attention makes the kept columns exactly what
+prefilling those tokens again would give.
 """
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,8 +56,54 @@ class _Seq:
     request: GenerationRequest
     generator: torch.Generator | None
     prefill: KVBlock | None = None
+    cached: int = 0  # leading prompt tokens seeded from the prefix cache
     last: int = 0
     generated: int = 0
+
+
+class PrefixCache:
+    """Keys and values of recent prompts, least recently used out first, at most `max_tokens` tokens in all."""
+
+    def __init__(self, max_tokens: int) -> None:
+        self.max_tokens = max_tokens
+        self.tokens = 0
+        self.hits = 0
+        self.saved = 0
+        self._entries: OrderedDict[tuple[int, ...], torch.Tensor] = OrderedDict()
+
+    def longest(self, prompt: list[int]) -> tuple[int, torch.Tensor | None]:
+        """The longest kept prefix of `prompt`, leaving at least its last token to compute: (length, keys and values)."""
+        best, found = 0, None
+        limit = len(prompt) - 1
+        for key in self._entries:
+            n = 0
+            for a, b in zip(key, prompt[:limit], strict=False):
+                if a != b:
+                    break
+                n += 1
+            if n > best:
+                best, found = n, key
+        if found is None:
+            return 0, None
+        self._entries.move_to_end(found)
+        self.hits += 1
+        self.saved += best
+        return best, self._entries[found][:, :, :best]
+
+    def add(self, prompt: list[int], kv: torch.Tensor) -> None:
+        """Keep a prompt's keys and values (evicting the least recently used ones past the bound)."""
+        key = tuple(prompt)
+        if len(key) > self.max_tokens or key in self._entries:
+            return
+        self._entries[key] = kv
+        self.tokens += len(key)
+        while self.tokens > self.max_tokens:
+            old, _ = self._entries.popitem(last=False)
+            self.tokens -= len(old)
+
+    def clear(self) -> None:
+        self._entries.clear()
+        self.tokens = 0
 
 
 def supported_context(config: Any) -> int:
@@ -68,7 +121,7 @@ class CausalLMRunner(Runner):
 
     family = "chat"
 
-    def __init__(self, spec: str, cache_dir: Path, device: torch.device, dtype: torch.dtype, threads: int) -> None:
+    def __init__(self, spec: str, cache_dir: Path, device: torch.device, dtype: torch.dtype, threads: int, prefix_cache_tokens: int = 2048) -> None:
         self.model_name = loading.model_name(spec)
         self.name = f"{self.family}/{self.model_name}"
         self.spec = spec
@@ -83,6 +136,7 @@ class CausalLMRunner(Runner):
         self._seqs: dict[int, _Seq] = {}
         self._rows: list[int] = []
         self._batch: KVBlock | None = None
+        self.prefixes = PrefixCache(prefix_cache_tokens)
 
     def load(self) -> None:
         if self.model is not None:
@@ -110,6 +164,7 @@ class CausalLMRunner(Runner):
         self._seqs.clear()
         self._rows.clear()
         self._batch = self._new_block()
+        self.prefixes.clear()
 
     def kv_token_bytes(self) -> int:
         block = self._new_block()
@@ -130,7 +185,13 @@ class CausalLMRunner(Runner):
 
     def stats(self) -> dict[str, Any]:
         batch = self._batch
-        return {"rows": batch.rows if batch else 0, "kv_bytes": batch.nbytes() if batch else 0}
+        return {
+            "rows": batch.rows if batch else 0,
+            "kv_bytes": batch.nbytes() if batch else 0,
+            "prefix_cache_tokens": self.prefixes.tokens,
+            "prefix_cache_hits": self.prefixes.hits,
+            "prefix_tokens_saved": self.prefixes.saved,
+        }
 
     @torch.inference_mode()
     def execute(self, plan: StepPlan) -> list[Output]:
@@ -143,11 +204,14 @@ class CausalLMRunner(Runner):
         step = _Step()
         if plan.decode:
             self._add_decode(step, plan.decode)
-        whole = [c for c in plan.prefill if c.start == 0 and c.last]
+        for chunk in plan.prefill:
+            if chunk.start == 0:
+                self._open_prefill(self._seqs[chunk.seq_id], packable=chunk.last)
+        whole = [c for c in plan.prefill if c.start == 0 and c.last and self._seqs[c.seq_id].prefill is None]
         if whole:
             self._add_packed(step, whole)
         for chunk in plan.prefill:
-            if not (chunk.start == 0 and chunk.last):
+            if not (chunk.start == 0 and chunk.last and self._seqs[chunk.seq_id].prefill is None):
                 self._add_chunk(step, chunk)
         return self._run(step) if step.tokens else []
 
@@ -183,20 +247,33 @@ class CausalLMRunner(Runner):
             end += chunk.length
             step.keep.append((begin + end - 1, chunk.seq_id, (block, end - chunk.length, end)))
 
+    def _open_prefill(self, seq: _Seq, packable: bool) -> None:
+        """Give a prompt its own block, seeded from the prefix cache when a kept prompt starts the same way;
+        a whole prompt with nothing cached gets none: it is packed with the others instead."""
+        prompt = seq.request.prompt
+        cached, kv = self.prefixes.longest(prompt) if self.prefixes.max_tokens else (0, None)
+        if kv is None and packable:
+            return
+        seq.prefill = self._new_block()
+        seq.prefill.open_single(len(prompt))
+        if kv is not None:
+            seq.prefill.seed(kv)
+            seq.cached = cached
+
     def _add_chunk(self, step: _Step, chunk: Chunk) -> None:
-        """One chunk of a long prompt, in the sequence's own block."""
+        """One chunk of a prompt in the sequence's own block, less what the prefix cache already holds."""
         seq = self._seqs[chunk.seq_id]
-        if chunk.start == 0:
-            seq.prefill = self._new_block()
-            seq.prefill.open_single(len(seq.request.prompt))
         block = seq.prefill
         assert block is not None
-        block.prepare(chunk.length)
-        tokens = seq.request.prompt[chunk.start : chunk.start + chunk.length]
-        segment = attention.Segment(len(step.tokens), block, 1, chunk.length, block.attention_mask(chunk.length))
-        begin = step.add(segment, tokens, list(range(chunk.start, chunk.start + chunk.length)))
+        start, end = max(chunk.start, seq.cached), chunk.start + chunk.length
+        if start >= end:
+            return
+        length = end - start
+        block.prepare(length)
+        segment = attention.Segment(len(step.tokens), block, 1, length, block.attention_mask(length))
+        begin = step.add(segment, seq.request.prompt[start:end], list(range(start, end)))
         if chunk.last:
-            step.keep.append((begin + chunk.length - 1, chunk.seq_id, (block, 0, chunk.start + chunk.length)))
+            step.keep.append((begin + length - 1, chunk.seq_id, (block, 0, end)))
 
     def _run(self, step: _Step) -> list[Output]:
         """The step's forward pass, then sampling, then prompts joining the batch."""
@@ -215,6 +292,8 @@ class CausalLMRunner(Runner):
         for (_, seq_id, source), seq, token in zip(step.keep, seqs, tokens, strict=True):
             result = self._emit(seq_id, seq, token)
             if source is not None:
+                if self.prefixes.max_tokens:
+                    self.prefixes.add(seq.request.prompt, source[0].columns(0, source[1], source[2]))
                 seq.prefill = None
                 if result.done is None:
                     assert self._batch is not None

@@ -46,7 +46,8 @@ def _chat_runner(spec: str, settings: Settings) -> Runner:
     from server.engine.device import cpu_threads, resolve_device, resolve_dtype
 
     device = resolve_device(settings.device)
-    return CausalLMRunner(spec, settings.cache_dir, device, resolve_dtype(settings.dtype, device), cpu_threads(settings.engine_threads))
+    dtype = resolve_dtype(settings.dtype, device)
+    return CausalLMRunner(spec, settings.cache_dir, device, dtype, cpu_threads(settings.engine_threads), settings.engine_prefix_cache_tokens)
 
 
 def _embedding_specs(settings: Settings) -> list[RunnerSpec]:

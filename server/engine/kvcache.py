@@ -64,6 +64,19 @@ class KVBlock:
         self.reserve(1, columns)
         self.starts = [self.width]
 
+    def seed(self, kv: torch.Tensor) -> None:
+        """Fill the next columns of a one-row block with cached keys and values shaped [2 * layers, kv_heads, n, head_dim]."""
+        n = kv.shape[2]
+        self.prepare(n)
+        assert self.buf is not None
+        self.buf[:, 0, :, self.width : self.width + n] = kv
+        self.commit()
+
+    def columns(self, row: int, begin: int, end: int) -> torch.Tensor:
+        """A copy of columns [begin, end) of one row: [2 * layers, kv_heads, end - begin, head_dim]."""
+        assert self.buf is not None
+        return self.buf[:, row, :, begin:end].clone()
+
     def add_row(self, src: KVBlock, begin: int, end: int) -> int:
         """Append columns [begin, end) of row 0 of `src` as a new right-aligned row; return its index."""
         length = end - begin

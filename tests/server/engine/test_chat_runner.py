@@ -109,3 +109,30 @@ def test_detokenizer_never_splits_a_character(runner: CausalLMRunner) -> None:
     assert "".join(deltas) == text
     assert not any("\ufffd" in d for d in deltas)
     assert len([d for d in deltas if d]) < len(ids), "multi-token characters come out whole"
+
+
+async def test_prefix_cache_skips_shared_prompt_tokens_and_changes_no_output(runner: CausalLMRunner) -> None:
+    first, second = prompt(runner, "Name three rivers in Europe."), prompt(runner, "Name three mountains in Asia.")
+    long_turn = runner.encode_chat(
+        [{"role": "user", "content": "Name three rivers in Europe."}, {"role": "assistant", "content": "The Danube, the Rhine and the Seine."}, {"role": "user", "content": "Which is longest?"}]
+    )
+    bound = runner.prefixes.max_tokens
+    try:
+        runner.prefixes.clear()
+        runner.prefixes.max_tokens = 0  # off: every prompt is prefilled whole
+        async with engine_with(runner, max_batch=8, step_tokens=264, prefill_chunk=256) as engine:
+            plain = [[], [], []]
+            for ids, out in zip((first, second, long_turn), plain, strict=True):
+                await collect(submit(engine, runner, ids, 12), out)
+        runner.prefixes.max_tokens = bound
+        async with engine_with(runner, max_batch=8, step_tokens=264, prefill_chunk=256) as engine:
+            hits, saved = runner.prefixes.hits, runner.prefixes.saved
+            cached = [[], [], []]
+            await collect(submit(engine, runner, first, 12), cached[0])
+            await asyncio.gather(collect(submit(engine, runner, second, 12), cached[1]), collect(submit(engine, runner, long_turn, 12), cached[2]))
+            assert runner.prefixes.hits - hits >= 2
+            # The second prompt shares the template's system prompt; the follow-up turn, the whole first prompt.
+            assert runner.prefixes.saved - saved >= len(first) - 1
+        assert cached == plain
+    finally:
+        runner.prefixes.max_tokens = bound
