@@ -441,7 +441,7 @@ function buildPanel(client, channel) {
     current?.cancel();
   });
   if (channel.name === "transcription") {
-    const micButton = $("button", { type: "button", class: "mic", text: "🎤 Microphone" });
+    const micButton = $("button", { type: "button", class: "mic", text: "Microphone" });
     micButton.addEventListener("click", () => {
       const params = read();
       delete params.source;

@@ -19,6 +19,7 @@ from typing import Any
 import orjson
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.types import Receive, Scope, Send
 
 from channels.base import END_OF_INPUT, Binary, Channel, ChannelError, Gap, Shared, StreamContext
 from server.auth import Principal
@@ -54,6 +55,19 @@ def error_response(status: int, code: str, message: str, *, details: list[dict[s
         error["details"] = details
     headers = {"Retry-After": str(max(1, round(retry_after + 0.5)))} if retry_after is not None else None
     return JSONResponse({"error": error}, status_code=status, headers=headers)
+
+
+async def read_bounded(request: Request, limit: int) -> bytes | None:
+    """The request body, or None as soon as it is known to exceed `limit` bytes (never buffering more than that)."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        return None
+    body = bytearray()
+    async for piece in request.stream():
+        body += piece
+        if len(body) > limit:
+            return None
+    return bytes(body)
 
 
 class AddressLimiter:
@@ -159,7 +173,9 @@ class HttpStreams:
         if request.method == "GET" or raw_body:
             raw = query_params(request, channel)
         else:
-            body = await request.body()
+            body = await read_bounded(request, self.settings.max_frame_bytes)
+            if body is None:
+                return error_response(413, str(ErrorCode.BAD_REQUEST), f"the body is over {self.settings.max_frame_bytes} bytes (max_frame_bytes)")
             try:
                 raw = orjson.loads(body) if body.strip() else {}
             except orjson.JSONDecodeError as exc:
@@ -182,7 +198,19 @@ class HttpStreams:
             return await stream.raw_response()
         render = _sse if fmt == "sse" else _ndjson
         headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-        return StreamingResponse(stream.rendered(render), media_type=SSE if fmt == "sse" else NDJSON, headers=headers)
+        response_class = _BodyStreamingResponse if raw_body else StreamingResponse
+        return response_class(stream.rendered(render), media_type=SSE if fmt == "sse" else NDJSON, headers=headers)
+
+
+class _BodyStreamingResponse(StreamingResponse):
+    """A streaming response whose request body is still being read by the stream (pushed input).
+
+    Starlette's StreamingResponse reads the request's messages to notice a disconnect, which would take body
+    chunks from the stream; here the stream's body reader notices the disconnect itself.
+    """
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await self.stream_response(send)
 
 
 def _ndjson(event: str, body: dict[str, Any]) -> bytes:
@@ -207,6 +235,7 @@ class _Stream:
         self.error: dict[str, Any] | None = None
 
     async def _feed(self, request: Request) -> None:
+        """Push the request body to the stream as it arrives, then end the input; return once the client has gone."""
         carry = b""
         async for piece in request.stream():
             carry += piece
@@ -216,6 +245,8 @@ class _Stream:
         if carry:
             await self.ctx.inbox.put(carry)
         await self.ctx.inbox.put(END_OF_INPUT)
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
 
     async def _produce(self, out: asyncio.Queue[Any]) -> None:
         try:
@@ -245,19 +276,22 @@ class _Stream:
         deadline = time.monotonic() + timeout if timeout else None
         handoff: asyncio.Queue[Any] = asyncio.Queue(1)
         tasks = [asyncio.create_task(self._produce(handoff), name=f"http:{self.ctx.stream_id}")]
-        if self.body is not None:
-            tasks.append(asyncio.create_task(self._feed(self.body)))
         drain = asyncio.create_task(self.runtime.drain_started.wait())
         tasks.append(drain)
+        stops = {drain}
+        if self.body is not None:
+            feeder = asyncio.create_task(self._feed(self.body))  # it ends when the client leaves
+            tasks.append(feeder)
+            stops.add(feeder)
         seq = dropped = 0
         try:
             while True:
                 get = asyncio.ensure_future(handoff.get())
                 wait = None if deadline is None else max(0.0, deadline - time.monotonic())
-                done, _ = await asyncio.wait({get, drain}, timeout=wait, return_when=asyncio.FIRST_COMPLETED)
+                done, _ = await asyncio.wait({get, *stops}, timeout=wait, return_when=asyncio.FIRST_COMPLETED)
                 if get not in done:
                     get.cancel()
-                    self.reason = "shutdown" if drain in done else "timeout"
+                    self.reason = "shutdown" if drain in done else "timeout" if not done else "client gone"
                     return
                 item = get.result()
                 if item is _DONE:

@@ -1,10 +1,12 @@
-"""Shared fixtures: one default server for the whole session (chat model off)."""
+"""Shared fixtures: one default server for the whole session (models off), and one with the models the clients' tests use."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import orjson
 import pytest
 
 from tests.serverproc import ServerProc, start_server
@@ -20,6 +22,21 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProc]:
     proc.documents_dir, proc.data_dir = docs, data  # type: ignore[attr-defined]
     yield proc
     proc.stop()
+
+
+@pytest.fixture(scope="session")
+def models_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProc]:
+    """A server with the chat model, Whisper tiny.en and MiniLM, every model loaded (for the clients' end-to-end tests)."""
+    proc = start_server(tmp_path_factory.mktemp("models"), chat_model="smollm2-135m-instruct", asr_model="whisper-tiny.en", embedding_model="all-minilm-l6-v2")
+    try:
+        deadline = time.monotonic() + 300
+        # the channels report their models' loading; MiniLM (analysis topics and summaries) shows once its runner has figures
+        while "loading" in (states := orjson.loads(proc.get("/ready")[1])["channels"]).values() or "embedding_all_minilm_l6_v2_items_total" not in proc.get("/metrics")[1].decode():
+            assert time.monotonic() < deadline, states
+            time.sleep(0.5)
+        yield proc
+    finally:
+        proc.stop()
 
 
 @pytest.fixture

@@ -11,11 +11,13 @@ import os
 import sys
 import time
 from collections.abc import Callable, Coroutine
+from pathlib import Path
 from typing import Any
 
 import orjson
 
-from streamplex.client import Client
+from streamplex.audio import TARGET_RATE, read_wav_s16le
+from streamplex.client import Client, Subscription
 from streamplex.errors import StreamplexError
 
 DEFAULT_URL = "ws://127.0.0.1:8000/ws"
@@ -117,6 +119,42 @@ async def _chat(client: Client, args: argparse.Namespace) -> None:
                 print(f"[finished: {data['finish_reason']}]", file=sys.stderr)
 
 
+async def _push_paced(sub: Subscription, pcm: bytes, realtime: bool) -> None:
+    block = TARGET_RATE // 10 * 2  # 100 ms of 16-bit samples
+    start = time.monotonic()
+    for i, offset in enumerate(range(0, len(pcm), block)):
+        if realtime:
+            await asyncio.sleep(max(0.0, start + i * 0.1 - time.monotonic()))
+        await sub.push(pcm[offset : offset + block])
+    await sub.end_input()
+
+
+async def _transcribe(client: Client, args: argparse.Namespace) -> None:
+    try:
+        pcm = read_wav_s16le(args.file)
+    except (OSError, ValueError, EOFError) as exc:
+        raise StreamplexError(f"cannot read {args.file}: {exc}") from None
+    params: dict[str, Any] = {"partials": not args.no_partials}
+    if args.language:
+        params["language"] = args.language
+    live = sys.stdout.isatty()
+    async with client.subscribe("transcription", resume=False, **params) as sub:
+        pusher = asyncio.create_task(_push_paced(sub, pcm, not args.fast))
+        try:
+            async for chunk in sub:
+                data = chunk.data
+                if data.get("type") == "final":
+                    _out(("\r\x1b[K" if live else "") + f"[{data['start']:7.2f} -> {data['end']:7.2f}] {data['text'].strip()}\n")
+                elif data.get("type") == "partial" and live:
+                    _out(f"\r\x1b[K... {data['text'].strip()}")
+                elif data.get("type") == "transcript" and args.full:
+                    _out(data["text"].strip() + "\n")
+        finally:
+            pusher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await pusher
+
+
 async def _text(client: Client, args: argparse.Namespace) -> None:
     source = {"document": args.document} if args.document else {"text": args.text if args.text is not None else sys.stdin.read()}
     async for chunk in client.subscribe("text", resume=False, unit=args.unit, chunk_size=args.chunk_size, interval_ms=args.interval_ms, **source):
@@ -182,6 +220,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-tokens", type=int, default=256)
     p.add_argument("--temperature", type=float, default=0.0)
     p.set_defaults(run=_chat)
+
+    p = sub.add_parser("transcribe", help="speech to text: pushes a WAV file at real-time pace; partials update in place, finals print with times")
+    p.add_argument("file", type=Path, help="a WAV file (8- or 16-bit PCM; resampled to 16 kHz mono here)")
+    p.add_argument("--language", help="spoken language code (default: detected)")
+    p.add_argument("--fast", action="store_true", help="push as fast as the server takes it instead of in real time")
+    p.add_argument("--no-partials", action="store_true")
+    p.add_argument("--full", action="store_true", help="print the whole transcript at the end")
+    p.set_defaults(run=_transcribe)
 
     p = sub.add_parser("text", help="stream a text (argument, stdin, or --document on the server)")
     p.add_argument("text", nargs="?")

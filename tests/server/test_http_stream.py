@@ -9,7 +9,7 @@ import time
 import httpx
 import orjson
 
-from tests.serverproc import ServerProc, start_server
+from tests.serverproc import ROOT, ServerProc, start_server
 
 TEXT = {"text": "Curl users stream too. One line per chunk.", "unit": "words", "chunk_size": 2}
 
@@ -115,3 +115,20 @@ async def test_drain_ends_http_streams(tmp) -> None:
         assert got[-1] == {"end": "shutdown"}
     finally:
         srv.stop()
+
+
+async def test_raw_body_is_pushed_to_transcription(models_server: ServerProc) -> None:
+    from streamplex.audio import read_wav_s16le
+
+    pcm = read_wav_s16le(ROOT / "samples" / "media" / "speech.wav")
+    async with httpx.AsyncClient(base_url=models_server.http, timeout=120) as http:
+        resp = await http.post(
+            "/api/v1/stream/transcription",
+            params={"language": "en", "partials": "false"},
+            content=pcm,
+            headers={"X-API-Key": models_server.key, "Content-Type": "application/octet-stream"},
+        )
+    out = lines(resp.content)
+    assert resp.status_code == 200 and out[-1] == {"end": "complete"}
+    assert "streaming media from the server" in out[-2]["data"]["text"].lower()
+    assert all(line["data"]["type"] != "partial" for line in out[:-1])
