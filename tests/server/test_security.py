@@ -6,6 +6,7 @@ import asyncio
 import json
 import os
 import re
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import httpx
@@ -136,3 +137,22 @@ async def test_params_are_bounded(server: ServerProc) -> None:
     await send(ws, op="ping")
     assert await recv(ws) == {"op": "pong"}
     await ws.close()
+
+
+async def test_http_json_bodies_are_bounded(server: ServerProc) -> None:
+    key = {"X-API-Key": server.key}
+    limit = 1_048_576  # max_frame_bytes
+    async with httpx.AsyncClient(base_url=server.http, timeout=60) as http:
+        big = await http.post("/api/v1/stream/text", content=b'{"text": "' + b"x" * limit + b'"}', headers=key | {"Content-Type": "application/json"})
+        assert big.status_code == 413 and big.json()["error"]["code"] == "bad_request"
+
+        async def chunked() -> AsyncIterator[bytes]:  # no Content-Length: the server must stop reading at the limit
+            yield b'{"text": "'
+            for _ in range(64):
+                yield b"x" * 65536
+            yield b'"}'
+
+        streamed = await http.post("/api/v1/stream/text", content=chunked(), headers=key | {"Content-Type": "application/json"})
+        assert streamed.status_code == 413
+        fits = await http.post("/api/v1/stream/text", json={"text": "x" * 1000}, headers=key)
+        assert fits.status_code == 200
