@@ -155,6 +155,36 @@ async def _transcribe(client: Client, args: argparse.Namespace) -> None:
                 await pusher
 
 
+async def _translate(client: Client, args: argparse.Namespace) -> None:
+    text = args.text if args.text is not None else sys.stdin.read()
+    async for chunk in client.subscribe("translation", resume=False, text=text, source_lang=args.source, target_lang=args.target, backend=args.backend):
+        if "delta" in chunk.data:
+            _out(chunk.data["delta"])
+    _out("\n")
+
+
+def _analysis_line(d: dict[str, Any]) -> str:
+    section = d.get("section")
+    if section == "sentence":
+        sentiment = d.get("sentiment") or {}
+        entities = ", ".join(f"{e['text']} ({e['label']})" for e in d.get("entities", []))
+        mood = f"{sentiment.get('label', '')} {sentiment.get('compound', '')}".strip()
+        return f"#{d['index']} [{mood}] {d['text'].strip()}" + (f"  entities: {entities}" if entities else "")
+    if section == "topics":
+        return "topics: " + ", ".join(f"{t['label']} {t['score']:.2f}" for t in d["topics"][:5]) + "; keywords: " + ", ".join(k["keyword"] for k in d.get("keywords", []))
+    if section == "summary":
+        return f"summary: {d['summary']}"
+    if section == "aggregate":
+        return f"overall: {(d.get('sentiment') or {}).get('label', '-')}; entities {d.get('entities', {})}; topic {d.get('topic', '-')}"
+    return orjson.dumps(d).decode()
+
+
+async def _analyze(client: Client, args: argparse.Namespace) -> None:
+    content = args.text if args.text is not None else sys.stdin.read()
+    async for chunk in client.subscribe("analysis", resume=False, content=content, analysis_type=args.type):
+        _out((orjson.dumps(chunk.data).decode() if args.json else _analysis_line(chunk.data)) + "\n")
+
+
 async def _text(client: Client, args: argparse.Namespace) -> None:
     source = {"document": args.document} if args.document else {"text": args.text if args.text is not None else sys.stdin.read()}
     async for chunk in client.subscribe("text", resume=False, unit=args.unit, chunk_size=args.chunk_size, interval_ms=args.interval_ms, **source):
@@ -228,6 +258,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-partials", action="store_true")
     p.add_argument("--full", action="store_true", help="print the whole transcript at the end")
     p.set_defaults(run=_transcribe)
+
+    p = sub.add_parser("translate", help="translate a text (argument or stdin); the translation streams sentence by sentence")
+    p.add_argument("text", nargs="?")
+    p.add_argument("--source", default="en", help="source language (default en)")
+    p.add_argument("--target", default="es", help="target language (default es)")
+    p.add_argument("--backend", default="apertium", choices=["apertium", "neural"])
+    p.set_defaults(run=_translate)
+
+    p = sub.add_parser("analyze", help="sentiment, entities, topics and summary of a text (argument or stdin), one line per result")
+    p.add_argument("text", nargs="?")
+    p.add_argument("--type", default="all", choices=["sentiment", "entity", "topic", "summary", "all"])
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(run=_analyze)
 
     p = sub.add_parser("text", help="stream a text (argument, stdin, or --document on the server)")
     p.add_argument("text", nargs="?")

@@ -82,3 +82,13 @@ def test_serve_without_the_server_says_so(tmp_path: Path) -> None:
     done = subprocess.run([sys.executable, "-S", "-c", code, "serve"], cwd=tmp_path, env={"PYTHONPATH": path}, capture_output=True, text=True, timeout=60)
     assert done.returncode == 2, done.stderr
     assert "server, which is not installed" in done.stderr
+
+
+def test_translate_and_analyze(server: ServerProc) -> None:
+    translated = run(server, "translate", "The cat is black. I like apples.")
+    assert translated.returncode == 0, translated.stderr
+    assert translated.stdout == "El gato es negro. Me gustan las manzanas.\n"
+    analysed = run(server, "analyze", "I love this wonderful city. The food was terrible.", "--type", "sentiment")
+    assert analysed.returncode == 0, analysed.stderr
+    lines = analysed.stdout.splitlines()
+    assert lines[0].startswith("#0 [positive") and lines[1].startswith("#1 [negative") and lines[-1].startswith("overall:")
