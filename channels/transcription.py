@@ -246,9 +246,12 @@ class _Transcriber:
                 if text != self.last_partial:
                     self.last_partial = text
                     yield _segment("partial", self.agreement.pending)
-        final = self.agreement.force()
-        if final:
-            yield self._final(final)
+        if len(self.buffer):
+            # the last hypothesis was seen once only: transcribe the whole buffer again, without the prefix
+            segments, _ = await self._transcribe(prefixed=False)
+            final = self.agreement.finish(segments, self.offset)
+            if final:
+                yield self._final(final)
         duration = self.offset + len(self.buffer) / SAMPLE_RATE
         log.info("transcription %s: %.1f s of audio in %d windows, %.1f s", self.stream_id, duration, windows, time.perf_counter() - started)
         yield {
@@ -282,9 +285,9 @@ class _Transcriber:
         start = self.vocab.timestamp(inside[0].start - self.offset)
         return [start, *self.vocab.encode(" " + text_of(inside))], self.agreement.committed_until - self.offset
 
-    async def _transcribe(self) -> tuple[list[Segment], str | None]:
+    async def _transcribe(self, prefixed: bool = True) -> tuple[list[Segment], str | None]:
         """Timed segments of the buffer after its final words (unfinished text at the end runs to the buffer's end), and the language."""
-        prefix, resume = self._prefix()
+        prefix, resume = self._prefix() if prefixed else ([], 0.0)
         request = TranscriptionRequest(self.buffer, self.language, self.params.task, True, self._prompt(), prefix)
         prompt = self.vocab.prompt(request)
         tokens: list[int] = []
