@@ -25,7 +25,7 @@ from websockets.sync.client import connect as sync_connect
 from server.protocol import CloseCode, EndReason, ErrorCode, parse_server_binary
 from tests.serverproc import ServerProc, start_server
 
-SERVER_OPS = {"subscribed", "chunk", "end", "error", "pong"}
+SERVER_OPS = {"subscribed", "chunk", "end", "error", "pong", "resumed"}
 ERROR_CODES = {str(c) for c in ErrorCode}
 END_REASONS = {str(r) for r in EndReason}
 IDS = ["a", "b", "c", "s1", "ü", "x" * 128]
@@ -34,6 +34,12 @@ SENTINEL = "fuzz-sentinel"
 JSON_SCALARS = st.none() | st.booleans() | st.integers(-(2**63), 2**63 - 1) | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=30)
 JSON_VALUES = st.recursive(JSON_SCALARS, lambda c: st.lists(c, max_size=3) | st.dictionaries(st.text(max_size=8), c, max_size=3), max_leaves=8)
 ANY_ID = st.sampled_from(IDS) | st.text(min_size=1, max_size=12)
+# names a client may try for a server file: traversal, absolute paths, NUL, over-long, odd characters
+FILE_NAMES = st.one_of(
+    st.text(max_size=40),
+    st.sampled_from(["../../etc/passwd", "/etc/hostname", "..", ".", "", "a\x00b", "x" * 300, "docs/../../x", "~/.ssh/id_rsa", "file:///etc/passwd"]),
+    st.lists(st.sampled_from(["..", ".", "a", "", "x" * 255]), max_size=8).map("/".join),
+)
 
 PARAMS = st.one_of(
     st.tuples(st.just("text"), st.fixed_dictionaries({"text": st.text(min_size=1, max_size=60)}, optional={"unit": st.sampled_from(["chars", "words", "sentences", "bytes"]), "chunk_size": st.integers(1, 8), "interval_ms": st.integers(0, 5)})),
@@ -41,6 +47,8 @@ PARAMS = st.one_of(
     st.tuples(st.just("metrics"), st.fixed_dictionaries({}, optional={"interval_ms": st.integers(100, 300)})),
     st.tuples(st.just("logs"), st.fixed_dictionaries({}, optional={"lines": st.integers(0, 5), "level": st.sampled_from(["DEBUG", "INFO", "WARNING"]), "follow": st.booleans()})),
     st.tuples(st.sampled_from(["text", "data", "metrics", "logs", "chat", "video", ""]), st.dictionaries(st.text(max_size=10), JSON_VALUES, max_size=3)),
+    st.tuples(st.just("text"), st.fixed_dictionaries({"document": FILE_NAMES})),
+    st.tuples(st.just("data"), st.fixed_dictionaries({"dataset": FILE_NAMES})),
 )
 
 VALID = st.one_of(
@@ -49,6 +57,7 @@ VALID = st.one_of(
     st.builds(lambda i, d, e: {"op": "push", "id": i, "data": d, "end": e}, ANY_ID, JSON_VALUES, st.booleans()),
     st.just({"op": "ping"}),
     st.builds(lambda k: {"op": "auth", "api_key": k}, st.text(max_size=20)),
+    st.builds(lambda t, s: {"op": "resume", "token": t, "streams": s}, st.text(max_size=40), st.dictionaries(ANY_ID, st.integers(-5, 2**40), max_size=3)),
 )
 
 
@@ -187,7 +196,7 @@ def test_live_fuzz_gets_only_documented_replies_while_a_healthy_client_streams(f
     replies: list[int] = []
     closes: set[int] = set()
 
-    @settings(max_examples=50, deadline=None, suppress_health_check=list(HealthCheck))
+    @settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))
     @given(FRAMES, st.one_of(TEXT_FRAMES, BINARY_FRAMES))
     def one_connection(frames: list[str | bytes], first: str | bytes) -> None:
         replies.append(asyncio.run(exchange(fuzz_server, frames)))
