@@ -62,6 +62,7 @@ def _error_responses(*codes: int) -> dict[str, Any]:
         401: "No API key (`X-API-Key` header)",
         403: "Wrong API key, or the key may not use this channel",
         404: "No such channel",
+        413: "A JSON body over `max_frame_bytes`",
         415: "A raw body for a channel that takes no pushed input",
         422: "A media stream ended before any media (`bad_source`)",
         429: "Over the per-address request limit, or too many failed authentications; see Retry-After",
@@ -96,7 +97,7 @@ def openapi(channels: dict[str, Channel]) -> dict[str, Any]:
             "tags": ["streams"],
             "requestBody": {"required": False, "content": body},
             "responses": {"200": {"description": f"The {name} stream ({'raw bytes by default; ' if channel.media else ''}NDJSON, or SSE with Accept: text/event-stream)", "content": content}}
-            | _error_responses(400, 401, 403, 415, 422, 429, 503),
+            | _error_responses(400, 401, 403, 413, 415, 422, 429, 503),
         }
         paths[f"{PREFIX}/{name}"] = {"post": operation}
     if "metrics" in channels:
