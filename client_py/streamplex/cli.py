@@ -120,11 +120,12 @@ async def _chat(client: Client, args: argparse.Namespace) -> None:
 
 
 async def _push_paced(sub: Subscription, pcm: bytes, realtime: bool) -> None:
-    block = TARGET_RATE // 10 * 2  # 100 ms of 16-bit samples
+    seconds = 0.1 if realtime else 1.0  # live-like 100 ms frames; bigger ones when pushing as fast as possible
+    block = round(TARGET_RATE * seconds) * 2
     start = time.monotonic()
     for i, offset in enumerate(range(0, len(pcm), block)):
         if realtime:
-            await asyncio.sleep(max(0.0, start + i * 0.1 - time.monotonic()))
+            await asyncio.sleep(max(0.0, start + i * seconds - time.monotonic()))
         await sub.push(pcm[offset : offset + block])
     await sub.end_input()
 

@@ -10,9 +10,11 @@ import subprocess
 import sys
 import sysconfig
 import time
+import urllib.request
+import wave
 from pathlib import Path
 
-from tests.serverproc import ROOT, ServerProc
+from tests.serverproc import ROOT, ServerProc, free_port
 
 CLI = str(Path(sys.executable).parent / "streamplex")
 
@@ -46,6 +48,16 @@ def test_text_metrics_logs_and_channels(server: ServerProc) -> None:
     assert streamed.stdout.splitlines() == ['{"seq":0,"data":"a "}', '{"seq":1,"data":"b "}', '{"seq":2,"data":"c"}']
 
 
+def test_binary_chunks_to_a_file(server: ServerProc, tmp_path: Path) -> None:
+    out = tmp_path / "speech.wav"
+    done = run(server, "stream", "audio", "-p", "source=speech.wav", "-p", "format=wav", "-p", "sample_rate=16000", "-p", "realtime=false", "--binary-out", str(out))
+    assert done.returncode == 0, done.stderr
+    assert '"sample_rate":16000' in done.stdout.splitlines()[0] and '"done":true' in done.stdout.splitlines()[-1]
+    with wave.open(str(out)) as wav:  # the header frame says "unknown length"; the samples follow it
+        assert (wav.getframerate(), wav.getnchannels(), wav.getsampwidth()) == (16000, 1, 2)
+    assert abs((out.stat().st_size - 44) / 2 / 16000 - 7.2) < 0.05
+
+
 def test_errors_are_plain(server: ServerProc) -> None:
     chat = run(server, "chat", "hello")
     assert chat.returncode == 1 and "unavailable" in chat.stderr and "Traceback" not in chat.stderr
@@ -73,6 +85,27 @@ def test_ctrl_c_ends_cleanly(server: ServerProc) -> None:
 def test_serve_hands_over_to_the_server() -> None:
     done = subprocess.run([CLI, "serve", "--help"], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0 and "usage: streamplex serve" in done.stdout and "--port" in done.stdout
+
+
+def test_serve_runs_the_server(tmp_path: Path) -> None:
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("STREAMPLEX_")} | {"STREAMPLEX_API_KEYS": "k", "STREAMPLEX_CHAT_MODEL": "", "STREAMPLEX_ASR_MODEL": "", "STREAMPLEX_EMBEDDING_MODEL": ""}
+    proc = subprocess.Popen([CLI, "serve", "--host", "127.0.0.1", "--port", str(port)], env=env, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            assert proc.poll() is None and time.monotonic() < deadline
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/ready", timeout=2) as resp:
+                    if resp.status == 200:
+                        break
+            except OSError:
+                time.sleep(0.2)
+        done = subprocess.run([CLI, "--url", f"ws://127.0.0.1:{port}/ws", "--api-key", "k", "text", "served"], capture_output=True, text=True, timeout=30)
+        assert done.stdout == "served"
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(30)
 
 
 def test_serve_without_the_server_says_so(tmp_path: Path) -> None:
