@@ -178,10 +178,10 @@ const RENDERERS = {
     };
   },
   chat(out) {
-    const reply = $("div", { class: "reply" });
-    out.replaceChildren(reply);
+    out.replaceChildren($("div", { class: "reply" }));
     return (chunk) => {
       const d = chunk.data;
+      const reply = [...out.querySelectorAll(".reply")].at(-1); // a pushed turn opens a new reply
       if (d.queued !== undefined) reply.dataset.queued = d.queued;
       if (d.delta) reply.append(d.delta);
       if (d.finish_reason) out.append($("div", { class: "status", text: `[${d.finish_reason}, ${d.usage?.completion_tokens ?? "?"} tokens]` }));
@@ -440,6 +440,18 @@ function buildPanel(client, channel) {
     if (stopMic) { const stop = stopMic; stopMic = null; stop(); return; } // end the input: the final transcript follows
     current?.cancel();
   });
+  if (channel.name === "chat") {
+    // With keep_open, the conversation goes on: each turn typed here is pushed to the running stream.
+    const turn = $("input", { type: "text", class: "turn", placeholder: "next turn (keep_open)" });
+    const send = $("button", { type: "button", class: "send", text: "Send" });
+    send.addEventListener("click", () => {
+      if (!current || !turn.value.trim()) return;
+      current.push(turn.value.trim());
+      out.append($("div", { class: "status", text: `> ${turn.value.trim()}` }), $("div", { class: "reply" }));
+      turn.value = "";
+    });
+    controls.append(turn, send);
+  }
   if (channel.name === "transcription") {
     const micButton = $("button", { type: "button", class: "mic", text: "Microphone" });
     micButton.addEventListener("click", () => {

@@ -59,6 +59,20 @@ try {
     while (!(await micDone()) && Date.now() < micDeadline) await page.waitForTimeout(500);
   }
 
+  // A chat conversation: with keep_open, a second turn is pushed to the running stream.
+  if (available.includes("chat")) {
+    await page.check("#panel-chat input[name=keep_open]");
+    await page.fill("#panel-chat textarea[name=message]", "What is the capital of France?");
+    await page.click("#panel-chat button.start");
+    await page.waitForFunction(() => document.querySelectorAll("#panel-chat .output .status").length >= 1, null, { timeout: TIMEOUT });
+    await page.fill("#panel-chat input.turn", "And of Italy?");
+    await page.click("#panel-chat button.send");
+    await page.waitForFunction(() => [...document.querySelectorAll("#panel-chat .output .status")].filter((n) => n.textContent.startsWith("[")).length >= 2, null, { timeout: TIMEOUT });
+    report.chat_turns = await page.$$eval("#panel-chat .output .reply", (nodes) => nodes.map((n) => n.textContent));
+    await page.click("#panel-chat button.stop");
+    await page.waitForFunction(() => document.getElementById("panel-chat").dataset.state === "stopped", null, { timeout: 30_000 });
+  }
+
   // The logs level filter hides records below the chosen level.
   if (available.includes("logs")) {
     await page.selectOption("#panel-logs .level-filter", "WARNING");
