@@ -112,10 +112,10 @@ async def test_failed_step_ends_only_its_sequences_and_the_loop_goes_on(failing:
     engine = await started(failing, max_batch=2)
     try:
         alone: list[int] = []
-        assert await collect(submit(engine, failing, "Name three rivers.", 8), alone) == "length"
+        assert await collect(submit(engine, failing, "Name three rivers.", 5), alone) == "length"
         tokens: dict[str, list[int]] = {k: [] for k in "abcd"}
         prompts = {"a": "Write a long story about a dragon.", "b": "Explain how a bicycle works.", "c": "Name three rivers.", "d": "Name three rivers."}
-        tasks = {k: asyncio.create_task(collect(submit(engine, failing, prompts[k], 48 if k in "ab" else 8), tokens[k])) for k in "abcd"}
+        tasks = {k: asyncio.create_task(collect(submit(engine, failing, prompts[k], 48 if k in "ab" else 5), tokens[k])) for k in "abcd"}
         await until(lambda: len(tokens["a"]) >= 2 and len(tokens["b"]) >= 2)
         assert not tokens["c"] and not tokens["d"], "c and d wait for a batch slot"
         failing.arm()
@@ -124,7 +124,7 @@ async def test_failed_step_ends_only_its_sequences_and_the_loop_goes_on(failing:
         assert await tasks["c"] == "length" and await tasks["d"] == "length"
         assert tokens["c"] == alone and tokens["d"] == alone, "the sequences after the failure run exactly as alone"
         after: list[int] = []
-        assert await collect(submit(engine, failing, "Name three rivers.", 8), after) == "length" and after == alone
+        assert await collect(submit(engine, failing, "Name three rivers.", 5), after) == "length" and after == alone
         assert failing.failed_steps == 1 and engine.metrics()["streams"] == 0
         await until(lambda: failing.stats()["rows"] == 0)
     finally:
