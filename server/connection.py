@@ -144,11 +144,11 @@ class Connection:
         if session is None or not self._reading:
             return
         self._close = (CloseCode.GOING_AWAY, "server shutting down; reconnect")
+        self._finished = asyncio.get_running_loop().create_future()
         await session.end_all(EndReason.SHUTDOWN)
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(timeout):
                 await session.outbox.drained()
-        self._finished = asyncio.get_running_loop().create_future()
         self._stop_reading()
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(timeout):
