@@ -167,10 +167,11 @@ class Client:
     async def leave(self, abrupt: bool) -> None:
         assert self.ws is not None
         self.leaving = True
-        if abrupt:
-            self.ws.transport.abort()
-        else:
-            await self.ws.close()
+        if not abrupt:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(5):
+                    await self.ws.close()
+        self.ws.transport.abort()
         if self.task is not None:
             if self.kind == "slow":
                 self.task.cancel()  # it would read what it buffered, one frame per 250 ms
@@ -199,22 +200,25 @@ async def _worker(job: Job, pipe: Connection) -> None:
     for c in clients:
         c.window = (t_start, t_end)
         c.task = asyncio.create_task(c.run())
+
+    async def replace(i: int) -> None:
+        await clients[i].leave(abrupt=rng.random() < 0.5)
+        new = Client(job, job.first + i, result)
+        try:
+            async with asyncio.timeout(max(1.0, t_end - time.monotonic())):  # a saturated server must not hold the run past its window
+                await new.open(semaphore)
+        except (OSError, websockets.WebSocketException, TimeoutError):
+            result["failed_connects"] += 1
+            return
+        new.window = (t_start, t_end)
+        new.task = asyncio.create_task(new.run())
+        clients[i] = new
+        result["churned"] += 1
+
     while time.monotonic() < t_end:
         await asyncio.sleep(1.0)
-        movable = [i for i, c in enumerate(clients) if c.kind != "slow"]
-        for i in rng.sample(movable, min(len(movable), int(job.churn * len(clients) + rng.random()))):
-            old = clients[i]
-            await old.leave(abrupt=rng.random() < 0.5)
-            new = Client(job, job.first + i, result)
-            try:
-                await new.open(semaphore)
-            except (OSError, websockets.WebSocketException, TimeoutError):
-                result["failed_connects"] += 1
-                continue
-            new.window = (t_start, t_end)
-            new.task = asyncio.create_task(new.run())
-            clients[i] = new
-            result["churned"] += 1
+        movable = [i for i, c in enumerate(clients) if c.kind != "slow" and c.task is not None]
+        await asyncio.gather(*(replace(i) for i in rng.sample(movable, min(len(movable), int(job.churn * len(clients) + rng.random())))))
     await asyncio.gather(*(c.leave(abrupt=True) for c in clients), return_exceptions=True)
     pipe.send(("result", {k: (dict(v) if isinstance(v, Counter) else v) for k, v in result.items()}))
 
@@ -331,7 +335,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         while time.monotonic() < t_end:
             time.sleep(min(args.every, max(0.0, t_end - time.monotonic())))
             timeline.append(server_sample(server, ps, t0, last, clients_cpu(procs)))
-        results = [_expect(pipe, "result", 120) for _, pipe in procs]
+        results = [_expect(pipe, "result", 120 + args.conns / 20) for _, pipe in procs]
         left = time.monotonic()
         while True:  # every client is gone: how long until the server holds nothing?
             timeline.append(server_sample(server, ps, t0, last, clients_cpu(procs)))
