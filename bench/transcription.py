@@ -9,6 +9,9 @@ Parts (`--parts`, run one after the other, never sharing the CPU):
 - `naive`: what a user would write with transformers: Whisper's standard 30 s window (`generate`, the
   feature extractor padding every buffer to 30 s), one stream at a time in turn, the same LocalAgreement-2
   policy, buffer and step; simulated in real time in this process.
+- `windows` (not in the default): the cost of one window of speech, interleaved rounds so that a
+  changing machine load hits all three alike: transformers' `generate` on the standard 30 s window, the
+  runner on the truncated window alone, and per window when 8 windows are decoded together.
 - `server`: K WebSocket clients against `python -m server` (started here) with the transcription channel:
   truncated encoder input, all streams' windows decoded together in the batching engine.
 
@@ -207,6 +210,49 @@ async def server_run(k: int, audios: list[tuple[np.ndarray, str]], server: Any) 
     return run
 
 
+def run_windows(runner: Any, audios: list[np.ndarray]) -> float:
+    """Seconds to transcribe `audios` as windows decoded together by the runner (no engine loop, no server)."""
+    from server.engine.asr import TranscriptionRequest
+    from server.engine.scheduler import Chunk, StepPlan
+
+    requests = {i: TranscriptionRequest(a, "en") for i, a in enumerate(audios)}
+    started = time.perf_counter()
+    plan = StepPlan(admit=dict(requests), prefill=[Chunk(i, 0, len(runner.vocab.prompt(r)), True) for i, r in requests.items()])
+    live = set(requests)
+    while live:
+        live -= {o.seq_id for o in runner.execute(plan) if o.done}
+        plan = StepPlan(decode=sorted(live))
+    return time.perf_counter() - started
+
+
+def windows(folder: Path, model: str, threads: int, rounds: int, seconds: float) -> list[dict[str, Any]]:
+    """Cost of one window of `seconds` of speech: transformers on 30 s against the runner alone and in a batch of 8 (interleaved rounds)."""
+    import torch
+
+    from server.engine.device import cpu_threads
+    from server.engine.whisper import WhisperRunner
+
+    runner = WhisperRunner(model, Settings().cache_dir, torch.device("cpu"), torch.float32, cpu_threads(threads))
+    runner.load()
+    torch.set_num_threads(cpu_threads(threads))
+    clips = [stream_audio(i, 4)[0][: int(seconds * SAMPLE_RATE)] for i in range(8)]
+    times: dict[str, list[float]] = {"naive": [], "alone": [], "batch": []}
+    for _ in range(rounds):
+        started = time.perf_counter()
+        features = runner.features(clips[0], sampling_rate=SAMPLE_RATE, return_tensors="pt").input_features
+        with torch.inference_mode():
+            runner.model.generate(features, language="en", task="transcribe", return_timestamps=True)
+        times["naive"].append(time.perf_counter() - started)
+        times["alone"].append(run_windows(runner, clips[:1]))
+        times["batch"].append(run_windows(runner, clips) / len(clips))
+    naive = float(np.median(times["naive"]))
+    names = {"naive": "transformers generate, 30 s window", "alone": "runner, truncated, alone", "batch": "runner, truncated, per window in a batch of 8"}
+    return [
+        {"window": f"{seconds:g} s", "run": names[k], "s per window (median)": round(float(np.median(v)), 3), "x naive": round(naive / float(np.median(v)), 2)}
+        for k, v in times.items()
+    ]
+
+
 def step_seconds(server: Any) -> float:
     """The transcription runner's total step seconds, from /metrics."""
     for line in server.get("/metrics")[1].decode().splitlines():
@@ -246,6 +292,8 @@ def main() -> None:
     parser.add_argument("--model", default="whisper-base")
     parser.add_argument("--threads", type=int, default=0, help="CPU threads for both (0: one per core, the server's default)")
     parser.add_argument("--parts", default="naive,server")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds of the `windows` part")
+    parser.add_argument("--window", type=float, default=10.0, help="seconds of speech per window in the `windows` part")
     parser.add_argument("--keep-going", action="store_true", help="run every K even after two misses")
     parser.add_argument("--json", type=Path, help="also write the rows here")
     args = parser.parse_args()
@@ -254,7 +302,12 @@ def main() -> None:
     print(f"audio per stream: {np.mean([len(a) for a, _ in audios]) / SAMPLE_RATE:.1f} s", flush=True)
     rows: list[dict[str, Any]] = []
     for part in args.parts.split(","):
-        if part == "naive":
+        if part == "windows":
+            from server.engine.whisper_loading import model_folder
+
+            window_rows = windows(model_folder(args.model, Settings().cache_dir), args.model, args.threads, args.rounds, args.window)
+            print(table(window_rows), flush=True)
+        elif part == "naive":
             from server.engine.whisper_loading import model_folder
 
             folder = model_folder(args.model, Settings().cache_dir)
@@ -272,6 +325,8 @@ def main() -> None:
                     rows += sweep(part, ks, lambda k, server=server: asyncio.run(server_run(k, audios, server)), args.target, args.keep_going)
                 finally:
                     server.stop()
+    if not rows:
+        return
     print(table(rows))
     best = {part: max((r["K"] for r in rows if r["part"].startswith(part) and r["ok"]), default=0) for part in ("naive", "streamplex")}
     print(f"largest K with p95 < {args.target:g} s: {best}")
