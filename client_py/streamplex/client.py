@@ -92,6 +92,7 @@ class Subscription:
         self.id = id
         self.resume = resume
         self.restarts = 0
+        self.last_seq = -1
         self.reason: str | None = None
         self.push_errors: deque[ProtocolError] = deque(maxlen=32)
         self._limit = limit
@@ -101,6 +102,7 @@ class Subscription:
         self._writable = asyncio.Event()
         self._opened: asyncio.Future[None] | None = None
         self._awaiting_subscribed = False
+        self._resumed = False
         self._left = False
 
     # called by the client's reader --------------------------------------------------------------
@@ -110,6 +112,7 @@ class Subscription:
             self._writable.clear()
             await self._writable.wait()
         if not self._left:
+            self.last_seq = chunk.seq
             self._items.append(chunk)
             self._readable.set()
 
@@ -222,6 +225,8 @@ class Client:
         self.ws_options = ws_options
         self.ready: dict[str, Any] = {}
         self.reconnects = 0
+        self.resumes = 0
+        self._resume_token: str | None = None
         self._ws: ClientConnection | None = None
         self._bucket = _Bucket(100.0, 200)
         self._connected = asyncio.Event()
@@ -296,7 +301,27 @@ class Client:
 
     # internals ----------------------------------------------------------------------------------
 
-    async def _handshake(self) -> None:
+    async def _resume(self, ws: ClientConnection, token: str) -> None:
+        """Take the dropped session over: its streams go on where this client left them (lossless ones replayed)."""
+        await ws.send(orjson.dumps({"op": "resume", "token": token, "streams": {sub.id: sub.last_seq for sub in self._subs.values()}}).decode())
+        try:
+            answer = orjson.loads(await asyncio.wait_for(ws.recv(), self.open_timeout))
+        except WsConnectionClosed as exc:
+            raise _closed(exc) from None
+        except TimeoutError:
+            await ws.close()
+            raise ConnectionClosed(None, "no answer to `resume` in time") from None
+        if answer.get("op") != "resumed":
+            log.info("session not resumed (%s); subscribing again", answer.get("message", answer))
+            return
+        self.resumes += 1
+        for stream_id in answer.get("streams", {}):
+            sub = self._subs.get(stream_id)
+            if sub is not None:
+                sub._resumed = True  # `resumed: false` is followed by its `end` (reason resume_gap)
+        log.info("resumed session %s", answer.get("session"))
+
+    async def _handshake(self, resume: bool = False) -> None:
         headers = {"X-API-Key": self.api_key} if self.api_key else {}
         try:
             ws = await websockets.connect(self.url, additional_headers=headers, open_timeout=self.open_timeout, **self.ws_options)
@@ -315,6 +340,9 @@ class Client:
             await ws.close()
             raise StreamplexError(f"expected `ready`, got {ready!r}")
         self.ready = ready
+        previous, self._resume_token = self._resume_token, (ready.get("resume") or {}).get("token") or self._resume_token
+        if resume and previous and self._subs:
+            await self._resume(ws, previous)
         limits = ready.get("limits", {})
         self._bucket = _Bucket(float(limits.get("rate", 100.0)), int(limits.get("burst", 200)))
         self._ws = ws
@@ -348,7 +376,7 @@ class Client:
             attempt += 1
             await asyncio.sleep(delay * random.uniform(0.5, 1.0))
             try:
-                await self._handshake()
+                await self._handshake(resume=True)
                 self.reconnects += 1
                 return True
             except (AuthenticationError, AuthThrottled) as exc:
@@ -364,6 +392,9 @@ class Client:
 
     async def _resubscribe(self) -> None:
         for sub in list(self._subs.values()):
+            if sub._resumed:
+                sub._resumed = False
+                continue
             if not sub.resume:
                 del self._subs[sub.id]
                 sub._finish(StreamEnded(sub.id, "the connection was lost"), "lost")
@@ -429,6 +460,8 @@ class Client:
             sub._finish(protocol_error({**frame.get("error", {}), "id": sub.id}), "error")
         elif reason == "shutdown":
             sub._finish(StreamEnded(sub.id, "the server shut down"), "shutdown")
+        elif reason == "resume_gap":
+            sub._finish(StreamEnded(sub.id, "chunks were lost while the connection was down (resume_gap)"), "resume_gap")
         else:
             sub._finish(None, reason)
 

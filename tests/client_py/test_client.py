@@ -111,6 +111,20 @@ async def test_reconnects_and_resubscribes_after_a_restart(tmp) -> None:
             replacement.wait(30)
 
 
+async def test_a_dropped_connection_resumes_without_loss(server: ServerProc) -> None:
+    words = " ".join(f"w{i}" for i in range(60))
+    async with streamplex.connect(server.url, api_key=server.key, backoff=(0.1, 1.0)) as client:
+        sub = client.subscribe("text", text=words, unit="words", chunk_size=1, interval_ms=20)
+        got = []
+        async for chunk in sub:
+            got.append(chunk)
+            if len(got) == 10:
+                client._ws.transport.abort()  # the TCP connection drops without a close frame
+        assert "".join(c.data for c in got) == words
+        assert [c.seq for c in got] == list(range(60))  # nothing lost, nothing twice
+        assert (client.reconnects, client.resumes, sub.restarts) == (1, 1, 0)
+
+
 async def test_no_reconnect_ends_streams_with_an_error(tmp) -> None:
     srv = start_server(tmp)
     try:
