@@ -292,7 +292,8 @@ def through_server(settings: Settings, texts: list[str], max_new: int, arrival: 
         return asyncio.run(over_websocket(url, key, texts, max_new, arrival))
     key = secrets.token_urlsafe(24)
     port = free_port()
-    env = os.environ | {"STREAMPLEX_API_KEYS": key, "STREAMPLEX_LOG_LEVEL": os.environ.get("STREAMPLEX_LOG_LEVEL", "WARNING")}
+    others_off = {f"STREAMPLEX_{name}": "" for name in ("ASR_MODEL", "EMBEDDING_MODEL", "TRANSLATION_MODEL")}  # the chat model alone
+    env = os.environ | others_off | {"STREAMPLEX_API_KEYS": key, "STREAMPLEX_LOG_LEVEL": os.environ.get("STREAMPLEX_LOG_LEVEL", "WARNING")}
     server = subprocess.Popen([sys.executable, "-m", "server", "--port", str(port)], cwd=ROOT, env=env)
     try:
         wait_ready(f"http://127.0.0.1:{port}", timeout=300)
