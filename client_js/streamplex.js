@@ -86,6 +86,7 @@ export class Subscription {
     this.id = id;
     this.resume = resume;
     this.restarts = 0;
+    this.lastSeq = -1;
     this.reason = null;
     this.onChunk = onChunk;
     this.onEnd = onEnd;
@@ -115,6 +116,7 @@ export class Subscription {
 
   _deliver(chunk) {
     if (this._terminal) return;
+    this.lastSeq = chunk.seq;
     if (this.onChunk) this.onChunk(chunk, this);
     else this._items.push(chunk);
     this._wake();
@@ -195,6 +197,8 @@ export class Client extends EventTarget {
     this.ready = null;
     this.state = "closed";
     this.reconnects = 0;
+    this.resumes = 0;
+    this._resumeToken = null;
     this._ws = null;
     this._subs = new Map();
     this._pongs = [];
@@ -220,23 +224,49 @@ export class Client extends EventTarget {
     return this._open();
   }
 
-  _open() {
+  _open(resume = false) {
     return new Promise((resolve, reject) => {
       const ws = new this.WebSocketImpl(this.url);
       ws.binaryType = "arraybuffer";
       let authenticated = false;
+      let resuming = false;
+      const opened = (frame) => {
+        this._ws = ws;
+        this._startHeartbeat();
+        this._setState("open");
+        this.dispatchEvent(new CustomEvent("ready", { detail: frame }));
+        resolve(frame);
+      };
       ws.onopen = () => ws.send(JSON.stringify({ op: "auth", api_key: this.apiKey }));
       ws.onmessage = (event) => {
         if (!authenticated) {
           const frame = JSON.parse(event.data);
           if (frame.op !== "ready") return;
           authenticated = true;
-          this._ws = ws;
           this.ready = frame;
-          this._startHeartbeat();
-          this._setState("open");
-          this.dispatchEvent(new CustomEvent("ready", { detail: frame }));
-          resolve(frame);
+          const previous = this._resumeToken;
+          this._resumeToken = frame.resume?.token ?? previous;
+          if (resume && previous && this._subs.size) {
+            // take the dropped session over: each stream goes on after the last seq this client saw
+            resuming = true;
+            const streams = Object.fromEntries([...this._subs.values()].map((sub) => [sub.id, sub.lastSeq]));
+            ws.send(JSON.stringify({ op: "resume", token: previous, streams }));
+            return;
+          }
+          opened(frame);
+          return;
+        }
+        if (resuming) {
+          resuming = false;
+          const answer = JSON.parse(event.data);
+          if (answer.op === "resumed") {
+            this.resumes += 1;
+            for (const id of Object.keys(answer.streams ?? {})) {
+              const sub = this._subs.get(id);
+              if (sub) sub._resumed = true; // `resumed: false` is followed by its `end` (reason resume_gap)
+            }
+          }
+          opened(this.ready);
           return;
         }
         this._onMessage(event.data);
@@ -311,6 +341,7 @@ export class Client extends EventTarget {
     this._subs.delete(sub.id);
     if (frame.reason === "error") sub._finish(new StreamplexError(frame.error.code, frame.error.message, { id: sub.id }), "error");
     else if (frame.reason === "shutdown") sub._finish(new StreamplexError("shutdown", "the server shut down", { id: sub.id }), "shutdown");
+    else if (frame.reason === "resume_gap") sub._finish(new StreamplexError("resume_gap", "chunks were lost while the connection was down", { id: sub.id }), "resume_gap");
     else sub._finish(null, frame.reason);
   }
 
@@ -334,7 +365,7 @@ export class Client extends EventTarget {
       await new Promise((resolve) => setTimeout(resolve, delay * (0.5 + Math.random() / 2)));
       if (this._closing) return;
       try {
-        await this._open();
+        await this._open(true);
         this.reconnects += 1;
         this._resubscribe();
         return;
@@ -350,6 +381,10 @@ export class Client extends EventTarget {
 
   _resubscribe() {
     for (const sub of [...this._subs.values()]) {
+      if (sub._resumed) {
+        sub._resumed = false;
+        continue;
+      }
       if (!sub.resume) {
         this._subs.delete(sub.id);
         sub._finish(new StreamplexError("connection_lost", "the connection was lost", { id: sub.id }), "lost");

@@ -51,14 +51,19 @@ const server = new Uint8Array([2, 0x61, 0x31, 0, 0, 0, 5, 0xff, 0xd8]);
 const decoded = decodeBinary(server.buffer);
 report.decoded = { id: decoded.id, seq: decoded.seq, payload: Buffer.from(decoded.payload).toString("hex") };
 
-// A dropped socket (1006): the client reconnects with backoff and subscribes again to the open stream.
-const live = client.subscribe("metrics", { interval_ms: 100 });
-let dropped = false;
-for await (const chunk of live) {
-  if (!dropped) { client._ws.terminate(); dropped = true; continue; }
-  if (live.restarts === 1 && chunk.data.cpu) break;
+// A dropped socket (1006): the client reconnects with backoff and resumes its session: the text goes on with
+// nothing lost or repeated.
+const wordList = Array.from({ length: 60 }, (_, i) => `w${i}`).join(" ");
+const story = client.subscribe("text", { text: wordList, unit: "words", chunk_size: 1, interval_ms: 20 });
+const got = [];
+for await (const chunk of story) {
+  got.push(chunk);
+  if (got.length === 10) client._ws.terminate();
 }
-report.reconnect = { restarts: live.restarts, reconnects: client.reconnects, state: client.state };
+report.reconnect = {
+  intact: got.map((c) => c.data).join("") === wordList && got.every((c, i) => c.seq === i),
+  restarts: story.restarts, reconnects: client.reconnects, resumes: client.resumes, state: client.state,
+};
 
 report.ping_ms = await client.ping();
 await new Promise((resolve) => setTimeout(resolve, 1200)); // heartbeats keep flowing

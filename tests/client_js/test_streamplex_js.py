@@ -21,6 +21,6 @@ def test_streamplex_js_against_the_server(server: ServerProc) -> None:
     assert report["push_errors"] == ["bad_request", "bad_request"]
     assert report["encoded"] == "02733100" + "01fffe"
     assert report["decoded"] == {"id": "a1", "seq": 5, "payload": "ffd8"}
-    assert report["reconnect"] == {"restarts": 1, "reconnects": 1, "state": "open"}
+    assert report["reconnect"] == {"intact": True, "restarts": 0, "reconnects": 1, "resumes": 1, "state": "open"}
     assert report["ping_ms"] < 5000 and report["state_after_heartbeats"] == "open"
     assert report["wrong_key"] == {"isAuth": True, "closeCode": 4001}
