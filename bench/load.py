@@ -258,8 +258,11 @@ def clients_cpu(procs: list[tuple[Any, Connection]]) -> float:
 
 def server_sample(server: Any, ps: psutil.Process, t0: float, last: dict[str, float], client_cpu: float = 0.0) -> dict[str, float]:
     """RSS, tasks, connections, streams, server frames/s and CPU % of the server and of all clients since the last sample."""
-    with urllib.request.urlopen(server.http + "/metrics", timeout=60) as resp:  # a saturated server answers late
-        text = resp.read().decode()
+    try:
+        with urllib.request.urlopen(server.http + "/metrics", timeout=60) as resp:  # a saturated server answers late
+            text = resp.read().decode()
+    except (OSError, TimeoutError):  # or not at all: the row shows its gauges as nan
+        text = "\n".join(f"streamplex_{name} nan" for name in ("tasks", "connections", "outbox_bytes", "streams{}", "frames_total{direction=\"out\"}"))
     values: dict[str, float] = Counter()
     for line in text.splitlines():
         if line.startswith("#"):
