@@ -48,6 +48,7 @@ class Settings(BaseSettings):
 
     outbox_bytes: int = Field(1_048_576, ge=4096, description="Bytes of outgoing frames buffered per connection; lossless streams wait when it is full, lossy ones start to drop.")
     resume_window: float = Field(30.0, ge=0, description="Seconds a dropped connection's session waits for the client to resume it (`resume` op); 0 disables resuming.")
+    resume_max_sessions: int = Field(1000, ge=1, description="Dropped sessions kept waiting for a resume at once, server-wide; past it the longest-waiting one ends (each holds its outbox and its streams' replay buffers).")
     resume_buffer_bytes: int = Field(1_048_576, ge=0, description="Bytes of recent frames each lossless stream keeps for replay on resume; a resume that needs older ones ends the stream with `resume_gap`.")
     lossy_depth: int = Field(32, ge=1, description="Frames a lossy stream (logs, metrics) keeps pending once the outbox is full; older ones are dropped and counted.")
     slow_consumer_timeout: float = Field(10.0, gt=0, description="Seconds a send may stay blocked on a client that does not read before it is closed with 4009.")

@@ -97,6 +97,10 @@ class Runtime:
         """Keep a session whose connection dropped for `resume_window` seconds; its streams go on meanwhile."""
         session.detached = True
         session.outbox.direct = None
+        while len(self.detached) >= self.settings.resume_max_sessions:
+            oldest = next(iter(self.detached))
+            self.detached[oldest][1].cancel()
+            self._expire(oldest)
         handle = asyncio.get_running_loop().call_later(self.settings.resume_window, self._expire, session.token)
         self.detached[session.token] = (session, handle)
         log.info("session %s detached; resumable for %g s", session.id, self.settings.resume_window)

@@ -137,3 +137,24 @@ async def test_session_expires_after_the_window(tmp) -> None:
         assert srv.metric("streamplex_streams", 'channel="metrics"') == 0
     finally:
         srv.stop()
+
+
+async def test_at_most_resume_max_sessions_wait(tmp) -> None:
+    srv = start_server(tmp, resume_max_sessions=1)
+    try:
+        tokens = []
+        for _ in range(2):
+            ws = await connect(srv)
+            tokens.append(ws.ready["resume"]["token"])
+            await send(ws, op="subscribe", id="m", channel="metrics", params={"interval_ms": 100})
+            await recv(ws)
+            cut(ws)
+            await asyncio.sleep(0.3)
+        ws, first = await resume(srv, tokens[0], {})
+        await ws.close()
+        ws, second = await resume(srv, tokens[1], {"m": 0})
+        await ws.close()
+        assert first["code"] == "resume_failed", first
+        assert second["op"] == "resumed" and second["streams"]["m"]["resumed"], second
+    finally:
+        srv.stop()
