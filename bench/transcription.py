@@ -218,10 +218,16 @@ def run_windows(runner: Any, audios: list[np.ndarray]) -> float:
     requests = {i: TranscriptionRequest(a, "en") for i, a in enumerate(audios)}
     started = time.perf_counter()
     plan = StepPlan(admit=dict(requests), prefill=[Chunk(i, 0, len(runner.vocab.prompt(r)), True) for i, r in requests.items()])
-    live = set(requests)
+    live, generated = set(requests), dict.fromkeys(requests, 0)
     while live:
-        live -= {o.seq_id for o in runner.execute(plan) if o.done}
-        plan = StepPlan(decode=sorted(live))
+        for out in runner.execute(plan):
+            generated[out.seq_id] += out.token is not None
+            if out.done:
+                live.discard(out.seq_id)
+        limit = {i for i in live if generated[i] >= runner.max_new_tokens(len(runner.vocab.prompt(requests[i])))}  # as the scheduler does
+        live -= limit
+        plan = StepPlan(release=sorted(limit), decode=sorted(live))
+    runner.execute(StepPlan(release=plan.release))
     return time.perf_counter() - started
 
 

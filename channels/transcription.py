@@ -41,6 +41,7 @@ log = logging.getLogger(__name__)
 
 TRIM_SECONDS = 5.0  # cut the buffer at a final segment's end once it is longer than this
 FORCE_SECONDS = 24.0  # a buffer still this long after trimming has its pending words made final and is cut
+MIN_SEGMENT_SECONDS = 0.05  # shorter segments are Whisper looping at the window's end
 KEEP_SECONDS = 5.0  # audio kept after such a forced cut
 MAX_PENDING_SECONDS = 30.0  # audio received but not yet transcribed; beyond it pushed input waits (the push queue fills)
 PROMPT_CHARS = 200  # final text before the buffer given to Whisper as context
@@ -307,7 +308,17 @@ class _Transcriber:
         if tail:
             start = segments[-1].end if segments else 0.0
             segments.append(Segment(start, window, self.vocab.decode(tail)))
-        return segments, request.detected_language
+        return without_repeats(segments), request.detected_language
+
+
+def without_repeats(segments: list[Segment]) -> list[Segment]:
+    """Drop Whisper's looping: segments of no duration (time tokens pinned at the window's end) and a segment repeating the one before."""
+    kept: list[Segment] = []
+    for seg in segments:
+        if seg.end - seg.start < MIN_SEGMENT_SECONDS or (kept and Word(0, 0, seg.text).key == Word(0, 0, kept[-1].text).key):
+            continue
+        kept.append(seg)
+    return kept
 
 
 def _segment(kind: str, words: list[Word]) -> dict[str, Any]:

@@ -308,7 +308,7 @@ class WhisperRunner(Runner):
     def _pick(self, rows: list[int], logits: torch.Tensor) -> list[Output]:
         """Greedy tokens under Whisper's rules; a row that ends (end of text) leaves the block."""
         vocab = self.vocab
-        assert vocab is not None and self._suppress is not None
+        assert vocab is not None and self._suppress is not None and self._block is not None
         logits = logits.masked_fill(self._suppress, -math.inf)
         ts = vocab.timestamp_begin
         outputs, ended = [], []
@@ -342,6 +342,10 @@ class WhisperRunner(Runner):
                 ended.append(row.seq_id)
                 continue
             seq.append(token)
+            if self._block.lengths[r] + 1 >= self.max_positions:  # no position left for the next step (the scheduler's limit is lower)
+                outputs.append(Output(row.seq_id, token=token, done="length"))
+                ended.append(row.seq_id)
+                continue
             outputs.append(Output(row.seq_id, token=token))
         for seq_id in ended:
             self._drop(seq_id)

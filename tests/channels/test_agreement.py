@@ -26,3 +26,10 @@ def test_two_agreeing_hypotheses_make_words_final() -> None:
     assert text_of(final) == "Fox" and text_of(la.pending) == "jumps"
     assert text_of(la.force()) == "jumps" and la.pending == []
     assert text_of(la.committed) == "the quick, brown. Fox jumps"
+
+
+def test_looping_segments_are_dropped() -> None:
+    from channels.transcription import without_repeats
+
+    looped = [Segment(0, 2, " The train leaves."), Segment(2, 4, " The train leaves!"), Segment(4, 5, " At noon."), Segment(5, 5, " At noon again.")]
+    assert [s.text for s in without_repeats(looped)] == [" The train leaves.", " At noon."]
