@@ -20,6 +20,7 @@ import asyncio
 import contextlib
 import logging
 import time
+import zlib
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any, Literal, cast
 
@@ -41,6 +42,7 @@ log = logging.getLogger(__name__)
 
 TRIM_SECONDS = 5.0  # cut the buffer at a final segment's end once it is longer than this
 FORCE_SECONDS = 24.0  # a buffer still this long after trimming has its pending words made final and is cut
+MAX_COMPRESSION = 2.4  # Whisper's compression-ratio threshold for a looping transcript
 MIN_SEGMENT_SECONDS = 0.05  # shorter segments are Whisper looping at the window's end
 KEEP_SECONDS = 5.0  # audio kept after such a forced cut
 MAX_PENDING_SECONDS = 30.0  # audio received but not yet transcribed; beyond it pushed input waits (the push queue fills)
@@ -287,6 +289,16 @@ class _Transcriber:
         return [start, *self.vocab.encode(" " + text_of(inside))], self.agreement.committed_until - self.offset
 
     async def _transcribe(self, prefixed: bool = True) -> tuple[list[Segment], str | None]:
+        """Timed segments of the buffer after its final words, and the language; a looping hypothesis is retried without the prefix, then dropped."""
+        segments, language = await self._hypothesis(prefixed)
+        if looping(segments) and prefixed:
+            segments, language = await self._hypothesis(False)
+        if looping(segments):
+            log.info("transcription %s: a hypothesis that loops was dropped", self.stream_id)
+            return [], language
+        return segments, language
+
+    async def _hypothesis(self, prefixed: bool) -> tuple[list[Segment], str | None]:
         """Timed segments of the buffer after its final words (unfinished text at the end runs to the buffer's end), and the language."""
         prefix, resume = self._prefix() if prefixed else ([], 0.0)
         request = TranscriptionRequest(self.buffer, self.language, self.params.task, True, self._prompt(), prefix)
@@ -309,6 +321,12 @@ class _Transcriber:
             start = segments[-1].end if segments else 0.0
             segments.append(Segment(start, window, self.vocab.decode(tail)))
         return without_repeats(segments), request.detected_language
+
+
+def looping(segments: list[Segment]) -> bool:
+    """Whether a hypothesis repeats itself, by Whisper's own test: its text compresses more than 2.4 to 1 with zlib."""
+    text = "".join(s.text for s in segments).encode()
+    return len(text) > 40 and len(text) / len(zlib.compress(text)) > MAX_COMPRESSION
 
 
 def without_repeats(segments: list[Segment]) -> list[Segment]:

@@ -33,3 +33,10 @@ def test_looping_segments_are_dropped() -> None:
 
     looped = [Segment(0, 2, " The train leaves."), Segment(2, 4, " The train leaves!"), Segment(4, 5, " At noon."), Segment(5, 5, " At noon again.")]
     assert [s.text for s in without_repeats(looped)] == [" The train leaves.", " At noon."]
+
+
+def test_a_looping_hypothesis_is_recognised() -> None:
+    from channels.transcription import looping
+
+    assert looping([Segment(0, 9, " He for train to the city" + " for train to the city" * 20)])
+    assert not looping([Segment(0, 9, " The weather today is sunny with a light breeze from the west. Please send the report to my office.")])
