@@ -240,10 +240,11 @@ class MetricsChannel(Channel):
                     return None
                 prev, cur = message
                 node = cur.get("node", "")
-                start = last.setdefault(node, prev)
-                if any(group not in start for group in wanted):  # sampled before this stream asked for it
-                    last[node] = cur
-                    return None
+                start = last.get(node)
+                if start is None:
+                    # The first span starts at the sample before; if that was read before this stream asked
+                    # for its groups, the first chunk waits for the next span.
+                    start = last[node] = prev if all(group in prev for group in wanted) else cur
                 if cur["t"] - start["t"] < interval * 0.95:
                     return None
                 last[node] = cur
