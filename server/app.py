@@ -22,6 +22,7 @@ from server.config import ROOT, Settings
 from server.connection import Connection, Disconnected, watch_slow_consumers
 from server.http_stream import PREFIX, HttpStreams
 from server.logbuffer import RingLogHandler
+from server.protocol import CloseCode
 from server.runtime import Runtime
 
 
@@ -68,6 +69,7 @@ class App:
         self.runtime = runtime
         self.http = http
         self.state = http.state
+        self.sockets = 0  # open /ws connections, before and after authentication
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "websocket" and scope["path"] == "/ws":
@@ -79,9 +81,18 @@ class App:
         if (await receive())["type"] != "websocket.connect":
             return
         await send({"type": "websocket.accept"})
+        limit = self.runtime.settings.max_connections
+        if self.sockets >= limit:
+            self.runtime.telemetry.stats.closes[CloseCode.TRY_AGAIN_LATER] += 1
+            await send({"type": "websocket.close", "code": CloseCode.TRY_AGAIN_LATER, "reason": f"the server holds its {limit} connections; try again later"})
+            return
         client = scope.get("client")
         address = client[0] if client else "unknown"
-        await Connection(self.runtime, _AsgiTransport(receive, send), address, _header_key(Headers(scope=scope))).run()
+        self.sockets += 1
+        try:
+            await Connection(self.runtime, _AsgiTransport(receive, send), address, _header_key(Headers(scope=scope))).run()
+        finally:
+            self.sockets -= 1
 
 
 CLIENT_JS = ROOT / "client_js"

@@ -37,6 +37,7 @@ class Settings(BaseSettings):
     auth_fail_window: float = Field(60.0, gt=0, description="Seconds over which failed authentications are counted.")
 
     max_frame_bytes: int = Field(1_048_576, ge=1024, description="Largest incoming WebSocket message in bytes; a larger one closes the connection with 1009.")
+    max_connections: int = Field(10_000, ge=1, description="WebSocket connections the server holds at once, authenticated or not; past it a new one is closed at once with 1013 (try again later).")
     max_streams: int = Field(64, ge=1, description="Streams one connection may have open at once.")
     rate: float = Field(100.0, gt=0, description="Incoming ops per second each connection may send (token-bucket refill rate).")
     burst: int = Field(200, ge=1, description="Token-bucket capacity: ops a connection may send in a burst.")

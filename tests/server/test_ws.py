@@ -277,3 +277,21 @@ async def test_http_endpoints(server: ServerProc) -> None:
     assert "chunk_size" in schemas["text"]["properties"] and "format" in schemas["data"]["properties"]
     status, body = server.get("/metrics")
     assert status == 200 and b"streamplex_frames_total" in body and b"streamplex_connections" in body
+
+
+async def test_connections_past_max_connections_are_closed_1013(tmp) -> None:
+    srv = start_server(tmp, max_connections=2)
+    try:
+        held = [await connect(srv), await websockets.connect(srv.url)]  # the second is not even authenticated
+        extra = await websockets.connect(srv.url)
+        with pytest.raises(websockets.ConnectionClosed):
+            await asyncio.wait_for(extra.recv(), 5)
+        assert extra.close_code == 1013, extra.close_code
+        await held[1].close()
+        await asyncio.sleep(0.3)
+        again = await connect(srv)  # room again
+        await again.close()
+        await held[0].close()
+        assert srv.metric("streamplex_closes_total", 'code="1013"') == 1
+    finally:
+        srv.stop()
