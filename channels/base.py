@@ -145,6 +145,16 @@ class ChannelStatus:
 AVAILABLE = ChannelStatus("available")
 
 
+def model_status(engine: Engine | None, family: str) -> ChannelStatus:
+    """A model channel's status: that of its engine family's default model."""
+    if engine is None:
+        return ChannelStatus("unavailable", "the model engine is not running")
+    state, reason = engine.family_state(family)
+    if state == "ready":
+        return AVAILABLE
+    return ChannelStatus("loading", f"the {family} model is loading") if state == "loading" else ChannelStatus("unavailable", reason)
+
+
 class Channel(ABC):
     """One kind of content. Subclasses set the class attributes and implement `stream`."""
 

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, Literal, cast
 
 from pydantic import Field, field_validator, model_validator
 
-from channels.base import AVAILABLE, Channel, ChannelError, ChannelStatus, ParamsModel, StreamContext
+from channels.base import Channel, ChannelError, ChannelStatus, ParamsModel, StreamContext, model_status
 from server.engine import Engine, EngineError, GenerationRequest, SamplingParams, Stream
 from server.engine.detok import IncrementalDetokenizer
 from server.protocol import ErrorCode
@@ -137,12 +137,7 @@ class ChatChannel(Channel):
         return self.services.engine
 
     def status(self) -> ChannelStatus:
-        if self.engine is None:
-            return ChannelStatus("unavailable", "the model engine is not running")
-        state, reason = self.engine.family_state("chat")
-        if state == "ready":
-            return AVAILABLE
-        return ChannelStatus("loading", "the chat model is loading") if state == "loading" else ChannelStatus("unavailable", reason)
+        return model_status(self.engine, "chat")
 
     def check(self, params: ChatParams) -> None:
         models = self.engine.models("chat") if self.engine is not None else []

@@ -28,7 +28,7 @@ import numpy as np
 from pydantic import Field, model_validator
 
 from channels.agreement import LocalAgreement, Word, text_of
-from channels.base import AVAILABLE, Channel, ChannelError, ChannelStatus, ParamsModel, StreamContext
+from channels.base import Channel, ChannelError, ChannelStatus, ParamsModel, StreamContext, model_status
 from channels.media import MediaRef, local_media, media_ref
 from channels.pacing import Clock
 from server.engine import Engine, EngineError
@@ -124,14 +124,7 @@ class TranscriptionChannel(Channel):
         return self.services.engine
 
     def status(self) -> ChannelStatus:
-        if self.engine is None:
-            return ChannelStatus("unavailable", "the model engine is not running")
-        if not self.engine.models("transcription"):
-            return ChannelStatus("unavailable", "no transcription model is configured")
-        state, reason = self.engine.family_state("transcription")
-        if state == "ready":
-            return AVAILABLE
-        return ChannelStatus("loading", "the transcription model is loading") if state == "loading" else ChannelStatus("unavailable", reason)
+        return model_status(self.engine, "transcription")
 
     def check(self, params: TranscriptionParams) -> None:
         self._runner(params)

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, Literal, cast
 from pydantic import ConfigDict, Field
 
 from channels.apertium import Apertium, ApertiumError, code3
-from channels.base import AVAILABLE, Channel, ChannelError, ChannelStatus, ParamsModel, StreamContext
+from channels.base import AVAILABLE, Channel, ChannelError, ChannelStatus, ParamsModel, StreamContext, model_status
 from server.engine import EngineError, Stream
 from server.engine.detok import IncrementalDetokenizer
 from server.protocol import ErrorCode
@@ -91,8 +91,7 @@ class TranslationChannel(Channel):
             return AVAILABLE
         engine = self.services.engine
         if engine is not None and engine.models("translation"):
-            state, reason = engine.family_state("translation")
-            return AVAILABLE if state == "ready" else ChannelStatus("loading" if state == "loading" else "unavailable", reason)
+            return model_status(engine, "translation")
         return ChannelStatus("unavailable", f"no Apertium pairs under {self.settings.apertium_dir} and no neural model configured")
 
     def check(self, params: TranslationParams) -> None:

@@ -95,12 +95,9 @@ class Runtime:
 
     def detach(self, session: Session) -> None:
         """Keep a session whose connection dropped for `resume_window` seconds; its streams go on meanwhile."""
-        session.detached = True
         session.outbox.direct = None
         while len(self.detached) >= self.settings.resume_max_sessions:
-            oldest = next(iter(self.detached))
-            self.detached[oldest][1].cancel()
-            self._expire(oldest)
+            self._expire(next(iter(self.detached)))
         handle = asyncio.get_running_loop().call_later(self.settings.resume_window, self._expire, session.token)
         self.detached[session.token] = (session, handle)
         log.info("session %s detached; resumable for %g s", session.id, self.settings.resume_window)
@@ -115,9 +112,11 @@ class Runtime:
         return entry[0]
 
     def _expire(self, token: str) -> None:
+        """End a waiting session's streams now (its window is over, room is needed, or the server drains)."""
         entry = self.detached.pop(token, None)
         if entry is not None:
-            log.info("session %s was not resumed within %g s; its streams end", entry[0].id, self.settings.resume_window)
+            entry[1].cancel()
+            log.info("session %s ends unresumed (window of %g s over, room needed, or draining)", entry[0].id, self.settings.resume_window)
             task = asyncio.create_task(entry[0].end_all(EndReason.UNSUBSCRIBED, notify=False), name=f"expire:{entry[0].id}")
             self._expiring.add(task)
             task.add_done_callback(self._expiring.discard)
@@ -127,7 +126,6 @@ class Runtime:
         self.draining = True
         self.drain_started.set()
         for token in list(self.detached):
-            self.detached[token][1].cancel()
             self._expire(token)
         if self.connections:
             log.info("draining %d connection(s)", len(self.connections))

@@ -82,7 +82,6 @@ class Session:
         self.outbox = Outbox(settings.outbox_bytes)
         self.token = secrets.token_urlsafe(24)
         self.ended: dict[str, Stream] = {}  # recently ended streams, for a resume that missed their last frames
-        self.detached = False
 
     def reply(self, frame: dict[str, Any]) -> None:
         """Queue a control frame (may raise OutboxOverflow)."""
@@ -140,7 +139,6 @@ class Session:
         ended ones it does not name as finished with.
         """
         self.outbox.clear()
-        self.detached = False
         report: dict[str, Any] = {}
         frames: list[Payload] = []
         ended = [s for s in self.ended.values() if s.id in last_seqs and s.id not in self.streams]
