@@ -119,7 +119,10 @@ async def main() -> None:
         server = start_server(Path(tmp), embedding_model="all-minilm-l6-v2")
         try:
             for _ in range(1200):
-                if server.metric("streamplex_engine_embedding_all_minilm_l6_v2_items_total") or "embedding_all_minilm_l6_v2_items_total" in server.get("/metrics")[1].decode():
+                if (
+                    server.metric("streamplex_engine_embedding_all_minilm_l6_v2_items_total")
+                    or "embedding_all_minilm_l6_v2_items_total" in server.get("/metrics")[1].decode()
+                ):
                     break
                 await asyncio.sleep(0.1)
             warm = await connect(server)

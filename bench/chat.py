@@ -54,10 +54,7 @@ TOPICS = [
 
 
 def prompts(n: int) -> list[str]:
-    return [
-        f"Write a detailed essay about {TOPICS[i % len(TOPICS)]}." + (f" Part {i // len(TOPICS) + 1}." if i >= len(TOPICS) else "")
-        for i in range(n)
-    ]
+    return [f"Write a detailed essay about {TOPICS[i % len(TOPICS)]}." + (f" Part {i // len(TOPICS) + 1}." if i >= len(TOPICS) else "") for i in range(n)]
 
 
 def pct(values: list[float], q: float) -> float:
@@ -100,9 +97,7 @@ def load_reference(settings: Settings) -> tuple[Any, Any, Any]:
     device = resolve_device(settings.device)
     if device.type == "cpu":
         use_threads(cpu_threads(settings.engine_threads))
-    model, tokenizer = load_causal_lm(
-        model_folder(chat_specs(settings.chat_model)[0], settings.cache_dir), device, resolve_dtype(settings.dtype, device)
-    )
+    model, tokenizer = load_causal_lm(model_folder(chat_specs(settings.chat_model)[0], settings.cache_dir), device, resolve_dtype(settings.dtype, device))
     return torch, model, tokenizer
 
 
@@ -111,10 +106,7 @@ def references(settings: Settings, texts: list[str], max_new: int) -> list[Resul
     torch, model, tokenizer = load_reference(settings)
     eos = model.generation_config.eos_token_id
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
-    encoded = [
-        tokenizer.apply_chat_template([{"role": "user", "content": t}], add_generation_prompt=True, tokenize=True, return_dict=False)
-        for t in texts
-    ]
+    encoded = [tokenizer.apply_chat_template([{"role": "user", "content": t}], add_generation_prompt=True, tokenize=True, return_dict=False) for t in texts]
     device = model.device
 
     def new_tokens(row: list[int]) -> list[int]:
@@ -336,9 +328,7 @@ def main() -> None:
     print(f"{args.streams} streams, max {args.tokens} new tokens, greedy, arrivals {args.arrival_ms:g} ms apart, device {settings.device}")
     print(table(rows))
     if args.json:
-        args.json.write_text(
-            json.dumps({"streams": args.streams, "tokens": args.tokens, "arrival_ms": args.arrival_ms, "rows": rows}, indent=2)
-        )
+        args.json.write_text(json.dumps({"streams": args.streams, "tokens": args.tokens, "arrival_ms": args.arrival_ms, "rows": rows}, indent=2))
 
 
 if __name__ == "__main__":

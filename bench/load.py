@@ -77,6 +77,7 @@ def profile(index: int, slow_share: float, chat: bool) -> str:
 
 def subscriptions(kind: str, interval_ms: int) -> list[dict[str, Any]]:
     """The subscribe ops a connection of `kind` sends."""
+
     def sub(stream_id: str, channel: str, params: dict[str, Any]) -> dict[str, Any]:
         return {"op": "subscribe", "id": stream_id, "channel": channel, "params": params}
 
@@ -118,7 +119,9 @@ class Client:
 
     async def open(self, semaphore: asyncio.Semaphore) -> None:
         async with semaphore:
-            self.ws = await websockets.connect(self.job.url, additional_headers={"X-API-Key": self.job.key}, max_size=None, open_timeout=120, ping_interval=None, compression=None)
+            self.ws = await websockets.connect(
+                self.job.url, additional_headers={"X-API-Key": self.job.key}, max_size=None, open_timeout=120, ping_interval=None, compression=None
+            )
             ready = orjson.loads(await self.ws.recv())
             if ready.get("op") != "ready":
                 raise RuntimeError(f"expected ready, got {ready}")
@@ -262,7 +265,7 @@ def server_sample(server: Any, ps: psutil.Process, t0: float, last: dict[str, fl
         with urllib.request.urlopen(server.http + "/metrics", timeout=60) as resp:  # a saturated server answers late
             text = resp.read().decode()
     except (OSError, TimeoutError):  # or not at all: the row shows its gauges as nan
-        text = "\n".join(f"streamplex_{name} nan" for name in ("tasks", "connections", "outbox_bytes", "streams{}", "frames_total{direction=\"out\"}"))
+        text = "\n".join(f"streamplex_{name} nan" for name in ("tasks", "connections", "outbox_bytes", "streams{}", 'frames_total{direction="out"}'))
     values: dict[str, float] = Counter()
     for line in text.splitlines():
         if line.startswith("#"):

@@ -140,7 +140,9 @@ def resampling() -> None:
         torch.nn.functional.conv1d(buffer[:, None, : blocks * resampler.orig + 2 * resampler.width], kernel, stride=resampler.orig)
         buffer = buffer[:, blocks * resampler.orig :]
     torch_s = time.perf_counter() - t
-    print(f"resampling 60 s stereo 44.1->16 kHz in 100 ms blocks: numpy einsum {numpy_s:.3f} s, torch conv1d ({torch.get_num_threads()} threads) {torch_s:.3f} s")
+    print(
+        f"resampling 60 s stereo 44.1->16 kHz in 100 ms blocks: numpy einsum {numpy_s:.3f} s, torch conv1d ({torch.get_num_threads()} threads) {torch_s:.3f} s"
+    )
 
 
 async def throughput(folder: Path, seconds: float) -> None:

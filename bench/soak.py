@@ -91,9 +91,18 @@ def stream_params(rng: random.Random, chat: bool) -> tuple[str, dict[str, Any]]:
     if chat and roll < 0.1:
         return "chat", {"message": rng.choice(["Say hi.", "Name a fruit.", "Count to three."]), "max_tokens": rng.randint(4, 16)}
     if roll < 0.4:
-        return "text", {"text": "lorem ipsum dolor sit amet " * rng.randint(10, 400), "unit": rng.choice(["chars", "words", "bytes"]), "chunk_size": rng.randint(1, 64), "interval_ms": rng.choice([0, 2, 10])}
+        return "text", {
+            "text": "lorem ipsum dolor sit amet " * rng.randint(10, 400),
+            "unit": rng.choice(["chars", "words", "bytes"]),
+            "chunk_size": rng.randint(1, 64),
+            "interval_ms": rng.choice([0, 2, 10]),
+        }
     if roll < 0.65:
-        return "data", {"records": [{"i": i, "name": f"row {i}"} for i in range(rng.randint(1, 300))], "format": rng.choice(["ndjson", "json", "csv", "xml"]), "chunk_size": rng.randint(1, 50)}
+        return "data", {
+            "records": [{"i": i, "name": f"row {i}"} for i in range(rng.randint(1, 300))],
+            "format": rng.choice(["ndjson", "json", "csv", "xml"]),
+            "chunk_size": rng.randint(1, 50),
+        }
     if roll < 0.85:
         return "metrics", {"interval_ms": rng.choice([100, 250, 500])}
     return "logs", {"lines": rng.randint(0, 20), "level": rng.choice(["DEBUG", "INFO", "WARNING"])}
@@ -197,7 +206,9 @@ async def settle(target: Target, baseline: dict[str, float], tolerance_mib: floa
     while True:
         now = await asyncio.to_thread(sample, target)
         failures = [
-            f"{name} {now[name]:g} (baseline {baseline[name]:g})" for name in ("tasks", "connections", "streams", "engine_streams") if now[name] > baseline[name]
+            f"{name} {now[name]:g} (baseline {baseline[name]:g})"
+            for name in ("tasks", "connections", "streams", "engine_streams")
+            if now[name] > baseline[name]
         ]
         if now["rss_mib"] > baseline["rss_mib"] + tolerance_mib:
             failures.append(f"rss {now['rss_mib']:.1f} MiB (baseline {baseline['rss_mib']:.1f} + {tolerance_mib:g} MiB tolerance)")
@@ -266,7 +277,9 @@ def report(result: dict[str, Any]) -> str:
     """The result as text: a timeline table, then the verdict."""
     lines = ["| t s | RSS MiB | tasks | connections | streams | engine streams |", "| ---: | ---: | ---: | ---: | ---: | ---: |"]
     for row in [{"t": 0.0, **result["baseline"]}, *result["timeline"]]:
-        lines.append(f"| {row['t']:.0f} | {row['rss_mib']:.1f} | {row['tasks']:.0f} | {row['connections']:.0f} | {row['streams']:.0f} | {row['engine_streams']:.0f} |")
+        lines.append(
+            f"| {row['t']:.0f} | {row['rss_mib']:.1f} | {row['tasks']:.0f} | {row['connections']:.0f} | {row['streams']:.0f} | {row['engine_streams']:.0f} |"
+        )
     b, a = result["baseline"], result["after"]
     lines += [
         "",

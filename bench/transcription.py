@@ -38,7 +38,7 @@ sys.path.insert(0, str(ROOT))
 from channels.agreement import LocalAgreement, text_of  # noqa: E402
 from channels.transcription import TRIM_SECONDS  # noqa: E402
 from server.config import Settings  # noqa: E402
-from server.engine.asr import SAMPLE_RATE, Segment  # noqa: E402
+from server.engine.asr import SAMPLE_RATE  # noqa: E402
 from tests.asrmodel import speech, wer  # noqa: E402
 
 SENTENCES = [
@@ -140,8 +140,8 @@ def naive_run(k: int, audios: list[tuple[np.ndarray, str]], folder: Path, thread
             run.compute_s += time.perf_counter() - started
             window = len(s["buf"]) / SAMPLE_RATE
             segments, tail = vocab.segments(tokens, window)
-            if tail:
-                segments.append(Segment(segments[-1].end if segments else 0.0, window, vocab.decode(tail)))
+            if tail is not None:
+                segments.append(tail)
             la: LocalAgreement = s["la"]
             finals(i, la.update(segments, s["offset"]))
             cut = la.cut_point()

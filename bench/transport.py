@@ -200,7 +200,13 @@ class Server:
         self.port = free_port()
         self.log = tempfile.NamedTemporaryFile(prefix=f"bench-{target}-", suffix=".log", delete=False)  # noqa: SIM115
         no_models = {f"STREAMPLEX_{name}": "" for name in ("CHAT_MODEL", "ASR_MODEL", "EMBEDDING_MODEL", "TRANSLATION_MODEL")}
-        env = {**os.environ, **no_models, "STREAMPLEX_API_KEYS": KEY, "STREAMPLEX_LOG_LEVEL": "WARNING", "STREAMPLEX_PER_MESSAGE_DEFLATE": "true" if deflate else "false"}
+        env = {
+            **os.environ,
+            **no_models,
+            "STREAMPLEX_API_KEYS": KEY,
+            "STREAMPLEX_LOG_LEVEL": "WARNING",
+            "STREAMPLEX_PER_MESSAGE_DEFLATE": "true" if deflate else "false",
+        }
         if target == "streamplex":
             command = [sys.executable, "-m", "server", "--port", str(self.port)]
         else:
@@ -376,7 +382,12 @@ def main() -> None:
     parser.add_argument("--conns", default="100,1000", help="comma-separated connection counts for the load phases")
     parser.add_argument("--idle-conns", type=int, default=2000, help="connections for the idle-memory phases (0 skips them)")
     parser.add_argument("--interval-ms", type=int, default=100, help="milliseconds between a stream's frames")
-    parser.add_argument("--frame-bytes", type=int, default=250, help="size of the reference's chunk frames (before WebSocket framing); match streamplex's, which the report shows")
+    parser.add_argument(
+        "--frame-bytes",
+        type=int,
+        default=250,
+        help="size of the reference's chunk frames (before WebSocket framing); match streamplex's, which the report shows",
+    )
     parser.add_argument("--fields", default="cpu,memory", help="the metrics groups streamplex's stream carries")
     parser.add_argument("--duration", type=float, default=12.0, help="measurement window of each load phase, seconds")
     parser.add_argument("--warmup", type=float, default=3.0, help="seconds between subscribing and the window")

@@ -207,7 +207,9 @@ class AnalysisChannel(Channel):
                     compounds.append(chunk["sentiment"]["compound"])
                 if params.wants("entity"):
                     chunk["entities"] = [
-                        {"text": e.text, "label": e.label_, "start": e.start_char, "end": e.end_char} for e in doc.ents if sentence.start <= e.start_char < sentence.end
+                        {"text": e.text, "label": e.label_, "start": e.start_char, "end": e.end_char}
+                        for e in doc.ents
+                        if sentence.start <= e.start_char < sentence.end
                     ]
                     labels.update(e["label"] for e in chunk["entities"])
                 yield chunk

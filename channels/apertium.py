@@ -186,4 +186,3 @@ class Apertium:
         for pipeline in self.pipelines.values():
             await pipeline.close()
         self.pipelines.clear()
-

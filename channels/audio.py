@@ -25,7 +25,9 @@ class AudioParams(ParamsModel):
     audio_url: str | None = Field(None, max_length=2048, description="An http(s) URL of a media file (only when the server allows URLs).")
     sample_rate: int = Field(44100, ge=8000, le=96000, description="Output sample rate in Hz (resampled with torchaudio).")
     channels: Literal[1, 2] | None = Field(None, description="Output channels: 1 (mixed down) or 2; default the source's (more than two are mixed to stereo).")
-    format: Format = Field("pcm_s16le", description="pcm_s16le or f32le (raw interleaved little-endian samples), or wav (a 16-bit WAV header frame, then pcm_s16le).")
+    format: Format = Field(
+        "pcm_s16le", description="pcm_s16le or f32le (raw interleaved little-endian samples), or wav (a 16-bit WAV header frame, then pcm_s16le)."
+    )
     chunk_ms: int = Field(100, ge=10, le=1000, description="Milliseconds of audio per binary frame.")
     realtime: bool = Field(True, description="Pace frames in real time; false streams as fast as the client reads.")
     start_ms: int = Field(0, ge=0, le=MAX_START_MS, description="Start this far into the source.")
@@ -79,7 +81,12 @@ class AudioChannel(Channel):
                 "samples_per_chunk": block,
                 "start_ms": params.start_ms,
                 "realtime": params.realtime,
-                "source": {"codec": info.codec, "sample_rate": info.sample_rate, "channels": info.channels, "duration_ms": None if info.duration_s is None else round(info.duration_s * 1000, 3)},
+                "source": {
+                    "codec": info.codec,
+                    "sample_rate": info.sample_rate,
+                    "channels": info.channels,
+                    "duration_ms": None if info.duration_s is None else round(info.duration_s * 1000, 3),
+                },
             }
             if params.format == "wav":
                 yield Binary(wav_header(rate, audio.channels))

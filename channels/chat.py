@@ -36,9 +36,7 @@ class Message(ParamsModel):
 
 
 class ChatParams(ParamsModel):
-    messages: list[Message] | None = Field(
-        None, min_length=1, description="The conversation so far (role/content), ending with a user turn."
-    )
+    messages: list[Message] | None = Field(None, min_length=1, description="The conversation so far (role/content), ending with a user turn.")
     message: str | None = Field(None, description="A single user message (instead of `messages`).")
     system: str | None = Field(None, description="A system prompt to go with `message`.")
     max_tokens: int = Field(256, ge=1, le=32768, description="Most tokens to generate per reply (also bounded by the model's context).")

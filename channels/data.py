@@ -159,12 +159,20 @@ class DataChannel(Channel):
         if params.dataset is not None:
             path = resolve_inside(self.settings.data_dir, params.dataset, "dataset")
             if path.suffix.lower() not in (".csv", ".jsonl", ".ndjson"):
-                raise ChannelError(ErrorCode.INVALID_PARAMS, "dataset must be a .csv or .jsonl file", [{"field": "dataset", "message": "unsupported file type", "type": "value_error"}])
+                raise ChannelError(
+                    ErrorCode.INVALID_PARAMS,
+                    "dataset must be a .csv or .jsonl file",
+                    [{"field": "dataset", "message": "unsupported file type", "type": "value_error"}],
+                )
         elif params.format in ("csv", "xml"):
             records = params.records if params.records is not None else [params.data]
             for i, record in enumerate(records):
                 if not isinstance(record, dict):
-                    raise ChannelError(ErrorCode.INVALID_PARAMS, f"{params.format} needs objects as records", [{"field": f"records.{i}", "message": "not an object", "type": "dict_type"}])
+                    raise ChannelError(
+                        ErrorCode.INVALID_PARAMS,
+                        f"{params.format} needs objects as records",
+                        [{"field": f"records.{i}", "message": "not an object", "type": "dict_type"}],
+                    )
 
     async def stream(self, params: DataParams, ctx: StreamContext) -> AsyncIterator[str]:
         pace = Pacer(params.interval_ms)

@@ -22,7 +22,11 @@ def resolve_inside(folder: Path, name: str, param: str) -> Path:
         is_file = path.is_file()
     except (OSError, ValueError) as exc:  # a name too long for the file system, or holding a NUL
         reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
-        raise ChannelError(ErrorCode.INVALID_PARAMS, f"{param} is not a usable file name ({reason})", [{"field": param, "message": "not a usable file name", "type": "value_error"}]) from None
+        raise ChannelError(
+            ErrorCode.INVALID_PARAMS,
+            f"{param} is not a usable file name ({reason})",
+            [{"field": param, "message": "not a usable file name", "type": "value_error"}],
+        ) from None
     if not path.is_relative_to(root) or path == root:
         raise ChannelError(ErrorCode.FORBIDDEN, f"{param} {name!r} is outside the server's folder for it")
     if not is_file:

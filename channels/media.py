@@ -63,14 +63,18 @@ def media_ref(settings: Settings, source: str | None, url: str | None, url_param
     assert url is not None
     if not settings.media_allow_urls:
         raise ChannelError(
-            ErrorCode.FORBIDDEN, "this server does not fetch media URLs (STREAMPLEX_MEDIA_ALLOW_URLS is off); use `source`", [_detail(url_param, "URLs are not allowed", "url_not_allowed")]
+            ErrorCode.FORBIDDEN,
+            "this server does not fetch media URLs (STREAMPLEX_MEDIA_ALLOW_URLS is off); use `source`",
+            [_detail(url_param, "URLs are not allowed", "url_not_allowed")],
         )
     try:
         parsed = httpx.URL(url)
     except httpx.InvalidURL as exc:
         raise ChannelError(ErrorCode.INVALID_PARAMS, f"`{url_param}` is not a valid URL: {exc}", [_detail(url_param, str(exc), "url_parsing")]) from None
     if parsed.scheme not in ("http", "https") or not parsed.host:
-        raise ChannelError(ErrorCode.INVALID_PARAMS, f"`{url_param}` must be an http or https URL with a host", [_detail(url_param, "not an http(s) URL", "url_scheme")])
+        raise ChannelError(
+            ErrorCode.INVALID_PARAMS, f"`{url_param}` must be an http or https URL with a host", [_detail(url_param, "not an http(s) URL", "url_scheme")]
+        )
     with contextlib.suppress(ValueError):
         _check_address(settings, ipaddress.ip_address(parsed.host), parsed.host)
     return MediaRef(label=str(parsed.copy_with(userinfo=b"", query=None, fragment=None)), url=str(parsed))
@@ -94,7 +98,9 @@ def _check_address(settings: Settings, address: IPAddress, host: str) -> None:
         return
     if any(address in network for network in _allowed_networks(settings.media_url_allow)):
         return
-    raise ChannelError(ErrorCode.FORBIDDEN, f"media URL host {host!r} resolves to {address}, which is not a public address (allow it with STREAMPLEX_MEDIA_URL_ALLOW)")
+    raise ChannelError(
+        ErrorCode.FORBIDDEN, f"media URL host {host!r} resolves to {address}, which is not a public address (allow it with STREAMPLEX_MEDIA_URL_ALLOW)"
+    )
 
 
 async def _resolve(settings: Settings, url: httpx.URL) -> IPAddress:

@@ -200,7 +200,11 @@ class MetricsChannel(Channel):
     def check(self, params: MetricsParams) -> None:
         floor = self.settings.metrics_min_interval_ms
         if params.interval_ms < floor:
-            raise ChannelError(ErrorCode.INVALID_PARAMS, f"interval_ms must be at least {floor}", [{"field": "interval_ms", "message": f"at least {floor}", "type": "greater_than_equal"}])
+            raise ChannelError(
+                ErrorCode.INVALID_PARAMS,
+                f"interval_ms must be at least {floor}",
+                [{"field": "interval_ms", "message": f"at least {floor}", "type": "greater_than_equal"}],
+            )
 
     async def start(self) -> None:
         self.services.feeds.provide(TOPIC, self._sample_forever)

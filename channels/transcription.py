@@ -32,7 +32,7 @@ from channels.base import Channel, ChannelError, ChannelStatus, ParamsModel, Str
 from channels.media import MediaRef, local_media, media_ref
 from channels.pacing import Clock
 from server.engine import Engine, EngineError
-from server.engine.asr import SAMPLE_RATE, WINDOW_SECONDS, Segment, TranscriptionRequest
+from server.engine.asr import SAMPLE_RATE, WINDOW_SECONDS, Segment, TranscriptionRequest, repeated_tail
 from server.protocol import ErrorCode
 
 if TYPE_CHECKING:
@@ -308,11 +308,11 @@ class _Transcriber:
                     raise ChannelError(ErrorCode.INTERNAL, "transcription failed; see the server log")
                 if update.finish == "cancelled":
                     raise ChannelError(ErrorCode.UNAVAILABLE, "the model engine stopped")
+        del tokens[len(tokens) - repeated_tail(tokens) :]  # the runner stopped a loop after its second round
         window = len(self.buffer) / SAMPLE_RATE
         segments, tail = self.vocab.segments([self.vocab.timestamp(resume), *tokens] if prefix else tokens, window)
-        if tail:
-            start = segments[-1].end if segments else 0.0
-            segments.append(Segment(start, window, self.vocab.decode(tail)))
+        if tail is not None:
+            segments.append(tail)
         return without_repeats(segments), request.detected_language
 
 

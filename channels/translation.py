@@ -107,8 +107,14 @@ class TranslationChannel(Channel):
             pair = runner.single_pair
             if pair is not None and (code3(pair[0]), code3(pair[1])) != (code3(params.source_lang), code3(params.target_lang)):
                 raise ChannelError(ErrorCode.INVALID_PARAMS, f"the neural model {runner.model_name} translates {pair[0]} -> {pair[1]} only")
-            if pair is None and runner.kind != "marian" and (runner.target_token(params.target_lang) is None or runner.target_token(params.source_lang) is None):
-                raise ChannelError(ErrorCode.INVALID_PARAMS, f"the neural model {runner.model_name} has no language code for this pair; it takes {runner.languages()}")
+            if (
+                pair is None
+                and runner.kind != "marian"
+                and (runner.target_token(params.target_lang) is None or runner.target_token(params.source_lang) is None)
+            ):
+                raise ChannelError(
+                    ErrorCode.INVALID_PARAMS, f"the neural model {runner.model_name} has no language code for this pair; it takes {runner.languages()}"
+                )
 
     async def stream(self, params: TranslationParams, ctx: StreamContext) -> AsyncIterator[Any]:
         started = time.perf_counter()

@@ -22,7 +22,9 @@ class VideoParams(ParamsModel):
     source: str | None = Field(None, max_length=1024, description="A file under the server's media folder.")
     video_url: str | None = Field(None, max_length=2048, description="An http(s) URL of a media file (only when the server allows URLs).")
     fps: float = Field(30, gt=0, le=120, description="Output frames per second; source frames are dropped or repeated to hit it exactly.")
-    width: int | None = Field(None, ge=16, le=3840, description="Output width in pixels (height keeps the aspect ratio, rounded to even); default the source's.")
+    width: int | None = Field(
+        None, ge=16, le=3840, description="Output width in pixels (height keeps the aspect ratio, rounded to even); default the source's."
+    )
     quality: int = Field(80, ge=1, le=100, description="JPEG quality, 1 (smallest) to 100 (best).")
     realtime: bool = Field(True, description="Pace frames in real time; false streams as fast as the client reads.")
     start_ms: int = Field(0, ge=0, le=MAX_START_MS, description="Start this far into the source.")
@@ -70,7 +72,10 @@ class VideoChannel(Channel):
 
     async def stream(self, params: VideoParams, ctx: StreamContext) -> AsyncIterator[Any]:
         ref = media_ref(self.settings, params.source, params.video_url, "video_url")
-        async with local_media(self.settings, ref) as path, VideoDecoder(path, ref.label, fps=params.fps, width=params.width, start_ms=params.start_ms) as video:
+        async with (
+            local_media(self.settings, ref) as path,
+            VideoDecoder(path, ref.label, fps=params.fps, width=params.width, start_ms=params.start_ms) as video,
+        ):
             info = video.info
             yield {
                 "format": "jpeg",

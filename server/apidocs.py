@@ -30,7 +30,10 @@ _ERROR = {
             "properties": {
                 "code": {"type": "string", "enum": [*map(str, ErrorCode), "unauthorized"]},
                 "message": {"type": "string"},
-                "details": {"type": "array", "items": {"type": "object", "properties": {"field": {"type": "string"}, "message": {"type": "string"}, "type": {"type": "string"}}}},
+                "details": {
+                    "type": "array",
+                    "items": {"type": "object", "properties": {"field": {"type": "string"}, "message": {"type": "string"}, "type": {"type": "string"}}},
+                },
             },
         }
     },
@@ -71,7 +74,9 @@ def _error_responses(*codes: int) -> dict[str, Any]:
     out = {}
     for code in codes:
         headers = {"Retry-After": {"schema": {"type": "integer"}, "description": "Seconds to wait before retrying."}} if code in (429, 503) else None
-        out[str(code)] = {"description": meaning[code], "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}} | ({"headers": headers} if headers else {})
+        out[str(code)] = {"description": meaning[code], "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}} | (
+            {"headers": headers} if headers else {}
+        )
     return out
 
 
@@ -90,13 +95,20 @@ def openapi(channels: dict[str, Channel]) -> dict[str, Any]:
             content["multipart/x-mixed-replace"] = {"schema": {"type": "string", "format": "binary", "description": "JPEG frames (video)"}}
         body: dict[str, Any] = {"application/json": {"schema": refs[name]}}
         if channel.accepts_push:
-            body["application/octet-stream"] = {"schema": {"type": "string", "format": "binary", "description": "Raw input pushed to the stream; the params then come as query parameters."}}
+            body["application/octet-stream"] = {
+                "schema": {"type": "string", "format": "binary", "description": "Raw input pushed to the stream; the params then come as query parameters."}
+            }
         operation = {
             "operationId": f"stream_{name}",
             "summary": channel.summary,
             "tags": ["streams"],
             "requestBody": {"required": False, "content": body},
-            "responses": {"200": {"description": f"The {name} stream ({'raw bytes by default; ' if channel.media else ''}NDJSON, or SSE with Accept: text/event-stream)", "content": content}}
+            "responses": {
+                "200": {
+                    "description": f"The {name} stream ({'raw bytes by default; ' if channel.media else ''}NDJSON, or SSE with Accept: text/event-stream)",
+                    "content": content,
+                }
+            }
             | _error_responses(400, 401, 403, 413, 415, 422, 429, 503),
         }
         paths[f"{PREFIX}/{name}"] = {"post": operation}
@@ -111,12 +123,21 @@ def openapi(channels: dict[str, Channel]) -> dict[str, Any]:
             "summary": "The metrics stream, params as query parameters.",
             "tags": ["streams"],
             "parameters": parameters,
-            "responses": {"200": {"description": "The metrics stream", "content": {NDJSON: {"schema": {"$ref": "#/components/schemas/StreamLine"}}, SSE: {"schema": {"type": "string"}}}}}
+            "responses": {
+                "200": {
+                    "description": "The metrics stream",
+                    "content": {NDJSON: {"schema": {"$ref": "#/components/schemas/StreamLine"}}, SSE: {"schema": {"type": "string"}}},
+                }
+            }
             | _error_responses(400, 401, 403, 429, 503),
         }
     return {
         "openapi": "3.1.0",
-        "info": {"title": TITLE, "version": VERSION, "description": "HTTP streaming routes: each streams one channel, with the same code as the WebSocket protocol (see /asyncapi.json)."},
+        "info": {
+            "title": TITLE,
+            "version": VERSION,
+            "description": "HTTP streaming routes: each streams one channel, with the same code as the WebSocket protocol (see /asyncapi.json).",
+        },
         "paths": paths,
         "components": {
             "schemas": defs | {"Error": _ERROR, "StreamLine": _LINE},
@@ -153,18 +174,49 @@ def asyncapi(channels: dict[str, Channel]) -> dict[str, Any]:
         )
     string = {"type": "string"}
     server_ops = {
-        "ready": _message("ready", "after authentication", {"type": "object", "properties": {"op": {"const": "ready"}, "session": string, "node": string, "channels": {"type": "array"}, "limits": {"type": "object"}}}),
-        "subscribed": _message("subscribed", "the stream is open", {"type": "object", "properties": {"op": {"const": "subscribed"}, "id": string, "channel": string}}),
-        "chunk": _message("chunk", "one piece of a stream", {"type": "object", "properties": {"op": {"const": "chunk"}, "id": string, "seq": {"type": "integer"}, "data": {}, "dropped": {"type": "integer"}}}),
+        "ready": _message(
+            "ready",
+            "after authentication",
+            {
+                "type": "object",
+                "properties": {"op": {"const": "ready"}, "session": string, "node": string, "channels": {"type": "array"}, "limits": {"type": "object"}},
+            },
+        ),
+        "subscribed": _message(
+            "subscribed", "the stream is open", {"type": "object", "properties": {"op": {"const": "subscribed"}, "id": string, "channel": string}}
+        ),
+        "chunk": _message(
+            "chunk",
+            "one piece of a stream",
+            {"type": "object", "properties": {"op": {"const": "chunk"}, "id": string, "seq": {"type": "integer"}, "data": {}, "dropped": {"type": "integer"}}},
+        ),
         "end": _message(
             "end",
             "the stream is over",
-            {"type": "object", "properties": {"op": {"const": "end"}, "id": string, "reason": {"enum": list(map(str, EndReason))}, "error": {"type": "object", "properties": {"code": {"enum": list(map(str, ErrorCode))}, "message": string}}}},
+            {
+                "type": "object",
+                "properties": {
+                    "op": {"const": "end"},
+                    "id": string,
+                    "reason": {"enum": list(map(str, EndReason))},
+                    "error": {"type": "object", "properties": {"code": {"enum": list(map(str, ErrorCode))}, "message": string}},
+                },
+            },
         ),
         "error": _message(
             "error",
             "a client frame was refused; the connection lives on",
-            {"type": "object", "properties": {"op": {"const": "error"}, "id": {"type": ["string", "null"]}, "code": {"enum": list(map(str, ErrorCode))}, "message": string, "details": {"type": "array"}, "retry_after": {"type": "number"}}},
+            {
+                "type": "object",
+                "properties": {
+                    "op": {"const": "error"},
+                    "id": {"type": ["string", "null"]},
+                    "code": {"enum": list(map(str, ErrorCode))},
+                    "message": string,
+                    "details": {"type": "array"},
+                    "retry_after": {"type": "number"},
+                },
+            },
         ),
         "pong": _message("pong", "reply to ping", {"type": "object", "properties": {"op": {"const": "pong"}}}),
         "binary": {
@@ -193,11 +245,22 @@ def asyncapi(channels: dict[str, Channel]) -> dict[str, Any]:
         "channels": {"ws": {"address": "/ws", "messages": {k: {"$ref": f"#/components/messages/{k}"} for k in messages}}},
         "operations": {
             "send": {"action": "send", "channel": {"$ref": "#/channels/ws"}, "messages": [{"$ref": f"#/channels/ws/messages/client.{k}"} for k in client_ops]},
-            "receive": {"action": "receive", "channel": {"$ref": "#/channels/ws"}, "messages": [{"$ref": f"#/channels/ws/messages/server.{k}"} for k in server_ops]},
+            "receive": {
+                "action": "receive",
+                "channel": {"$ref": "#/channels/ws"},
+                "messages": [{"$ref": f"#/channels/ws/messages/server.{k}"} for k in server_ops],
+            },
         },
         "components": {
             "messages": messages,
             "schemas": defs,
-            "securitySchemes": {"apiKey": {"type": "httpApiKey", "name": "X-API-Key", "in": "header", "description": "Or `Authorization: Bearer KEY`, or a first frame {\"op\":\"auth\",\"api_key\":KEY}."}},
+            "securitySchemes": {
+                "apiKey": {
+                    "type": "httpApiKey",
+                    "name": "X-API-Key",
+                    "in": "header",
+                    "description": 'Or `Authorization: Bearer KEY`, or a first frame {"op":"auth","api_key":KEY}.',
+                }
+            },
         },
     }

@@ -123,7 +123,10 @@ def create_app(settings: Settings | None = None, log_handler: RingLogHandler | N
 
     async def ready(request: Request) -> Response:
         serving = runtime.started and not runtime.draining
-        body = {"status": "ready" if serving else "draining" if runtime.draining else "starting", "channels": {c["name"]: c["status"] for c in runtime.channel_table()}}
+        body = {
+            "status": "ready" if serving else "draining" if runtime.draining else "starting",
+            "channels": {c["name"]: c["status"] for c in runtime.channel_table()},
+        }
         return JSONResponse(body, status_code=200 if serving else 503)
 
     async def metrics(request: Request) -> Response:

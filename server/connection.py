@@ -103,7 +103,13 @@ class Connection:
         self.runtime.connections.add(self)
         log.info("session %s opened from %s (%s)", session.id, self.address, principal.label)
         session.outbox.direct = self._send_now
-        ready = {"op": "ready", "session": session.id, "node": self.settings.node, "channels": self.runtime.channel_table(principal.scopes), "limits": self.runtime.limits()}
+        ready = {
+            "op": "ready",
+            "session": session.id,
+            "node": self.settings.node,
+            "channels": self.runtime.channel_table(principal.scopes),
+            "limits": self.runtime.limits(),
+        }
         if self.settings.resume_window > 0:
             ready["resume"] = {"token": session.token, "window_s": self.settings.resume_window}
         session.reply(ready)
@@ -262,7 +268,11 @@ class Connection:
                         if strikes >= self.settings.rate_limit_strikes:
                             self._close = (CloseCode.RATE_LIMITED, "rate limit exceeded repeatedly")
                             return
-                        limit = f"this API key's {key_limits.rate:g} ops/s (burst {self.settings.key_burst})" if per_key else f"{self.settings.rate:g} ops/s (burst {self.settings.burst})"
+                        limit = (
+                            f"this API key's {key_limits.rate:g} ops/s (burst {self.settings.key_burst})"
+                            if per_key
+                            else f"{self.settings.rate:g} ops/s (burst {self.settings.burst})"
+                        )
                         raise ProtocolError(ErrorCode.RATE_LIMITED, f"over {limit}", retry_after=wait)
                     strikes = 0
                     await self._dispatch(session, message)

@@ -151,7 +151,9 @@ class HttpStreams:
         address = request.client.host if request.client else "unknown"
         name = request.url.path.removeprefix(PREFIX + "/")
         if self.limiter is not None and (wait := self.limiter.take(address)):
-            return error_response(429, str(ErrorCode.RATE_LIMITED), f"over {self.settings.http_rate_limit} requests per minute from this address", retry_after=wait)
+            return error_response(
+                429, str(ErrorCode.RATE_LIMITED), f"over {self.settings.http_rate_limit} requests per minute from this address", retry_after=wait
+            )
         principal = self._authenticate(request, address)
         if isinstance(principal, Response):
             return principal
@@ -164,7 +166,9 @@ class HttpStreams:
             return error_response(403, str(ErrorCode.FORBIDDEN), f"this API key may not use channel {name!r}")
         status = channel.status()
         if status.state != "available":
-            return error_response(503, str(ErrorCode.UNAVAILABLE), f"channel {name!r} is {status.state}: {status.reason}", retry_after=5.0 if status.state == "loading" else None)
+            return error_response(
+                503, str(ErrorCode.UNAVAILABLE), f"channel {name!r} is {status.state}: {status.reason}", retry_after=5.0 if status.state == "loading" else None
+            )
 
         content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
         raw_body = request.method == "POST" and (content_type == "application/octet-stream" or content_type.startswith("audio/"))

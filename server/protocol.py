@@ -153,9 +153,7 @@ def decode_text(text: str) -> ClientOp:
     try:
         return model.model_validate(obj)  # type: ignore[return-value]
     except ValidationError as exc:
-        raise ProtocolError(
-            ErrorCode.BAD_REQUEST, f"malformed {op!r} frame", id=frame_id, details=validation_details(exc)
-        ) from None
+        raise ProtocolError(ErrorCode.BAD_REQUEST, f"malformed {op!r} frame", id=frame_id, details=validation_details(exc)) from None
 
 
 def validation_details(exc: ValidationError) -> list[dict[str, Any]]:

@@ -98,7 +98,12 @@ class Session:
             raise ProtocolError(ErrorCode.FORBIDDEN, f"this API key may not use channel {op.channel!r}", id=op.id)
         status = channel.status()
         if status.state != "available":
-            raise ProtocolError(ErrorCode.UNAVAILABLE, f"channel {op.channel!r} is {status.state}: {status.reason}", id=op.id, retry_after=5.0 if status.state == "loading" else None)
+            raise ProtocolError(
+                ErrorCode.UNAVAILABLE,
+                f"channel {op.channel!r} is {status.state}: {status.reason}",
+                id=op.id,
+                retry_after=5.0 if status.state == "loading" else None,
+            )
         if len(self.streams) >= self.settings.max_streams:
             raise ProtocolError(ErrorCode.TOO_MANY_STREAMS, f"at most {self.settings.max_streams} streams per connection", id=op.id)
         try:

@@ -31,7 +31,10 @@ def models_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerPr
     try:
         deadline = time.monotonic() + 300
         # the channels report their models' loading; MiniLM (analysis topics and summaries) shows once its runner has figures
-        while "loading" in (states := orjson.loads(proc.get("/ready")[1])["channels"]).values() or "embedding_all_minilm_l6_v2_items_total" not in proc.get("/metrics")[1].decode():
+        while (
+            "loading" in (states := orjson.loads(proc.get("/ready")[1])["channels"]).values()
+            or "embedding_all_minilm_l6_v2_items_total" not in proc.get("/metrics")[1].decode()
+        ):
             assert time.monotonic() < deadline, states
             time.sleep(0.5)
         yield proc

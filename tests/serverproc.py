@@ -83,7 +83,16 @@ def start_server(tmp: Path, **settings: Any) -> ServerProc:
     """Start a server with STREAMPLEX_* settings (chat, transcription and embedding models off unless given) and wait until /ready."""
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("STREAMPLEX_")}
-    env.update({"STREAMPLEX_API_KEYS": KEY, "STREAMPLEX_CHAT_MODEL": "", "STREAMPLEX_ASR_MODEL": "", "STREAMPLEX_EMBEDDING_MODEL": "", "STREAMPLEX_HEARTBEAT_INTERVAL": "5", "PYTHONUNBUFFERED": "1"})
+    env.update(
+        {
+            "STREAMPLEX_API_KEYS": KEY,
+            "STREAMPLEX_CHAT_MODEL": "",
+            "STREAMPLEX_ASR_MODEL": "",
+            "STREAMPLEX_EMBEDDING_MODEL": "",
+            "STREAMPLEX_HEARTBEAT_INTERVAL": "5",
+            "PYTHONUNBUFFERED": "1",
+        }
+    )
     env.update({f"STREAMPLEX_{k.upper()}": str(v) for k, v in settings.items()})
     log_path = tmp / f"server-{port}.log"
     proc = subprocess.Popen([sys.executable, "-m", "server", "--port", str(port)], cwd=ROOT, env=env, stdout=log_path.open("wb"), stderr=subprocess.STDOUT)

@@ -18,6 +18,21 @@ if TYPE_CHECKING:
 SAMPLE_RATE = 16_000
 WINDOW_SECONDS = 30
 TIME_PRECISION = 0.02  # seconds per timestamp token
+LOOP_MIN_TOKENS = 6  # a span of at least this many tokens said twice in a row is Whisper looping
+LOOP_MAX_TOKENS = 64
+
+
+def repeated_tail(tokens: list[int]) -> int:
+    """The length p of a span the tokens end with twice over (`... X X`, LOOP_MIN_TOKENS <= p <= LOOP_MAX_TOKENS), or 0.
+
+    Speech seldom repeats six tokens verbatim at once; a decoder stuck in a loop always does. The repeat is
+    dropped and decoding stops, instead of running to the token limit (a loop costs a step per token).
+    """
+    n = len(tokens)
+    for p in range(LOOP_MIN_TOKENS, min(LOOP_MAX_TOKENS, n // 2) + 1):
+        if tokens[n - p :] == tokens[n - 2 * p : n - p]:
+            return p
+    return 0
 
 
 @dataclass(eq=False)
@@ -88,11 +103,12 @@ class WhisperVocab:
     def is_timestamp(self, token: int) -> bool:
         return token >= self.timestamp_begin
 
-    def segments(self, tokens: list[int], window: float) -> tuple[list[Segment], list[int]]:
-        """Closed segments from a timestamped token stream, and the text tokens after the last closed one.
+    def segments(self, tokens: list[int], window: float) -> tuple[list[Segment], Segment | None]:
+        """Closed segments from a timestamped token stream, and the unfinished text after the last closed one.
 
-        A segment is `<|t0|> text <|t1|>`; unfinished text at the end (no closing time yet) is returned apart.
-        `window` is the audio's length: a time past it is clipped to it.
+        A segment is `<|t0|> text <|t1|>`. Unfinished text at the end (no closing time yet) is returned apart,
+        as a segment from its opening time (else the last closed end) to the window's end; None when there is
+        none. `window` is the audio's length: a time past it is clipped to it.
         """
         done: list[Segment] = []
         start: float | None = None
@@ -111,4 +127,7 @@ class WhisperVocab:
                 start, text = None, []
             else:
                 start = t
-        return done, text
+        if not text:
+            return done, None
+        begin = start if start is not None else (done[-1].end if done else 0.0)
+        return done, Segment(begin, window, self.decode(text))

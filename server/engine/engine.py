@@ -50,9 +50,7 @@ class Limits:
 
     def __post_init__(self) -> None:
         if self.step_tokens < self.max_batch + self.prefill_chunk:
-            raise ValueError(
-                f"step_tokens ({self.step_tokens}) must be at least max_batch + prefill_chunk ({self.max_batch + self.prefill_chunk})"
-            )
+            raise ValueError(f"step_tokens ({self.step_tokens}) must be at least max_batch + prefill_chunk ({self.max_batch + self.prefill_chunk})")
 
 
 @dataclass(slots=True)
@@ -291,7 +289,13 @@ class Engine:
             entry: dict[str, Any] = {"state": state, **({"error": reason} if reason else {}), **stats.snapshot(now)}
             scheduler, runner, queue = self.schedulers.get(name), self.runners.get(name), self.queues.get(name)
             if queue is not None and runner is not None:
-                entry |= {"waiting_items": len(queue.pending), "items_total": queue.items_total, "jobs_total": queue.jobs_total, **runner.describe(), **runner.stats()}
+                entry |= {
+                    "waiting_items": len(queue.pending),
+                    "items_total": queue.items_total,
+                    "jobs_total": queue.jobs_total,
+                    **runner.describe(),
+                    **runner.stats(),
+                }
             if scheduler is not None and runner is not None:
                 entry |= {
                     "running": len(scheduler.running),

@@ -22,9 +22,7 @@ def asr_specs(setting: str) -> list[str]:
 
 def build_engine(settings: Settings) -> Engine:
     """An engine with one runner per configured chat model; `await engine.start()` begins loading them."""
-    specs = [
-        RunnerSpec("chat", model_name(spec), lambda spec=spec: _chat_runner(spec, settings)) for spec in chat_specs(settings.chat_model)
-    ]
+    specs = [RunnerSpec("chat", model_name(spec), lambda spec=spec: _chat_runner(spec, settings)) for spec in chat_specs(settings.chat_model)]
     specs += [
         RunnerSpec("transcription", whisper_loading.model_name(spec), lambda spec=spec: _whisper_runner(spec, settings))
         for spec in asr_specs(settings.asr_model)
@@ -87,4 +85,6 @@ def _whisper_runner(spec: str, settings: Settings) -> Runner:
     from server.engine.whisper import WhisperRunner
 
     device = resolve_device(settings.device)
-    return WhisperRunner(spec, settings.cache_dir, device, resolve_dtype(settings.dtype, device), cpu_threads(settings.engine_threads))
+    return WhisperRunner(
+        spec, settings.cache_dir, device, resolve_dtype(settings.dtype, device), cpu_threads(settings.engine_threads), settings.asr_cpu_quantize
+    )

@@ -52,9 +52,7 @@ class KVBlock:
         new = torch.zeros((2 * self.layers, rows, self.kv_heads, columns, self.head_dim), dtype=self.dtype, device=self.device)
         if self.buf is not None and self.rows:
             keep = min(self.width, self.width + shift)
-            new[:, : self.rows, :, self.width + shift - keep : self.width + shift] = self.buf[
-                :, : self.rows, :, self.width - keep : self.width
-            ]
+            new[:, : self.rows, :, self.width + shift - keep : self.width + shift] = self.buf[:, : self.rows, :, self.width - keep : self.width]
         self.buf = new
         self.starts = [s + shift for s in self.starts]
         self.width += shift

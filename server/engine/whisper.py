@@ -11,12 +11,15 @@ values (left-aligned, grown as tokens come) and its cross-attention keys and val
 its encoder output; rows of shorter audio are masked past their length). One engine step runs one
 batched decoder pass over all rows, a token each; a finished window's row is replaced by the last row.
 Greedy decoding applies Whisper's token rules (suppressed tokens, timestamp pairing and monotonicity,
-timestamps win when their total probability beats any text token), as transformers' `generate` does.
+timestamps win when their total probability beats any text token), as transformers' `generate` does. Two
+rules of its own end a window early, where Whisper would loop to the token limit: a segment that would
+start at the audio's end, and a span of tokens said twice in a row (`asr.repeated_tail`).
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,12 +28,13 @@ import torch
 import torch.nn.functional as F
 
 from server.engine import whisper_loading
-from server.engine.asr import SAMPLE_RATE, WINDOW_SECONDS, TranscriptionRequest, WhisperVocab
+from server.engine.asr import SAMPLE_RATE, WINDOW_SECONDS, TranscriptionRequest, WhisperVocab, repeated_tail
 from server.engine.device import use_threads
 from server.engine.runner import Runner
 from server.engine.scheduler import Output, StepPlan
 
 PAD_SECONDS = 1.0  # silence after the audio, at least; the input is then rounded up to whole seconds
+END_SLACK = 5  # time tokens (0.1 s): a segment starting this close to the audio's end ends the transcript
 MAX_TOKENS = 224  # tokens one window may generate (Whisper's own sample length)
 ROW_GROWTH = 8
 COLUMN_GROWTH = 64
@@ -42,6 +46,25 @@ def padded_samples(samples: int) -> int:
     return min(seconds, WINDOW_SECONDS) * SAMPLE_RATE
 
 
+def quantize_for_cpu(model: Any) -> None:
+    """Swap Whisper's linear layers, in place, for fbgemm's: int8 in the encoder, float16 weights in the decoder.
+
+    On CPU the decoder's step is bound by reading its weights (the output projection alone is 100 MB in float32)
+    and the encoder by its matrix products. Int8 halves the encoder's time. Its activations are quantized per
+    call, so the encoder runs one window per call and a window's result never depends on another's. The decoder
+    keeps float32 activations, so a row decodes the same alone or in a batch.
+    """
+    from torch.ao.quantization import quantize_dynamic
+
+    with warnings.catch_warnings():  # torch points eager-mode quantization at torchao; the fbgemm kernels stay
+        warnings.simplefilter("ignore")
+        quantize_dynamic(model.model.encoder, {torch.nn.Linear}, dtype=torch.qint8, inplace=True)
+        quantize_dynamic(model.model.decoder, {torch.nn.Linear}, dtype=torch.float16, inplace=True)
+        head = torch.nn.Sequential(model.proj_out)
+        quantize_dynamic(head, {torch.nn.Linear}, dtype=torch.float16, inplace=True)
+        model.proj_out = head[0]
+
+
 @dataclass(eq=False)
 class _Row:
     """A window in the decode block: its tokens so far (after the prompt) and the rules' state."""
@@ -50,7 +73,10 @@ class _Row:
     request: TranscriptionRequest
     prompt_len: int
     max_timestamp: int
-    generated: list[int]
+    generated: list[int]  # the prefix, then the tokens decoded
+
+    def decoded(self) -> list[int]:
+        return self.generated[len(self.request.prefix) :]
 
 
 class _Block:
@@ -119,7 +145,7 @@ class WhisperRunner(Runner):
 
     family = "transcription"
 
-    def __init__(self, spec: str, cache_dir: Path, device: torch.device, dtype: torch.dtype, threads: int) -> None:
+    def __init__(self, spec: str, cache_dir: Path, device: torch.device, dtype: torch.dtype, threads: int, quantize: bool = False) -> None:
         self.model_name = whisper_loading.model_name(spec)
         self.name = f"{self.family}/{self.model_name}"
         self.spec = spec
@@ -127,6 +153,7 @@ class WhisperRunner(Runner):
         self.device = device
         self.dtype = dtype
         self.threads = threads
+        self.quantize = quantize and device.type == "cpu"
         self.model: Any = None
         self.features: Any = None
         self.vocab: WhisperVocab | None = None
@@ -148,6 +175,8 @@ class WhisperRunner(Runner):
         folder = whisper_loading.model_folder(self.spec, self.cache_dir)
         model = WhisperForConditionalGeneration.from_pretrained(folder, dtype=self.dtype, local_files_only=True)
         self.model = model.to(self.device).eval()
+        if self.quantize:
+            quantize_for_cpu(self.model)
         self.features = WhisperFeatureExtractor.from_pretrained(folder, local_files_only=True)
         config, generation = model.config, model.generation_config
         self.vocab = WhisperVocab(folder / "tokenizer.json", multilingual=config.vocab_size >= 51865)
@@ -169,7 +198,13 @@ class WhisperRunner(Runner):
         return max(0, min(MAX_TOKENS, self.max_positions - prompt_len))
 
     def describe(self) -> dict[str, Any]:
-        return {"model": self.model_name, "device": self.device.type, "dtype": str(self.dtype).removeprefix("torch."), "threads": self.threads}
+        return {
+            "model": self.model_name,
+            "device": self.device.type,
+            "dtype": str(self.dtype).removeprefix("torch."),
+            "threads": self.threads,
+            "linear_weights": "encoder int8, decoder float16" if self.quantize else str(self.dtype).removeprefix("torch."),
+        }
 
     def stats(self) -> dict[str, Any]:
         block = self._block
@@ -224,7 +259,8 @@ class WhisperRunner(Runner):
         outputs = []
         for samples, members in groups.items():
             audios = [np.pad(r.audio[:samples], (0, max(0, samples - len(r.audio)))).astype(np.float32) for _, r in members]
-            encoded = self.encode(audios)
+            # int8 activations are scaled per call: one window a call keeps each window's result its own
+            encoded = [enc for audio in audios for enc in self.encode([audio])] if self.quantize else self.encode(audios)
             for (seq_id, request), enc in zip(members, encoded, strict=True):
                 outputs.append(self._start_row(seq_id, request, enc, len(request.audio)))
         return outputs
@@ -302,8 +338,7 @@ class WhisperRunner(Runner):
             x = x + layer.fc2(layer.activation_fn(layer.fc1(h)))
         for r in rows:
             block.lengths[r] += t
-        x = decoder.layer_norm(x[:, -1])
-        return (x @ decoder.embed_tokens.weight.T).float()
+        return self.model.proj_out(decoder.layer_norm(x[:, -1])).float()
 
     def _pick(self, rows: list[int], logits: torch.Tensor) -> list[Output]:
         """Greedy tokens under Whisper's rules; a row that ends (end of text) leaves the block."""
@@ -337,11 +372,17 @@ class WhisperRunner(Runner):
                 if logprobs[ts:].logsumexp(-1) > logprobs[:ts].max():
                     scores[:ts] = -math.inf
             token = int(scores.argmax())
+            if token >= ts and (not seq or seq[-1] >= ts) and token >= row.max_timestamp - END_SLACK:
+                token = vocab.eot  # a segment would start where the audio ends: what Whisper says there is made up
             if token == vocab.eot:
                 outputs.append(Output(row.seq_id, done="stop"))
                 ended.append(row.seq_id)
                 continue
             seq.append(token)
+            if repeated_tail(row.decoded()):  # a loop: stop here; the reader drops the repeat (asr.repeated_tail)
+                outputs.append(Output(row.seq_id, token=token, done="stop"))
+                ended.append(row.seq_id)
+                continue
             if self._block.lengths[r] + 1 >= self.max_positions:  # no position left for the next step (the scheduler's limit is lower)
                 outputs.append(Output(row.seq_id, token=token, done="length"))
                 ended.append(row.seq_id)

@@ -24,7 +24,17 @@ def wav_bytes(samples: np.ndarray, rate: int, format_tag: int = 1) -> bytes:
     """A 16-bit WAV file of mono int16 `samples` (a `format_tag` other than 1 names a codec nobody decodes)."""
     data = samples.astype("<i2").tobytes()
     fmt = struct.pack("<HHIIHH", format_tag, 1, rate, rate * 2, 2, 16)
-    return b"RIFF" + struct.pack("<I", 4 + 8 + len(fmt) + 8 + len(data)) + b"WAVE" + b"fmt " + struct.pack("<I", len(fmt)) + fmt + b"data" + struct.pack("<I", len(data)) + data
+    return (
+        b"RIFF"
+        + struct.pack("<I", 4 + 8 + len(fmt) + 8 + len(data))
+        + b"WAVE"
+        + b"fmt "
+        + struct.pack("<I", len(fmt))
+        + fmt
+        + b"data"
+        + struct.pack("<I", len(data))
+        + data
+    )
 
 
 def broken_files(folder: Path) -> dict[str, Path]:

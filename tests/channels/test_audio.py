@@ -150,7 +150,9 @@ async def test_a_url_on_an_allow_listed_loopback_server(tmp_path: Path) -> None:
     with http_server(tmp_path) as base:
         allowed = make(AudioChannel, media_allow_urls=True, media_url_allow="127.0.0.1/32")
         (head, done), frames = split(await run(allowed, {"audio_url": f"{base}/{SPEECH}", "sample_rate": 16000, "realtime": False}))
-        assert head["source"]["codec"] == "pcm_s16le" and sum(map(len, frames)) // 2 == done["samples"] == math.ceil(source_samples(SPEECH).shape[1] * 16000 / 22050)
+        assert head["source"]["codec"] == "pcm_s16le" and sum(map(len, frames)) // 2 == done["samples"] == math.ceil(
+            source_samples(SPEECH).shape[1] * 16000 / 22050
+        )
         with pytest.raises(ChannelError) as info:
             await run(make(AudioChannel, media_allow_urls=True), {"audio_url": f"{base}/{SPEECH}".replace("127.0.0.1", "localhost")})
         assert info.value.code == ErrorCode.FORBIDDEN
@@ -191,7 +193,13 @@ async def test_audio_over_the_websocket(server: ServerProc) -> None:
         await send(ws, op="subscribe", id="bad", channel="audio", params={"source": "../README.md"})
         refused = await read_stream(ws, "bad")
         assert refused.error is not None and refused.error["code"] == "forbidden"
-        await send(ws, op="subscribe", id="a1", channel="audio", params={"source": SPEECH, "sample_rate": 24000, "format": "pcm_s16le", "chunk_ms": 200, "realtime": False})
+        await send(
+            ws,
+            op="subscribe",
+            id="a1",
+            channel="audio",
+            params={"source": SPEECH, "sample_rate": 24000, "format": "pcm_s16le", "chunk_ms": 200, "realtime": False},
+        )
         got = await read_stream(ws, "a1")
         assert got.end == {"op": "end", "id": "a1", "reason": "complete"}
         head, done = got.json

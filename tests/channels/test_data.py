@@ -51,7 +51,10 @@ async def test_datasets_csv_and_jsonl(tmp_path: Path) -> None:
     write(tmp_path, "people.csv", 'name,city\r\nAda,"London, UK"\r\nLin,Paris\r\n')
     write(tmp_path, "rows.jsonl", '{"a": 1}\n\n{"a": 2, "b": 3}\n')
     write(tmp_path, "broken.jsonl", '{"a": 1}\n{oops\n')
-    assert json.loads(await whole({"dataset": "people.csv", "format": "json"}, data_dir=tmp_path)) == [{"name": "Ada", "city": "London, UK"}, {"name": "Lin", "city": "Paris"}]
+    assert json.loads(await whole({"dataset": "people.csv", "format": "json"}, data_dir=tmp_path)) == [
+        {"name": "Ada", "city": "London, UK"},
+        {"name": "Lin", "city": "Paris"},
+    ]
     with pytest.raises(ChannelError, match="not among the CSV columns"):
         await whole({"dataset": "rows.jsonl", "format": "csv"}, data_dir=tmp_path)
     assert await whole({"dataset": "rows.jsonl", "format": "csv", "columns": ["a", "b"]}, data_dir=tmp_path) == "a,b\r\n1,\r\n2,3\r\n"

@@ -84,7 +84,20 @@ def test_non_http_urls_are_invalid_params(url: str) -> None:
 
 @pytest.mark.parametrize(
     "host",
-    ["127.0.0.1", "10.1.2.3", "172.16.0.9", "192.168.1.1", "169.254.169.254", "0.0.0.0", "100.64.0.1", "[::1]", "[fe80::1]", "[fd00::1]", "[::ffff:127.0.0.1]", "224.0.0.1"],
+    [
+        "127.0.0.1",
+        "10.1.2.3",
+        "172.16.0.9",
+        "192.168.1.1",
+        "169.254.169.254",
+        "0.0.0.0",
+        "100.64.0.1",
+        "[::1]",
+        "[fe80::1]",
+        "[fd00::1]",
+        "[::ffff:127.0.0.1]",
+        "224.0.0.1",
+    ],
 )
 def test_addresses_that_are_not_public_are_forbidden(host: str) -> None:
     err = refused(ErrorCode.FORBIDDEN, media_ref, settings(media_allow_urls=True), None, f"http://{host}/a.wav", "audio_url")

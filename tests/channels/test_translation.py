@@ -126,7 +126,14 @@ async def test_neural_backend_streams_tokens(tmp_path_factory: pytest.TempPathFa
     assert len(deltas) > 3  # token by token, not one chunk per sentence
     for i, sentence in enumerate(sentences(text)):
         request = runner.request(sentence[0], "en", "es")
-        expected = runner.model.generate(torch.tensor([request.source]), do_sample=False, num_beams=1, max_new_tokens=runner.max_target - 1, bad_words_ids=[[runner.model.config.pad_token_id]], forced_eos_token_id=None)
+        expected = runner.model.generate(
+            torch.tensor([request.source]),
+            do_sample=False,
+            num_beams=1,
+            max_new_tokens=runner.max_target - 1,
+            bad_words_ids=[[runner.model.config.pad_token_id]],
+            forced_eos_token_id=None,
+        )
         got = "".join(c["delta"] for c in deltas if c["sentence"] == i)
         assert got.strip() == runner.tokenizer.decode(expected[0], skip_special_tokens=True).strip()
 

@@ -9,7 +9,9 @@ from tests.serverproc import ROOT, ServerProc
 
 
 def test_streamplex_js_against_the_server(server: ServerProc) -> None:
-    done = subprocess.run(["node", str(ROOT / "tests" / "client_js" / "client.mjs"), server.url, server.key], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    done = subprocess.run(
+        ["node", str(ROOT / "tests" / "client_js" / "client.mjs"), server.url, server.key], capture_output=True, text=True, timeout=120, cwd=ROOT
+    )
     assert done.returncode == 0, done.stderr[-4000:]
     report = json.loads(done.stdout.strip().splitlines()[-1])
     text = "One socket, many streams. Chunks keep their order."

@@ -25,7 +25,7 @@ def run(server: ServerProc, *args: str, key: str | None = None, timeout: float =
 
 
 def test_data_csv_to_stdout(server: ServerProc) -> None:
-    rows = [{"id": str(i), "name": f"n{i}, \"q\""} for i in range(250)]
+    rows = [{"id": str(i), "name": f'n{i}, "q"'} for i in range(250)]
     with (server.data_dir / "people.csv").open("w", newline="") as f:  # type: ignore[attr-defined]
         writer = csv.DictWriter(f, ["id", "name"])
         writer.writeheader()
@@ -50,7 +50,9 @@ def test_text_metrics_logs_and_channels(server: ServerProc) -> None:
 
 def test_binary_chunks_to_a_file(server: ServerProc, tmp_path: Path) -> None:
     out = tmp_path / "speech.wav"
-    done = run(server, "stream", "audio", "-p", "source=speech.wav", "-p", "format=wav", "-p", "sample_rate=16000", "-p", "realtime=false", "--binary-out", str(out))
+    done = run(
+        server, "stream", "audio", "-p", "source=speech.wav", "-p", "format=wav", "-p", "sample_rate=16000", "-p", "realtime=false", "--binary-out", str(out)
+    )
     assert done.returncode == 0, done.stderr
     assert '"sample_rate":16000' in done.stdout.splitlines()[0] and '"done":true' in done.stdout.splitlines()[-1]
     with wave.open(str(out)) as wav:  # the header frame says "unknown length"; the samples follow it
@@ -90,8 +92,15 @@ def test_serve_hands_over_to_the_server() -> None:
 
 def test_serve_runs_the_server(tmp_path: Path) -> None:
     port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("STREAMPLEX_")} | {"STREAMPLEX_API_KEYS": "k", "STREAMPLEX_CHAT_MODEL": "", "STREAMPLEX_ASR_MODEL": "", "STREAMPLEX_EMBEDDING_MODEL": ""}
-    proc = subprocess.Popen([CLI, "serve", "--host", "127.0.0.1", "--port", str(port)], env=env, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("STREAMPLEX_")} | {
+        "STREAMPLEX_API_KEYS": "k",
+        "STREAMPLEX_CHAT_MODEL": "",
+        "STREAMPLEX_ASR_MODEL": "",
+        "STREAMPLEX_EMBEDDING_MODEL": "",
+    }
+    proc = subprocess.Popen(
+        [CLI, "serve", "--host", "127.0.0.1", "--port", str(port)], env=env, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     try:
         deadline = time.monotonic() + 60
         while True:

@@ -54,7 +54,17 @@ def _server(docs: dict[tuple[str, str], dict[str, Any]]) -> dict[str, Any]:
 def test_every_resource_validates_against_the_kubernetes_schemas(overlay) -> None:
     _, docs = overlay
     kinds = {kind for kind, _ in docs}
-    assert kinds >= {"Namespace", "ConfigMap", "Deployment", "Service", "Ingress", "BackendConfig", "HorizontalPodAutoscaler", "PodDisruptionBudget", "PodMonitoring"}
+    assert kinds >= {
+        "Namespace",
+        "ConfigMap",
+        "Deployment",
+        "Service",
+        "Ingress",
+        "BackendConfig",
+        "HorizontalPodAutoscaler",
+        "PodDisruptionBudget",
+        "PodMonitoring",
+    }
     for (kind, name), doc in docs.items():
         if kind in CRD_KINDS:
             continue
@@ -107,7 +117,18 @@ def test_ingress_backendconfig_hpa_and_pdb(overlay) -> None:
     assert ingress["spec"]["defaultBackend"]["service"]["name"] == "streamplex"
     backend = docs["BackendConfig", "streamplex"]
     assert backend["apiVersion"] == "cloud.google.com/v1"
-    assert set(backend["spec"]) <= {"timeoutSec", "connectionDraining", "healthCheck", "sessionAffinity", "cdn", "iap", "logging", "securityPolicy", "customRequestHeaders", "customResponseHeaders"}
+    assert set(backend["spec"]) <= {
+        "timeoutSec",
+        "connectionDraining",
+        "healthCheck",
+        "sessionAffinity",
+        "cdn",
+        "iap",
+        "logging",
+        "securityPolicy",
+        "customRequestHeaders",
+        "customResponseHeaders",
+    }
     assert backend["spec"]["timeoutSec"] >= 3600, "WebSockets live long; the GKE default of 30 s would cut them"
     assert backend["spec"]["healthCheck"]["requestPath"] == "/ready"
     hpa = docs["HorizontalPodAutoscaler", "streamplex"]

@@ -31,7 +31,12 @@ def render(conf: str, upstreams: list[int], http_port: int, https_port: int, cer
     servers = "".join(f"    server 127.0.0.1:{port} max_fails=1 fail_timeout=10s;\n" for port in upstreams)
     conf, n = re.subn(r"(    server streamplex-\d:8000[^\n]*\n)+", servers, conf)
     assert n == 1, "the upstream block's servers were not found"
-    replacements = {"listen 80;": f"listen 127.0.0.1:{http_port};", "listen 443 ssl;": f"listen 127.0.0.1:{https_port} ssl;", "/etc/nginx/tls/tls.crt": str(cert), "/etc/nginx/tls/tls.key": str(key)}
+    replacements = {
+        "listen 80;": f"listen 127.0.0.1:{http_port};",
+        "listen 443 ssl;": f"listen 127.0.0.1:{https_port} ssl;",
+        "/etc/nginx/tls/tls.crt": str(cert),
+        "/etc/nginx/tls/tls.key": str(key),
+    }
     for old, new in replacements.items():
         assert conf.count(old) == 1, old
         conf = conf.replace(old, new)
@@ -102,7 +107,11 @@ http {{
     assert NGINX is not None
     test = subprocess.run([NGINX, "-t", "-p", str(prefix), "-e", str(prefix / "error.log"), "-c", str(prefix / "nginx.conf")], capture_output=True, text=True)
     assert test.returncode == 0, test.stderr
-    proc = subprocess.Popen([NGINX, "-p", str(prefix), "-e", str(prefix / "error.log"), "-c", str(prefix / "nginx.conf"), "-g", "daemon off;"], stderr=subprocess.STDOUT, stdout=(prefix / "stdout.log").open("wb"))
+    proc = subprocess.Popen(
+        [NGINX, "-p", str(prefix), "-e", str(prefix / "error.log"), "-c", str(prefix / "nginx.conf"), "-g", "daemon off;"],
+        stderr=subprocess.STDOUT,
+        stdout=(prefix / "stdout.log").open("wb"),
+    )
     server = Nginx(proc, http_port, https_port, prefix, ca)
     deadline = time.monotonic() + 20
     while True:

@@ -29,7 +29,9 @@ def test_documents_cover_every_channel(server: ServerProc) -> None:
     openapi = orjson.loads(server.get("/openapi.json")[1])
     assert openapi["openapi"].startswith("3.1") and {f"/api/v1/stream/{name}" for name in channels} == set(openapi["paths"])
     assert "get" in openapi["paths"]["/api/v1/stream/metrics"]
-    assert openapi["paths"]["/api/v1/stream/text"]["post"]["requestBody"]["content"]["application/json"]["schema"] == {"$ref": "#/components/schemas/TextParams"}
+    assert openapi["paths"]["/api/v1/stream/text"]["post"]["requestBody"]["content"]["application/json"]["schema"] == {
+        "$ref": "#/components/schemas/TextParams"
+    }
     assert openapi["components"]["schemas"]["TextParams"]["properties"]["unit"]["enum"] == ["chars", "words", "sentences", "bytes"]
     asyncapi = orjson.loads(server.get("/asyncapi.json")[1])
     assert asyncapi["asyncapi"] == "3.0.0" and asyncapi["channels"]["ws"]["address"] == "/ws"

@@ -42,10 +42,25 @@ FILE_NAMES = st.one_of(
 )
 
 PARAMS = st.one_of(
-    st.tuples(st.just("text"), st.fixed_dictionaries({"text": st.text(min_size=1, max_size=60)}, optional={"unit": st.sampled_from(["chars", "words", "sentences", "bytes"]), "chunk_size": st.integers(1, 8), "interval_ms": st.integers(0, 5)})),
-    st.tuples(st.just("data"), st.fixed_dictionaries({"records": st.lists(st.dictionaries(st.sampled_from(["a", "b", "c"]), JSON_SCALARS, max_size=3), min_size=1, max_size=8)}, optional={"format": st.sampled_from(["ndjson", "json", "csv", "xml"]), "chunk_size": st.integers(1, 4)})),
+    st.tuples(
+        st.just("text"),
+        st.fixed_dictionaries(
+            {"text": st.text(min_size=1, max_size=60)},
+            optional={"unit": st.sampled_from(["chars", "words", "sentences", "bytes"]), "chunk_size": st.integers(1, 8), "interval_ms": st.integers(0, 5)},
+        ),
+    ),
+    st.tuples(
+        st.just("data"),
+        st.fixed_dictionaries(
+            {"records": st.lists(st.dictionaries(st.sampled_from(["a", "b", "c"]), JSON_SCALARS, max_size=3), min_size=1, max_size=8)},
+            optional={"format": st.sampled_from(["ndjson", "json", "csv", "xml"]), "chunk_size": st.integers(1, 4)},
+        ),
+    ),
     st.tuples(st.just("metrics"), st.fixed_dictionaries({}, optional={"interval_ms": st.integers(100, 300)})),
-    st.tuples(st.just("logs"), st.fixed_dictionaries({}, optional={"lines": st.integers(0, 5), "level": st.sampled_from(["DEBUG", "INFO", "WARNING"]), "follow": st.booleans()})),
+    st.tuples(
+        st.just("logs"),
+        st.fixed_dictionaries({}, optional={"lines": st.integers(0, 5), "level": st.sampled_from(["DEBUG", "INFO", "WARNING"]), "follow": st.booleans()}),
+    ),
     st.tuples(st.sampled_from(["text", "data", "metrics", "logs", "chat", "video", ""]), st.dictionaries(st.text(max_size=10), JSON_VALUES, max_size=3)),
     st.tuples(st.just("text"), st.fixed_dictionaries({"document": FILE_NAMES})),
     st.tuples(st.just("data"), st.fixed_dictionaries({"dataset": FILE_NAMES})),
@@ -120,7 +135,16 @@ class Healthy:
         try:
             with sync_connect(self.server.url, additional_headers={"X-API-Key": self.server.key}) as ws:
                 assert orjson.loads(ws.recv(10))["op"] == "ready"
-                ws.send(orjson.dumps({"op": "subscribe", "id": "h", "channel": "text", "params": {"text": "healthy " * 100_000, "unit": "words", "chunk_size": 1, "interval_ms": 5}}).decode())
+                ws.send(
+                    orjson.dumps(
+                        {
+                            "op": "subscribe",
+                            "id": "h",
+                            "channel": "text",
+                            "params": {"text": "healthy " * 100_000, "unit": "words", "chunk_size": 1, "interval_ms": 5},
+                        }
+                    ).decode()
+                )
                 assert orjson.loads(ws.recv(10))["op"] == "subscribed"
                 while not stop.is_set():
                     frame = orjson.loads(ws.recv(10))

@@ -86,7 +86,8 @@ async def test_rate_limit_cors_and_timeout(tmp) -> None:
     try:
         async with httpx.AsyncClient(base_url=srv.http, timeout=30) as http:
             preflight = await http.options(
-                "/api/v1/stream/text", headers={"Origin": "https://app.example", "Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": "x-api-key,content-type"}
+                "/api/v1/stream/text",
+                headers={"Origin": "https://app.example", "Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": "x-api-key,content-type"},
             )
             assert preflight.status_code == 200 and preflight.headers["access-control-allow-origin"] == "https://app.example"
             timed = await http.post("/api/v1/stream/metrics", json={"interval_ms": 200}, headers=key | {"Origin": "https://app.example"})

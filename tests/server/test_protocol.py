@@ -60,10 +60,20 @@ def test_binary_headers_roundtrip() -> None:
     assert decode_binary(b"\x02s1payload") == ("s1", b"payload")
 
 
-json_values = st.recursive(st.none() | st.booleans() | st.integers(-(2**63), 2**63 - 1) | st.floats(allow_nan=False, allow_infinity=False) | st.text(), lambda c: st.lists(c) | st.dictionaries(st.text(), c), max_leaves=20)
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**63), 2**63 - 1) | st.floats(allow_nan=False, allow_infinity=False) | st.text(),
+    lambda c: st.lists(c) | st.dictionaries(st.text(), c),
+    max_leaves=20,
+)
 
 
-@given(st.one_of(st.text(), json_values.map(lambda v: orjson.dumps(v).decode()), st.dictionaries(st.sampled_from(["op", "id", "channel", "params", "data", "end", "api_key"]), json_values).map(lambda d: orjson.dumps(d).decode())))
+@given(
+    st.one_of(
+        st.text(),
+        json_values.map(lambda v: orjson.dumps(v).decode()),
+        st.dictionaries(st.sampled_from(["op", "id", "channel", "params", "data", "end", "api_key"]), json_values).map(lambda d: orjson.dumps(d).decode()),
+    )
+)
 def test_any_text_decodes_or_raises_protocol_error(text: str) -> None:
     try:
         decode_text(text)

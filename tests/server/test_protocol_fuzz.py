@@ -39,7 +39,12 @@ def valid_frames() -> st.SearchStrategy[dict[str, Any]]:
     """Frames protocol v1 accepts, one strategy per op."""
     return st.one_of(
         st.builds(lambda k: {"op": "auth", "api_key": k}, st.text(max_size=1024)),
-        st.builds(lambda i, c, p: {"op": "subscribe", "id": i, "channel": c, "params": p}, STREAM_IDS, CHANNELS, st.dictionaries(st.text(max_size=10), JSON_VALUES, max_size=5)),
+        st.builds(
+            lambda i, c, p: {"op": "subscribe", "id": i, "channel": c, "params": p},
+            STREAM_IDS,
+            CHANNELS,
+            st.dictionaries(st.text(max_size=10), JSON_VALUES, max_size=5),
+        ),
         st.builds(lambda i, c: {"op": "subscribe", "id": i, "channel": c}, STREAM_IDS, CHANNELS),
         st.builds(lambda i, d, e: {"op": "push", "id": i, "data": d, "end": e}, STREAM_IDS, JSON_VALUES, st.booleans()),
         st.builds(lambda i: {"op": "unsubscribe", "id": i}, STREAM_IDS),
@@ -136,7 +141,13 @@ def test_object_without_string_op_is_bad_request(obj: dict[str, Any]) -> None:
 
 
 @settings(max_examples=300)
-@given(st.one_of(st.text(max_size=200), st.binary(max_size=200).map(lambda b: b.decode("latin-1")), valid_frames().map(lambda f: orjson.dumps(f).decode()).flatmap(truncations)))
+@given(
+    st.one_of(
+        st.text(max_size=200),
+        st.binary(max_size=200).map(lambda b: b.decode("latin-1")),
+        valid_frames().map(lambda f: orjson.dumps(f).decode()).flatmap(truncations),
+    )
+)
 def test_garbage_and_truncated_text_decodes_or_raises_a_documented_error(text: str) -> None:
     try:
         op = decode_text(text)

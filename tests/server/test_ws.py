@@ -14,7 +14,20 @@ from websockets.exceptions import ConnectionClosed
 from server.protocol import parse_server_binary
 from tests.serverproc import ServerProc, collect, connect, recv, send, start_server
 
-ERROR_CODES = {"bad_request", "unknown_op", "unknown_channel", "invalid_params", "duplicate_id", "unknown_id", "rate_limited", "forbidden", "too_many_streams", "unavailable", "bad_source", "internal"}
+ERROR_CODES = {
+    "bad_request",
+    "unknown_op",
+    "unknown_channel",
+    "invalid_params",
+    "duplicate_id",
+    "unknown_id",
+    "rate_limited",
+    "forbidden",
+    "too_many_streams",
+    "unavailable",
+    "bad_source",
+    "internal",
+}
 
 
 async def closed_with(ws: websockets.ClientConnection, timeout: float = 10) -> int:

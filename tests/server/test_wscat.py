@@ -89,6 +89,8 @@ def test_wscat_replays_the_readme_session(server: ServerProc) -> None:
 
 
 def test_wscat_first_frame_auth(server: ServerProc) -> None:
-    frames = _session(server, [json.dumps({"op": "auth", "api_key": server.key}), '{"op":"subscribe","id":"m","channel":"metrics","params":{"interval_ms":200}}'], 1.0)
+    frames = _session(
+        server, [json.dumps({"op": "auth", "api_key": server.key}), '{"op":"subscribe","id":"m","channel":"metrics","params":{"interval_ms":200}}'], 1.0
+    )
     assert frames[0]["op"] == "ready"
     assert any(f["op"] == "chunk" and f["id"] == "m" and "cpu" in f["data"] for f in frames)

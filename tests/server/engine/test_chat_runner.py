@@ -114,7 +114,11 @@ def test_detokenizer_never_splits_a_character(runner: CausalLMRunner) -> None:
 async def test_prefix_cache_skips_shared_prompt_tokens_and_changes_no_output(runner: CausalLMRunner) -> None:
     first, second = prompt(runner, "Name three rivers in Europe."), prompt(runner, "Name three mountains in Asia.")
     long_turn = runner.encode_chat(
-        [{"role": "user", "content": "Name three rivers in Europe."}, {"role": "assistant", "content": "The Danube, the Rhine and the Seine."}, {"role": "user", "content": "Which is longest?"}]
+        [
+            {"role": "user", "content": "Name three rivers in Europe."},
+            {"role": "assistant", "content": "The Danube, the Rhine and the Seine."},
+            {"role": "user", "content": "Which is longest?"},
+        ]
     )
     bound = runner.prefixes.max_tokens
     try:

@@ -110,9 +110,7 @@ def test_limits_are_checked() -> None:
 
 def test_round_robin_skips_idle() -> None:
     rr = RoundRobin()
-    picks = [
-        rr.pick(work) for work in ([True, True, True], [True, True, True], [True, False, True], [False, False, False], [True, True, False])
-    ]
+    picks = [rr.pick(work) for work in ([True, True, True], [True, True, True], [True, False, True], [False, False, False], [True, True, False])]
     assert picks == [0, 1, 2, None, 0]
 
 

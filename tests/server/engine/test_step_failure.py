@@ -150,7 +150,12 @@ async def test_failed_step_ends_its_chat_streams_with_internal_and_others_comple
                         failing.arm()
                 elif frame["op"] == "end":
                     ends[frame["id"]] = frame
-        assert ends["first"] == {"op": "end", "id": "first", "reason": "error", "error": {"code": "internal", "message": "generation failed; see the server log"}}
+        assert ends["first"] == {
+            "op": "end",
+            "id": "first",
+            "reason": "error",
+            "error": {"code": "internal", "message": "generation failed; see the server log"},
+        }
         assert ends["second"]["reason"] == "complete" and deltas["second"] >= 1
         assert not session.streams and engine.metrics()["streams"] == 0
     finally:

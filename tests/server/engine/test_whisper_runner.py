@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from server.engine.asr import SAMPLE_RATE, TranscriptionRequest, WhisperVocab
+from server.engine.asr import SAMPLE_RATE, Segment, TranscriptionRequest, WhisperVocab
 from server.engine.whisper import padded_samples
 from tests.asrmodel import ENGLISH, SPANISH, bundled_whisper, engine_with, speech, transcribe, wer
 
@@ -23,7 +23,9 @@ def test_padding_and_segments() -> None:
     hello, world = vocab.encode(" Hello"), vocab.encode(" world")
     segments, tail = vocab.segments([ts, *hello, ts + 50, ts + 50, *world, ts + 400, ts + 400, *hello, vocab.eot], window=5.0)
     assert [(s.start, s.end, s.text) for s in segments] == [(0.0, 1.0, " Hello"), (1.0, 5.0, " world")]
-    assert tail == hello
+    assert tail == Segment(5.0, 5.0, " Hello")
+    _, tail = vocab.segments([ts + 25, *hello, *world], window=5.0)
+    assert tail == Segment(0.5, 5.0, " Hello world")
 
 
 async def test_full_window_equals_transformers_generate() -> None:
