@@ -1,8 +1,8 @@
 """streamplex: the Python SDK of the streamplex server (protocol v1 over one WebSocket).
 
-    async with streamplex.connect("ws://127.0.0.1:8000/ws", api_key=KEY) as client:
-        async for chunk in client.subscribe("text", text="Hello world.", unit="words"):
-            print(chunk.data)
+async with streamplex.connect("ws://127.0.0.1:8000/ws", api_key=KEY) as client:
+    async for chunk in client.subscribe("text", text="Hello world.", unit="words"):
+        print(chunk.data)
 """
 
 from streamplex.client import Chunk, Client, Subscription, connect

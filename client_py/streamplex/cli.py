@@ -172,7 +172,12 @@ def _analysis_line(d: dict[str, Any]) -> str:
         mood = f"{sentiment.get('label', '')} {sentiment.get('compound', '')}".strip()
         return f"#{d['index']} [{mood}] {d['text'].strip()}" + (f"  entities: {entities}" if entities else "")
     if section == "topics":
-        return "topics: " + ", ".join(f"{t['label']} {t['score']:.2f}" for t in d["topics"][:5]) + "; keywords: " + ", ".join(k["keyword"] for k in d.get("keywords", []))
+        return (
+            "topics: "
+            + ", ".join(f"{t['label']} {t['score']:.2f}" for t in d["topics"][:5])
+            + "; keywords: "
+            + ", ".join(k["keyword"] for k in d.get("keywords", []))
+        )
     if section == "summary":
         return f"summary: {d['summary']}"
     if section == "aggregate":
@@ -224,7 +229,9 @@ async def _channels(client: Client, args: argparse.Namespace) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every subcommand but `serve` (which the server's CLI parses)."""
-    parser = argparse.ArgumentParser(prog="streamplex", description="Stream from a streamplex server. `streamplex serve --help` runs the server (when installed).")
+    parser = argparse.ArgumentParser(
+        prog="streamplex", description="Stream from a streamplex server. `streamplex serve --help` runs the server (when installed)."
+    )
     parser.add_argument("--url", default=os.environ.get("STREAMPLEX_URL", DEFAULT_URL), help="the server's WebSocket URL (env STREAMPLEX_URL)")
     parser.add_argument("--api-key", default=os.environ.get("STREAMPLEX_API_KEY"), help="API key (default: env STREAMPLEX_API_KEY)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")

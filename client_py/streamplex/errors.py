@@ -76,7 +76,20 @@ class InternalError(ProtocolError):
 
 ERRORS: dict[str, type[ProtocolError]] = {
     cls.code: cls
-    for cls in (BadRequest, UnknownOp, UnknownChannel, InvalidParams, DuplicateId, UnknownId, RateLimited, Forbidden, TooManyStreams, Unavailable, BadSource, InternalError)
+    for cls in (
+        BadRequest,
+        UnknownOp,
+        UnknownChannel,
+        InvalidParams,
+        DuplicateId,
+        UnknownId,
+        RateLimited,
+        Forbidden,
+        TooManyStreams,
+        Unavailable,
+        BadSource,
+        InternalError,
+    )
 }
 
 
