@@ -1,10 +1,10 @@
 """The transcription runner: Whisper with truncated encoder input and batched greedy decoding.
 
-Encoder: a window's log-mel input is cut to its real audio plus 1-2 s of silence (a whole number of
-seconds, so windows of equal length run as one batch) and the encoder's position embeddings are sliced to
-match, as whisper.cpp's `audio_ctx` does. The encoder's cost is in its length, so a 5 s window costs about
-an eighth of the standard 30 s one with the same transcript (the trailing silence keeps the decoder from
-repeating itself at a hard cut).
+Encoder: a window's log-mel input is cut to its real audio plus 1-1.1 s of silence (rounded up to 0.1 s)
+and the encoder's position embeddings are sliced to match, as whisper.cpp's `audio_ctx` does. The
+encoder's cost is in its length, so a 5 s window costs about an eighth of the standard 30 s one with the
+same transcript (the trailing silence keeps the decoder from repeating itself at a hard cut). Windows are
+encoded one per call: batching them saves nothing on a CPU, and int8 activations are scaled per call.
 
 Decoder: every window being decoded is one row of a shared block holding its self-attention keys and
 values (left-aligned, grown as tokens come) and its cross-attention keys and values (computed once from
@@ -33,21 +33,21 @@ from server.engine.device import use_threads
 from server.engine.runner import Runner
 from server.engine.scheduler import Output, StepPlan
 
-PAD_SECONDS = 1.0  # silence after the audio, at least; the input is then rounded up to whole seconds
+PAD_SECONDS = 1.0  # silence after the audio, at least; the input is then rounded up to PAD_STEP
+PAD_STEP = SAMPLE_RATE // 10  # 0.1 s: 10 mel frames, 5 encoder frames
 END_SLACK = 5  # time tokens (0.1 s): a segment starting this close to the audio's end ends the transcript
 MAX_TOKENS = 224  # tokens one window may generate (Whisper's own sample length)
-ROW_GROWTH = 8
 COLUMN_GROWTH = 64
 
 
 def padded_samples(samples: int) -> int:
-    """Encoder input length for `samples` of audio: plus PAD_SECONDS, rounded up to a second, at most 30 s."""
-    seconds = math.ceil((samples + PAD_SECONDS * SAMPLE_RATE) / SAMPLE_RATE)
-    return min(seconds, WINDOW_SECONDS) * SAMPLE_RATE
+    """Encoder input length for `samples` of audio: plus PAD_SECONDS, rounded up to PAD_STEP, at most 30 s."""
+    steps = math.ceil((samples + PAD_SECONDS * SAMPLE_RATE) / PAD_STEP)
+    return min(steps * PAD_STEP, WINDOW_SECONDS * SAMPLE_RATE)
 
 
 def quantize_for_cpu(model: Any) -> None:
-    """Swap Whisper's linear layers, in place, for fbgemm's: int8 in the encoder, float16 weights in the decoder.
+    """Swap Whisper's linear layers, in place, for fbgemm's: int8 in the encoder (and the decoder's cross-attention keys and values), float16 weights in the rest of the decoder.
 
     On CPU the decoder's step is bound by reading its weights (the output projection alone is 100 MB in float32)
     and the encoder by its matrix products. Int8 halves the encoder's time. Its activations are quantized per
@@ -59,6 +59,8 @@ def quantize_for_cpu(model: Any) -> None:
     with warnings.catch_warnings():  # torch points eager-mode quantization at torchao; the fbgemm kernels stay
         warnings.simplefilter("ignore")
         quantize_dynamic(model.model.encoder, {torch.nn.Linear}, dtype=torch.qint8, inplace=True)
+        cross = {f"layers.{i}.encoder_attn.{name}" for i in range(len(model.model.decoder.layers)) for name in ("k_proj", "v_proj")}
+        quantize_dynamic(model.model.decoder, cross, dtype=torch.qint8, inplace=True)  # run once per window, on its encoder output
         quantize_dynamic(model.model.decoder, {torch.nn.Linear}, dtype=torch.float16, inplace=True)
         head = torch.nn.Sequential(model.proj_out)
         quantize_dynamic(head, {torch.nn.Linear}, dtype=torch.float16, inplace=True)
@@ -102,9 +104,10 @@ class _Block:
         have = (0, 0) if buf is None else (buf.shape[2], buf.shape[4])
         if buf is not None and rows <= have[0] and columns <= have[1]:
             return buf
-        rows = max(rows, have[0]) if rows <= have[0] else max(rows, have[0] + ROW_GROWTH)
+        rows = max(rows, have[0]) if rows <= have[0] else max(rows, 2 * have[0])
+        columns = max(columns, have[1]) if columns <= have[1] else max(columns, have[1] + have[1] // 4)
         layers, two, _, heads, _, dim = like
-        new = torch.zeros((layers, two, rows, heads, max(columns, have[1]), dim), dtype=dtype, device=device)
+        new = torch.zeros((layers, two, rows, heads, columns, dim), dtype=dtype, device=device)
         if buf is not None:
             new[:, :, : buf.shape[2], :, : buf.shape[4]] = buf
         return new
@@ -136,8 +139,6 @@ class _Block:
             self.lengths[row], self.enc_lengths[row] = self.lengths[last], self.enc_lengths[last]
         self.lengths.pop()
         self.enc_lengths.pop()
-        if not self.lengths:
-            self.self_kv = self.cross_kv = None
 
 
 class WhisperRunner(Runner):
@@ -252,17 +253,11 @@ class WhisperRunner(Runner):
     def _prefill(self, ready: list[tuple[int, TranscriptionRequest]]) -> list[Output]:
         import numpy as np
 
-        assert self.vocab is not None and self._block is not None
-        groups: dict[int, list[tuple[int, TranscriptionRequest]]] = {}
-        for seq_id, request in ready:
-            groups.setdefault(padded_samples(len(request.audio)), []).append((seq_id, request))
         outputs = []
-        for samples, members in groups.items():
-            audios = [np.pad(r.audio[:samples], (0, max(0, samples - len(r.audio)))).astype(np.float32) for _, r in members]
-            # int8 activations are scaled per call: one window a call keeps each window's result its own
-            encoded = [enc for audio in audios for enc in self.encode([audio])] if self.quantize else self.encode(audios)
-            for (seq_id, request), enc in zip(members, encoded, strict=True):
-                outputs.append(self._start_row(seq_id, request, enc, len(request.audio)))
+        for seq_id, request in ready:
+            samples = padded_samples(len(request.audio))
+            audio = np.pad(request.audio[:samples], (0, max(0, samples - len(request.audio)))).astype(np.float32)
+            outputs.append(self._start_row(seq_id, request, self.encode([audio])[0], len(request.audio)))
         return outputs
 
     def _cross_kv(self, enc: torch.Tensor) -> torch.Tensor:
