@@ -238,7 +238,7 @@ def windows(folder: Path, model: str, threads: int, rounds: int, seconds: float)
     from server.engine.device import cpu_threads
     from server.engine.whisper import WhisperRunner
 
-    runner = WhisperRunner(model, Settings().cache_dir, torch.device("cpu"), torch.float32, cpu_threads(threads))
+    runner = WhisperRunner(model, Settings().cache_dir, torch.device("cpu"), torch.float32, cpu_threads(threads), Settings().asr_cpu_quantize)
     runner.load()
     torch.set_num_threads(cpu_threads(threads))
     clips = [stream_audio(i, 4)[0][: int(seconds * SAMPLE_RATE)] for i in range(8)]

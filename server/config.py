@@ -165,7 +165,7 @@ class Settings(BaseSettings):
     )
     asr_cpu_quantize: bool = Field(
         True,
-        description="On CPU, run Whisper's linear layers with fbgemm kernels: int8 in the encoder, float16 weights in the decoder (about 2x faster, same transcripts on the tests' speech); false keeps float32.",
+        description="On CPU, run Whisper's linear layers with fbgemm kernels: int8 in the encoder (one window per call), float16 weights in the decoder, whose activations stay float32 so a window decodes the same alone or batched. About 2x faster, with transcripts within the tests' word error rate; false keeps float32 throughout.",
     )
     engine_threads: int = Field(0, ge=0, description="CPU threads for model steps (torch intra-op threads); 0 uses one per available core.")
     engine_max_batch: int = Field(32, ge=1, description="Sequences a model decodes together in one step; more wait in its queue with their position shown.")

@@ -61,8 +61,8 @@ def wer(reference: str, hypothesis: str) -> float:
 
 @cache
 def bundled_whisper() -> WhisperRunner:
-    """The loaded Whisper base runner (float32, CPU), shared by every test module."""
-    runner = WhisperRunner("whisper-base", Settings().cache_dir, torch.device("cpu"), torch.float32, cpu_threads(0))
+    """The loaded Whisper base runner (CPU, as the server runs it by default), shared by every test module."""
+    runner = WhisperRunner("whisper-base", Settings().cache_dir, torch.device("cpu"), torch.float32, cpu_threads(0), quantize=Settings().asr_cpu_quantize)
     runner.load()
     return runner
 

@@ -1,4 +1,4 @@
-"""End to end over /ws with the real Whisper base: a file and a live push at real-time pace, language detection, errors."""
+"""End to end over /ws with the real Whisper base (and tiny.en as a local folder): a file, a live push and a file at real-time pace, language detection, translation, errors."""
 
 from __future__ import annotations
 
@@ -13,8 +13,10 @@ import numpy as np
 import orjson
 import pytest
 
+from server.config import Settings
 from server.engine.asr import SAMPLE_RATE
-from tests.asrmodel import ENGLISH, SPANISH, speech, speech_wav, wer
+from server.engine.whisper_loading import model_folder
+from tests.asrmodel import ENGLISH, SPANISH, speech, speech_wav, wer, words
 from tests.serverproc import ServerProc, collect, connect, recv, send, start_server
 
 PUSH_MS = 100
@@ -28,7 +30,10 @@ def asr_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProc]
     (media / "english.wav").write_bytes(speech_wav(" ".join(ENGLISH[:2])))
     (media / "spanish.wav").write_bytes(speech_wav(SPANISH, voice="es"))
     (media / "notes.txt").write_text("not audio")
-    srv = start_server(tmp, asr_model="whisper-base", media_dir=media)
+    # a local Hugging Face folder as a second model: the bundled tiny.en, converted, under a name of its own
+    custom = tmp / "custom-tiny"
+    custom.symlink_to(model_folder("whisper-tiny.en", Settings().cache_dir), target_is_directory=True)
+    srv = start_server(tmp, asr_model=f"whisper-base,{custom}", media_dir=media)
     try:
         for _ in range(1800):  # the first run converts the bundled model once
             status = orjson.loads(srv.get("/ready")[1])["channels"]["transcription"]
@@ -105,6 +110,53 @@ async def test_language_detected(asr_server: ServerProc) -> None:
     assert data[0] == {"type": "language", "language": "es", "detected": True}
     assert not [d for d in data if d["type"] == "partial"]
     assert data[-1]["language"] == "es" and wer(SPANISH, data[-1]["text"]) <= 0.5, data[-1]
+    await ws.close()
+
+
+async def test_translate_to_english(asr_server: ServerProc) -> None:
+    ws = await connect(asr_server)
+    await send(ws, op="subscribe", id="tr", channel="transcription", params={"source": "spanish.wav", "task": "translate"})
+    chunks, end = await collect(ws, "tr", timeout=120)
+    assert end["reason"] == "complete", end
+    transcript = chunks[-1]["data"]
+    assert transcript["language"] == "es", transcript
+    english = {"good", "morning", "would", "like", "table", "four", "people", "night", "tonight", "reserve", "book"}
+    assert len(english & set(words(transcript["text"]))) >= 3, transcript
+    assert not {"personas", "noche", "mesa"} & set(words(transcript["text"])), transcript
+    await ws.close()
+
+
+async def test_local_folder_model_english_only(asr_server: ServerProc) -> None:
+    """`STREAMPLEX_ASR_MODEL` also takes a local folder (here tiny.en), chosen per stream with `model`; English-only refuses other languages."""
+    ws = await connect(asr_server)
+    await send(ws, op="subscribe", id="tiny", channel="transcription", params={"source": "english.wav", "model": "custom-tiny"})
+    chunks, end = await collect(ws, "tiny", timeout=120)
+    assert end["reason"] == "complete", end
+    assert chunks[0]["data"] == {"type": "language", "language": "en", "detected": False}
+    assert wer(" ".join(ENGLISH[:2]), chunks[-1]["data"]["text"]) <= 0.15, chunks[-1]
+    for sid, params in {"fr": {"language": "fr"}, "translate": {"task": "translate"}}.items():
+        await send(ws, op="subscribe", id=sid, channel="transcription", params={"model": "custom-tiny", **params})
+        frame = await recv(ws, timeout=30)
+        assert (frame["op"], frame["id"], frame["code"]) == ("error", sid, "invalid_params"), frame
+    await ws.close()
+
+
+async def test_file_at_real_pace(asr_server: ServerProc) -> None:
+    """`realtime`: a file is read as if live, so its transcript comes no sooner than its length, with finals on the way."""
+    duration = len(speech(" ".join(ENGLISH[:2]))) / SAMPLE_RATE
+    ws = await connect(asr_server)
+    started = time.monotonic()
+    await send(ws, op="subscribe", id="rt", channel="transcription", params={"source": "english.wav", "language": "en", "realtime": True})
+    arrivals: list[tuple[float, str]] = []
+    while True:
+        frame = await recv(ws, timeout=60)
+        if frame["op"] == "end":
+            break
+        if frame["op"] == "chunk":
+            arrivals.append((time.monotonic() - started, frame["data"]["type"]))
+    assert frame["reason"] == "complete", frame
+    assert arrivals[-1][1] == "transcript" and arrivals[-1][0] >= duration - 0.2, (duration, arrivals)
+    assert any(kind == "final" and at < duration for at, kind in arrivals), (duration, arrivals)
     await ws.close()
 
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from server.engine.asr import SAMPLE_RATE, Segment, TranscriptionRequest, WhisperVocab
+from server.engine.asr import SAMPLE_RATE, Segment, TranscriptionRequest, WhisperVocab, repeated_tail
 from server.engine.whisper import padded_samples
 from tests.asrmodel import ENGLISH, SPANISH, bundled_whisper, engine_with, speech, transcribe, wer
 
@@ -26,6 +26,14 @@ def test_padding_and_segments() -> None:
     assert tail == Segment(5.0, 5.0, " Hello")
     _, tail = vocab.segments([ts + 25, *hello, *world], window=5.0)
     assert tail == Segment(0.5, 5.0, " Hello world")
+
+
+def test_repeated_tail() -> None:
+    loop = [5, 6, 7, 8, 9, 10]
+    assert repeated_tail([1, 2, *loop, *loop]) == 6
+    assert repeated_tail([1, 2, *loop, *loop[:5]]) == 0  # not twice yet
+    assert repeated_tail([3, 4, 3, 4, 3, 4, 3, 4]) == 0  # short repeats are speech ("no, no, no")
+    assert repeated_tail(list(range(200))) == 0
 
 
 async def test_full_window_equals_transformers_generate() -> None:
