@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from server.engine.asr import Segment
 
 TAIL_OVERLAP = 5  # words of committed text a new hypothesis may repeat at its start
+ECHO_WORDS = 3  # at the end of input, pending words that start with at least this many recent final words, in order, are an echo
+ECHO_WINDOW = 40  # final words searched for such an echo
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,12 +84,23 @@ class LocalAgreement:
         self.cut_points = [offset + s.end for s in segments]
         return final
 
-    def finish(self, segments: list[Segment], offset: float) -> list[Word]:
-        """The last hypothesis (end of input): all its new words are final."""
-        final = self._new_words(timed_words(segments, offset))
-        self.committed += final
-        self.pending = []
-        return final
+    def finish(self, speech_end: float) -> list[Word]:
+        """At the end of input: the pending words become final, less an echo at their start and words past `speech_end`.
+
+        The last hypothesis is seen once, with no later one to disagree with it, and Whisper often fills the
+        silence after the last word: it says recent words again ("...the main station. The train to the"),
+        or makes up a sentence. `speech_end` (stream time) is where the audio's last sound ends.
+        """
+        self.pending = [w for w in self.pending if w.start < speech_end]
+        recent = [w.key for w in self.committed[-ECHO_WINDOW:]]
+        keys = [w.key for w in self.pending]
+        echo = 0
+        for n in range(len(keys), ECHO_WORDS - 1, -1):
+            if any(recent[i : i + n] == keys[:n] for i in range(len(recent) - n + 1)):
+                echo = n
+                break
+        self.pending = self.pending[echo:]
+        return self.force()
 
     def force(self) -> list[Word]:
         """Make every pending word final (the buffer is full and must be cut)."""

@@ -40,12 +40,13 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-TRIM_SECONDS = 5.0  # cut the buffer at a final segment's end once it is longer than this
+TRIM_SECONDS = 3.0  # cut the buffer at a final segment's end once it is longer than this
 FORCE_SECONDS = 24.0  # a buffer still this long after trimming has its pending words made final and is cut
 MAX_COMPRESSION = 2.4  # Whisper's compression-ratio threshold for a looping transcript
 MIN_SEGMENT_SECONDS = 0.05  # shorter segments are Whisper looping at the window's end
 KEEP_SECONDS = 5.0  # audio kept after such a forced cut
 MAX_PENDING_SECONDS = 30.0  # audio received but not yet transcribed; beyond it pushed input waits (the push queue fills)
+TAIL_SECONDS = 0.3  # at the end of input, pending words starting this long after the last sound are made up, not heard
 PROMPT_CHARS = 200  # final text before the buffer given to Whisper as context
 BLOCK = SAMPLE_RATE // 10  # file audio is read in 100 ms blocks
 
@@ -242,12 +243,9 @@ class _Transcriber:
                 if text != self.last_partial:
                     self.last_partial = text
                     yield _segment("partial", self.agreement.pending)
-        if len(self.buffer):
-            # the last hypothesis was seen once only: transcribe the whole buffer again, without the prefix
-            segments, _ = await self._transcribe(prefixed=False)
-            final = self.agreement.finish(segments, self.offset)
-            if final:
-                yield self._final(final)
+        final = self.agreement.finish(self.offset + speech_end(self.buffer) + TAIL_SECONDS)  # the last hypothesis was made with all the audio
+        if final:
+            yield self._final(final)
         duration = self.offset + len(self.buffer) / SAMPLE_RATE
         log.info("transcription %s: %.1f s of audio in %d windows, %.1f s", self.stream_id, duration, windows, time.perf_counter() - started)
         yield {
@@ -314,6 +312,17 @@ class _Transcriber:
         if tail is not None:
             segments.append(tail)
         return without_repeats(segments), request.detected_language
+
+
+def speech_end(audio: np.ndarray) -> float:
+    """Seconds into `audio` where its last sound ends: the end of the last 20 ms frame louder than a tenth of its loud frames (and -60 dBFS)."""
+    frame = SAMPLE_RATE // 50
+    frames = len(audio) // frame
+    if not frames:
+        return len(audio) / SAMPLE_RATE
+    rms = np.sqrt(np.mean(np.square(audio[: frames * frame].reshape(frames, frame), dtype=np.float64), axis=1))
+    voiced = np.flatnonzero(rms > max(0.1 * float(np.percentile(rms, 95)), 1e-3))
+    return float((voiced[-1] + 1) * frame / SAMPLE_RATE) if len(voiced) else 0.0
 
 
 def looping(segments: list[Segment]) -> bool:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import numpy as np
+import pytest
+
 from channels.agreement import LocalAgreement, text_of, timed_words
 from server.engine.asr import Segment
 
@@ -26,6 +29,36 @@ def test_two_agreeing_hypotheses_make_words_final() -> None:
     assert text_of(final) == "Fox" and text_of(la.pending) == "jumps"
     assert text_of(la.force()) == "jumps" and la.pending == []
     assert text_of(la.committed) == "the quick, brown. Fox jumps"
+
+
+def test_finish_drops_an_echo_of_recent_words() -> None:
+    said = [Segment(0, 3, " The train to the city leaves every hour.")]
+    la = LocalAgreement()
+    la.update(said, 0.0)
+    la.update(said, 0.0)
+    la.update([*said, Segment(3, 4, " The train to the")], 0.0)
+    assert text_of(la.finish(speech_end=10.0)) == "" and text_of(la.committed) == "The train to the city leaves every hour."
+    la.update([*said, Segment(3, 5, " to the city, and then home")], 0.0)
+    assert text_of(la.finish(speech_end=10.0)) == "and then home"  # "to the city," echoes; the rest is new
+    la = LocalAgreement()
+    la.update(said, 0.0)
+    la.update(said, 0.0)
+    la.update([*said, Segment(3, 5, " the city, at last")], 0.0)
+    assert text_of(la.finish(speech_end=10.0)) == "the city, at last"  # two words are too few to call an echo
+    la = LocalAgreement()
+    la.update(said, 0.0)
+    la.update([*said, Segment(3, 4, " Goodbye."), Segment(4.5, 6, " Thanks for watching.")], 0.0)
+    assert text_of(la.finish(speech_end=4.2)) == "Goodbye."  # said after the last sound: made up
+
+
+def test_speech_end() -> None:
+    from channels.transcription import speech_end
+
+    t = np.arange(16_000) / 16_000
+    tone = 0.3 * np.sin(2 * np.pi * 220 * t).astype(np.float32)
+    noise = 0.002 * np.random.default_rng(0).standard_normal(8_000).astype(np.float32)
+    assert speech_end(np.concatenate([noise, tone, noise])) == pytest.approx(1.5, abs=0.02)
+    assert speech_end(np.zeros(16_000, dtype=np.float32)) == 0.0
 
 
 def test_looping_segments_are_dropped() -> None:
