@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from server.engine.asr import Segment
 
 TAIL_OVERLAP = 5  # words of committed text a new hypothesis may repeat at its start
-ECHO_WORDS = 3  # at the end of input, pending words that start with at least this many recent final words, in order, are an echo
+ECHO_WORDS = 3  # a hypothesis ending with at least this many words said just before, in order, ends with an echo
 ECHO_WINDOW = 40  # final words searched for such an echo
 
 
@@ -72,9 +72,23 @@ class LocalAgreement:
                 return fresh[n:]
         return fresh
 
+    def _without_echo(self, words: list[Word]) -> list[Word]:
+        """The words less an echo at their end: ECHO_WORDS or more that repeat, in order, words said just before.
+
+        Whisper fills silence at the end of the audio by saying recent words again ("...the main station. The
+        train to the city"), the same way each time, so two hypotheses would agree on it. Speech that truly
+        repeats itself is kept once more words follow it.
+        """
+        keys = [w.key for w in self.committed[-ECHO_WINDOW:]] + [w.key for w in words]
+        for n in range(len(words), ECHO_WORDS - 1, -1):
+            tail, before = keys[-n:], keys[:-n]
+            if any(before[i : i + n] == tail for i in range(len(before) - n + 1)):
+                return words[:-n]
+        return words
+
     def update(self, segments: list[Segment], offset: float) -> list[Word]:
         """Take a new hypothesis of the buffer starting at `offset` s; return the words it makes final."""
-        words = self._new_words(timed_words(segments, offset))
+        words = self._without_echo(self._new_words(timed_words(segments, offset)))
         agreed = 0
         while agreed < min(len(words), len(self.pending)) and words[agreed].key == self.pending[agreed].key:
             agreed += 1
@@ -85,21 +99,12 @@ class LocalAgreement:
         return final
 
     def finish(self, speech_end: float) -> list[Word]:
-        """At the end of input: the pending words become final, less an echo at their start and words past `speech_end`.
+        """At the end of input: the pending words become final, less those starting past `speech_end` (stream time, where the audio's last sound ends).
 
-        The last hypothesis is seen once, with no later one to disagree with it, and Whisper often fills the
-        silence after the last word: it says recent words again ("...the main station. The train to the"),
-        or makes up a sentence. `speech_end` (stream time) is where the audio's last sound ends.
+        The last hypothesis is seen once, with no later one to disagree with it, and Whisper often makes up a
+        sentence in the silence after the last word.
         """
         self.pending = [w for w in self.pending if w.start < speech_end]
-        recent = [w.key for w in self.committed[-ECHO_WINDOW:]]
-        keys = [w.key for w in self.pending]
-        echo = 0
-        for n in range(len(keys), ECHO_WORDS - 1, -1):
-            if any(recent[i : i + n] == keys[:n] for i in range(len(recent) - n + 1)):
-                echo = n
-                break
-        self.pending = self.pending[echo:]
         return self.force()
 
     def force(self) -> list[Word]:

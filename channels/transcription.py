@@ -46,7 +46,7 @@ MAX_COMPRESSION = 2.4  # Whisper's compression-ratio threshold for a looping tra
 MIN_SEGMENT_SECONDS = 0.05  # shorter segments are Whisper looping at the window's end
 KEEP_SECONDS = 5.0  # audio kept after such a forced cut
 MAX_PENDING_SECONDS = 30.0  # audio received but not yet transcribed; beyond it pushed input waits (the push queue fills)
-TAIL_SECONDS = 0.3  # at the end of input, pending words starting this long after the last sound are made up, not heard
+TAIL_SECONDS = 0.3  # at the end of input, pending words starting this long after the last sound were made up, not heard
 PROMPT_CHARS = 200  # final text before the buffer given to Whisper as context
 BLOCK = SAMPLE_RATE // 10  # file audio is read in 100 ms blocks
 

@@ -31,23 +31,23 @@ def test_two_agreeing_hypotheses_make_words_final() -> None:
     assert text_of(la.committed) == "the quick, brown. Fox jumps"
 
 
-def test_finish_drops_an_echo_of_recent_words() -> None:
+def test_an_echo_at_the_end_is_not_final_and_made_up_words_are_dropped_at_the_end() -> None:
     said = [Segment(0, 3, " The train to the city leaves every hour.")]
-    la = LocalAgreement()
-    la.update(said, 0.0)
-    la.update(said, 0.0)
-    la.update([*said, Segment(3, 4, " The train to the")], 0.0)
-    assert text_of(la.finish(speech_end=10.0)) == "" and text_of(la.committed) == "The train to the city leaves every hour."
-    la.update([*said, Segment(3, 5, " to the city, and then home")], 0.0)
-    assert text_of(la.finish(speech_end=10.0)) == "and then home"  # "to the city," echoes; the rest is new
-    la = LocalAgreement()
-    la.update(said, 0.0)
-    la.update(said, 0.0)
-    la.update([*said, Segment(3, 5, " the city, at last")], 0.0)
-    assert text_of(la.finish(speech_end=10.0)) == "the city, at last"  # two words are too few to call an echo
-    la = LocalAgreement()
-    la.update(said, 0.0)
-    la.update([*said, Segment(3, 4, " Goodbye."), Segment(4.5, 6, " Thanks for watching.")], 0.0)
+
+    def after(*segments: Segment) -> LocalAgreement:
+        la = LocalAgreement()
+        la.update(said, 0.0)
+        la.update(said, 0.0)
+        la.update([*said, *segments], 0.0)
+        return la
+
+    echo = Segment(3, 4, " The train to the")
+    la = after(echo)
+    assert la.pending == [] and text_of(la.update([*said, echo], 0.0)) == ""  # agreed twice, still an echo
+    assert text_of(after(Segment(3, 5, " The train to the city, and then home")).pending) == "The train to the city, and then home"  # more words follow
+    assert text_of(after(Segment(3, 5, " the city, at last")).pending) == "the city, at last"
+    assert text_of(after(Segment(3, 5, " at last, the city")).pending) == "at last, the city"  # two words are too few to call an echo
+    la = after(Segment(3, 4, " Goodbye."), Segment(4.5, 6, " Thanks for watching."))
     assert text_of(la.finish(speech_end=4.2)) == "Goodbye."  # said after the last sound: made up
 
 
