@@ -12,6 +12,9 @@ Parts (`--parts`, run one after the other, never sharing the CPU):
 - `windows` (not in the default): the cost of one window of speech, interleaved rounds so that a
   changing machine load hits all three alike: transformers' `generate` on the standard 30 s window, the
   runner on the truncated window alone, and per window when 8 windows are decoded together.
+- `costs` (not in the default): where one live step's time goes in the runner for a window of `--window`
+  seconds with a 64-token previous-text prompt and a forced prefix: the encoder, the whole prefill, and a
+  decode step for 1 and for 8 rows.
 - `server`: K WebSocket clients against `python -m server` (started here) with the transcription channel:
   truncated encoder input, all streams' windows decoded together in the batching engine.
 
@@ -259,6 +262,44 @@ def windows(folder: Path, model: str, threads: int, rounds: int, seconds: float)
     ]
 
 
+def costs(model: str, threads: int, rounds: int, seconds: float) -> list[dict[str, Any]]:
+    """Where one live step's time goes in the runner: a window of `seconds` of speech with a 64-token previous-text prompt and a forced prefix."""
+    import torch
+
+    from server.engine.asr import TranscriptionRequest
+    from server.engine.device import cpu_threads
+    from server.engine.scheduler import Chunk, StepPlan
+    from server.engine.whisper import WhisperRunner, padded_samples
+
+    runner = WhisperRunner(model, Settings().cache_dir, torch.device("cpu"), torch.float32, cpu_threads(threads), Settings().asr_cpu_quantize)
+    runner.load()
+    vocab = runner.vocab
+    assert vocab is not None
+    clips = [stream_audio(i, 4)[0][: int(seconds * SAMPLE_RATE)] for i in range(8)]
+    context = vocab.encode(" " + " ".join(SENTENCES))[:64]
+    prefix = [vocab.timestamp(0.0), *vocab.encode(" " + SENTENCES[0].split(",")[0].rsplit(" ", 4)[0])]
+    times: dict[str, list[float]] = {"encoder": [], "prefill (encoder, cross keys and values, prompt)": [], "decode step, 1 row": [], "decode step, 8 rows": []}
+    padded = np.pad(clips[0], (0, padded_samples(len(clips[0])) - len(clips[0]))).astype(np.float32)
+    for _ in range(rounds):
+        with torch.inference_mode():
+            started = time.perf_counter()
+            runner.encode([padded])
+            times["encoder"].append(time.perf_counter() - started)
+        for rows in (1, 8):
+            requests = {i: TranscriptionRequest(clips[i], "en", prompt=context, prefix=prefix) for i in range(rows)}
+            for i, request in requests.items():
+                started = time.perf_counter()
+                runner.execute(StepPlan(admit={i: request}, prefill=[Chunk(i, 0, len(vocab.prompt(request)), True)]))
+                if rows == 1:
+                    times["prefill (encoder, cross keys and values, prompt)"].append(time.perf_counter() - started)
+            started = time.perf_counter()
+            for _ in range(5):
+                runner.execute(StepPlan(decode=sorted(requests)))
+            times[f"decode step, {rows} row{'s' if rows > 1 else ''}"].append((time.perf_counter() - started) / 5)
+            runner.execute(StepPlan(release=sorted(requests)))
+    return [{"window": f"{seconds:g} s", "phase": k, "ms (median)": round(1000 * float(np.median(v)), 1)} for k, v in times.items()]
+
+
 def step_seconds(server: Any) -> float:
     """The transcription runner's total step seconds, from /metrics."""
     for line in server.get("/metrics")[1].decode().splitlines():
@@ -298,8 +339,8 @@ def main() -> None:
     parser.add_argument("--model", default="whisper-base")
     parser.add_argument("--threads", type=int, default=0, help="CPU threads for both (0: one per core, the server's default)")
     parser.add_argument("--parts", default="naive,server")
-    parser.add_argument("--rounds", type=int, default=3, help="rounds of the `windows` part")
-    parser.add_argument("--window", type=float, default=10.0, help="seconds of speech per window in the `windows` part")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds of the `windows` and `costs` parts")
+    parser.add_argument("--window", type=float, default=10.0, help="seconds of speech per window in the `windows` and `costs` parts")
     parser.add_argument("--keep-going", action="store_true", help="run every K even after two misses")
     parser.add_argument("--json", type=Path, help="also write the rows here")
     args = parser.parse_args()
@@ -308,7 +349,9 @@ def main() -> None:
     print(f"audio per stream: {np.mean([len(a) for a, _ in audios]) / SAMPLE_RATE:.1f} s", flush=True)
     rows: list[dict[str, Any]] = []
     for part in args.parts.split(","):
-        if part == "windows":
+        if part == "costs":
+            print(table(costs(args.model, args.threads, args.rounds, args.window)), flush=True)
+        elif part == "windows":
             from server.engine.whisper_loading import model_folder
 
             window_rows = windows(model_folder(args.model, Settings().cache_dir), args.model, args.threads, args.rounds, args.window)
