@@ -33,6 +33,9 @@ class MetricsParams(ParamsModel):
 
 
 GROUPS: tuple[Group, ...] = get_args(Group)
+SLOW: frozenset[str] = frozenset({"disk", "gpu"})
+"""Groups whose reads may wait on a device or a driver (statvfs, NVML): sampled in a thread. The others read
+procfs or the server's own state, which costs less on the event loop than a thread handoff (~0.3 ms a sample)."""
 
 
 class Sampler:
@@ -47,7 +50,7 @@ class Sampler:
         self.gpu = GpuProbe()
 
     def sample(self, groups: Collection[str] = GROUPS) -> dict[str, Any]:
-        """One raw sample of `groups`: cumulative counters and instantaneous gauges (blocking; run in a thread)."""
+        """One raw sample of `groups`: cumulative counters and instantaneous gauges (blocking when `groups` meet SLOW)."""
         raw: dict[str, Any] = {"node": self.node, "t": time.monotonic(), "time": time.time()}
         for group in groups:
             raw[group] = getattr(self, f"_read_{group}")()
@@ -215,17 +218,23 @@ class MetricsChannel(Channel):
             return GROUPS
         return {group for fields in self._wants for group in fields}
 
+    async def _sample(self, sampler: Sampler) -> dict[str, Any]:
+        groups = self._groups()
+        if SLOW.isdisjoint(groups):
+            return sampler.sample(groups)
+        return await asyncio.to_thread(sampler.sample, groups)
+
     async def _sample_forever(self, publish: Publish) -> None:
         engine = self.services.engine
         sampler = Sampler(self.services.stats, engine.metrics if engine is not None else dict, node=self.settings.node)
-        prev = await asyncio.to_thread(sampler.sample, self._groups())
+        prev = await self._sample(sampler)
         loop = asyncio.get_running_loop()
         due = loop.time()
         while True:
             # On a fixed schedule (the time spent sampling does not add up), at the shortest interval asked for now.
             due = max(due + min(self._intervals, default=1.0), loop.time())
             await asyncio.sleep(due - loop.time())
-            cur = await asyncio.to_thread(sampler.sample, self._groups())
+            cur = await self._sample(sampler)
             publish((prev, cur))
             prev = cur
 
