@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 from starlette.applications import Starlette
 from starlette.datastructures import Headers
@@ -24,17 +24,19 @@ from server.http_stream import PREFIX, HttpStreams
 from server.logbuffer import RingLogHandler
 from server.protocol import CloseCode
 from server.runtime import Runtime
+from server.wsprotocol import TRY_SEND
 
 
 class _AsgiTransport:
     """server.connection.Transport straight over the ASGI callables (Starlette's per-send wrappers cost more than the send)."""
 
-    __slots__ = ("_receive", "_send", "left_cleanly")
+    __slots__ = ("_receive", "_send", "left_cleanly", "try_send")
 
-    def __init__(self, receive: Receive, send: Send) -> None:
+    def __init__(self, receive: Receive, send: Send, try_send: Callable[[str | bytes], bool] | None) -> None:
         self._receive = receive
         self._send = send
         self.left_cleanly = False
+        self.try_send = try_send or _cannot_send  # server.wsprotocol's direct send when uvicorn runs with it
 
     async def receive(self) -> str | bytes | None:
         message = await self._receive()
@@ -53,6 +55,10 @@ class _AsgiTransport:
 
     async def close(self, code: int, reason: str) -> None:
         await self._send({"type": "websocket.close", "code": code, "reason": reason})
+
+
+def _cannot_send(payload: str | bytes) -> bool:
+    return False
 
 
 def _header_key(headers: Headers) -> str | None:
@@ -88,9 +94,10 @@ class App:
             return
         client = scope.get("client")
         address = client[0] if client else "unknown"
+        transport = _AsgiTransport(receive, send, (scope.get("extensions") or {}).get(TRY_SEND))
         self.sockets += 1
         try:
-            await Connection(self.runtime, _AsgiTransport(receive, send), address, _header_key(Headers(scope=scope))).run()
+            await Connection(self.runtime, transport, address, _header_key(Headers(scope=scope))).run()
         finally:
             self.sockets -= 1
 

@@ -13,6 +13,7 @@ import uvicorn
 from server.app import create_app
 from server.config import Settings
 from server.runtime import Runtime, configure_logging
+from server.wsprotocol import DirectProtocol
 
 
 class DrainingServer(uvicorn.Server):
@@ -63,6 +64,7 @@ def serve(argv: list[str] | None = None) -> None:
         ws_ping_interval=settings.heartbeat_interval or None,
         ws_ping_timeout=settings.heartbeat_timeout,
         ws_per_message_deflate=settings.per_message_deflate,
+        ws=DirectProtocol,
         log_config=None,
         timeout_graceful_shutdown=settings.shutdown_timeout + 2,
     )

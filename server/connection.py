@@ -13,7 +13,7 @@ from collections.abc import Awaitable, Coroutine
 from typing import Any, Protocol
 
 from server.auth import Principal
-from server.outbox import OutboxOverflow, Payload, Pending
+from server.outbox import Outbox, OutboxOverflow, Payload, Pending
 from server.protocol import (
     Auth,
     CloseCode,
@@ -49,6 +49,10 @@ class Transport(Protocol):
         """The next message, or None once the client has disconnected."""
         ...
 
+    def try_send(self, payload: str | bytes) -> bool:
+        """Send one message at once if the socket takes it without waiting; False if it cannot (then `send` it)."""
+        ...
+
     async def send(self, payload: str | bytes) -> None:
         """Send one message; raise Disconnected if the client is gone."""
         ...
@@ -61,17 +65,38 @@ class Transport(Protocol):
 class Connection:
     """Drives one authenticated session over one transport."""
 
+    __slots__ = (
+        "_close",
+        "_dropped",
+        "_finished",
+        "_reading",
+        "_resumed",
+        "_sending_since",
+        "_stopping",
+        "_task",
+        "_try_send",
+        "_writer",
+        "address",
+        "header_key",
+        "runtime",
+        "session",
+        "settings",
+        "stats",
+        "transport",
+    )
+
     def __init__(self, runtime: Runtime, transport: Transport, address: str, header_key: str | None) -> None:
         self.runtime = runtime
         self.settings = runtime.settings
         self.stats = runtime.telemetry.stats
         self.transport = transport
+        self._try_send = transport.try_send  # one lookup less per frame
         self.address = address
         self.header_key = header_key
         self.session: Session | None = None
         self._close: tuple[int, str] | None = None
         self._task: asyncio.Task[Any] | None = None
-        self._writer: asyncio.Task[None] | None = None
+        self._writer: asyncio.Task[None] | None = None  # exists only while frames wait (see server/outbox.py)
         self._reading = False
         self._stopping = False
         self._dropped = False  # the connection dropped (no close frame with 1000 or 1001): resumable
@@ -102,20 +127,10 @@ class Connection:
         self.stats.connections_total += 1
         self.runtime.connections.add(self)
         log.info("session %s opened from %s (%s)", session.id, self.address, principal.label)
-        session.outbox.direct = self._send_now
-        ready = {
-            "op": "ready",
-            "session": session.id,
-            "node": self.settings.node,
-            "channels": self.runtime.channel_table(principal.scopes),
-            "limits": self.runtime.limits(),
-        }
-        if self.settings.resume_window > 0:
-            ready["resume"] = {"token": session.token, "window_s": self.settings.resume_window}
-        session.reply(ready)
-        # Two tasks per connection: this one reads, the writer sends what the direct path could not.
+        # This task reads; a writer task exists only while frames wait for the socket.
         self._task = asyncio.current_task()
-        self._start_writer(session)
+        session.outbox.attach(self._send_now, self._wake_writer)
+        session.reply(self._ready(session))
         self._reading = True
         try:
             await self._read()
@@ -126,6 +141,7 @@ class Connection:
         finally:
             self._reading = False
             session = self.session
+            session.outbox.detach()
             writer, self._writer = self._writer, None
             resumable = self._dropped and self._close is None and self.settings.resume_window > 0 and not self.runtime.draining
             if not resumable:
@@ -160,12 +176,28 @@ class Connection:
             async with asyncio.timeout(timeout):
                 await asyncio.shield(self._finished)
 
-    def _start_writer(self, session: Session) -> None:
-        writer = self._writer = asyncio.create_task(self._write(session), name=f"writer:{session.id}")
+    def _ready(self, session: Session) -> dict[str, Any]:
+        """The `ready` frame (built apart from `run`, whose frame would keep it for the whole connection)."""
+        ready = {
+            "op": "ready",
+            "session": session.id,
+            "node": self.settings.node,
+            "channels": self.runtime.channel_table(session.principal.scopes),
+            "limits": self.runtime.limits(),
+        }
+        if self.settings.resume_window > 0:
+            ready["resume"] = {"token": session.token, "window_s": self.settings.resume_window}
+        return ready
+
+    def _wake_writer(self) -> None:
+        """The outbox's `wake` hook: frames wait, so start the writer that sends them."""
+        session = self.session
+        assert session is not None and self._writer is None
+        writer = self._writer = asyncio.create_task(self._write(session.outbox), name=f"writer:{session.id}")
         writer.add_done_callback(self._writer_done)
 
     def _writer_done(self, writer: asyncio.Task[None]) -> None:
-        if writer is self._writer:
+        if writer is self._writer:  # it did not finish draining: the client is gone or too slow
             self._stop_reading()
 
     async def _resume(self, op: Resume) -> None:
@@ -177,16 +209,16 @@ class Connection:
         if old is None:
             raise ProtocolError(ErrorCode.RESUME_FAILED, "no session to resume: its token is unknown or expired, or it belongs to another API key")
         self._resumed = True
+        fresh.outbox.detach()
         writer, self._writer = self._writer, None
         if writer is not None:
             writer.cancel()
             await asyncio.gather(writer, return_exceptions=True)
         report, frames = await old.resume(op.streams)
         self.session = old
-        old.outbox.direct = self._send_now
         old.reply({"op": "resumed", "session": old.id, "streams": report})
         old.outbox.extend(frames)
-        self._start_writer(old)
+        old.outbox.attach(self._send_now, self._wake_writer)
         log.info("session %s resumed from %s: %d stream(s), %d frame(s) replayed", old.id, self.address, len(report), len(frames))
 
     def _stop_reading(self) -> None:
@@ -214,7 +246,7 @@ class Connection:
         if wait:
             await self._send_close(CloseCode.AUTH_THROTTLED, f"too many failed authentications; retry in {math.ceil(wait)} s")
             return None
-        key = self.header_key
+        key, self.header_key = self.header_key, None  # not kept for the connection's life
         if key is None:
             try:
                 async with asyncio.timeout(self.settings.auth_timeout):
@@ -303,27 +335,34 @@ class Connection:
             case Auth():
                 raise ProtocolError(ErrorCode.BAD_REQUEST, "already authenticated")
 
-    async def _write(self, session: Session) -> None:
-        outbox = session.outbox
+    async def _write(self, outbox: Outbox) -> None:
+        """Send what waits in the outbox, then end (the direct path takes over again); on a disconnect, end the connection."""
         with contextlib.suppress(Disconnected):
-            while True:
-                await self._send(await outbox.get())
+            while (item := outbox.next()) is not None:
+                await self._send(item)
+            self._writer = None
 
     async def _send(self, item: Payload | Pending) -> None:
         """Send one frame (or finish one the direct path started); kept apart so no frame outlives its send in the writer's locals."""
-        self._sending_since = asyncio.get_running_loop().time()
         if isinstance(item, Pending):
+            self._sending_since = asyncio.get_running_loop().time()
             await item.rest
             size = item.size
         else:
-            await self.transport.send(item)
             size = len(item)
+            if not self._try_send(item):
+                self._sending_since = asyncio.get_running_loop().time()
+                await self.transport.send(item)
         self._sending_since = None
         self.stats.frames_out += 1
         self.stats.bytes_out += size
 
     def _send_now(self, payload: Payload) -> Awaitable[None] | None:
         """The outbox's direct path: send at once, in the caller's stack; what could not finish is left to the writer."""
+        if self._try_send(payload):
+            self.stats.frames_out += 1
+            self.stats.bytes_out += len(payload)
+            return None
         try:
             rest = start_eagerly(self.transport.send(payload))
         except Disconnected:

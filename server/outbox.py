@@ -1,13 +1,14 @@
-"""A connection's bounded send queue, drained by its one writer task.
+"""A connection's bounded send queue, drained by a writer task that exists only while frames wait.
 
 Lossless frames wait for room; lossy streams get a `Lane` that keeps at most `depth` pending
 frames once the outbox is full, dropping the oldest and counting them; control frames (replies,
 `end`) always enter, up to a hard bound of twice the byte limit, past which the client is too slow.
 
-While the writer is idle and nothing waits, a new frame skips the queue: the `direct` hook starts
-sending it at once (see `Connection._send_now`), which saves waking the writer task for every frame.
-A send that could not finish at once (the socket's buffer is full) comes back as a `Pending` that the
-writer finishes before anything else.
+While nothing is queued, a new frame skips the queue: the `direct` hook sends it at once (see
+`Connection._send_now`), in the producer's stack. A send that could not finish at once (the socket's
+buffer is full) comes back as a `Pending`; from then on frames queue, and the `wake` hook starts a
+writer that finishes the `Pending` first, drains the queue with `next()` and ends when it is empty.
+Without hooks (a detached session, or a consumer of its own) frames queue and `get()` waits for them.
 """
 
 from __future__ import annotations
@@ -79,11 +80,13 @@ class OutboxOverflow(Exception):
 class Lane:
     """One lossy stream's place in the outbox."""
 
+    __slots__ = ("depth", "dropped", "on_drop", "pending", "render", "scheduled")
+
     def __init__(self, depth: int, render: Callable[[Any], Payload], on_drop: Callable[[int], None] = lambda n: None) -> None:
         self.depth = depth
         self.render = render
         self.on_drop = on_drop
-        self.pending: deque[Any] = deque()
+        self.pending: deque[Any] | None = None  # made when the outbox is full
         self.dropped = 0
         self.scheduled = False
 
@@ -93,15 +96,21 @@ class Lane:
         return n
 
 
+Entry = tuple[Payload, int] | Lane | Pending
+
+
 class Outbox:
     """Bounded FIFO of outgoing frames with per-stream lossy lanes."""
 
+    __slots__ = ("_bytes", "_empty", "_nonempty", "_queue", "_room", "direct", "draining", "max_bytes", "wake")
+
     def __init__(self, max_bytes: int) -> None:
         self.max_bytes = max_bytes
-        self._queue: deque[tuple[Payload, int] | Lane | Pending] = deque()
+        self._queue: deque[Entry] | None = None  # made when a frame first has to wait
         self._bytes = 0
-        self._idle = False
         self.direct: Direct | None = None
+        self.wake: Callable[[], None] | None = None
+        self.draining = False  # `wake` was called and the writer has not yet found the queue empty
         self._nonempty = Flag()
         self._room = Flag(True)
         self._empty = Flag(True)
@@ -111,58 +120,76 @@ class Outbox:
         """Bytes of frames waiting (lossy lanes' pending frames not counted; they are bounded by depth)."""
         return self._bytes
 
-    def _append(self, entry: tuple[Payload, int] | Lane) -> None:
-        if self._idle and self.direct is not None and isinstance(entry, tuple):
-            rest = self.direct(entry[0])
-            if rest is None:
-                return
-            self._queue.append(Pending(rest, entry[1]))
-            self._idle = False
-            self._nonempty.set()
-            self._empty.clear()
+    def attach(self, direct: Direct, wake: Callable[[], None]) -> None:
+        """Send through `direct` while nothing waits; call `wake` when frames start waiting (now, if some do)."""
+        self.direct, self.wake = direct, wake
+        if self._queue and not self.draining:
+            self.draining = True
+            wake()
+
+    def detach(self) -> None:
+        """Stop sending: frames queue until the next `attach` (the connection is gone; its writer is stopped)."""
+        self.direct = self.wake = None
+        self.draining = False
+
+    def _push(self, payload: Payload) -> None:
+        if not self.draining and (direct := self.direct) is not None:
+            rest = direct(payload)
+            if rest is not None:
+                self._enqueue(Pending(rest, len(payload)))
             return
+        size = len(payload)
+        self._bytes += size
+        if self._bytes >= self.max_bytes:
+            self._room.clear()
+        self._enqueue((payload, size))
+
+    def _enqueue(self, entry: Entry) -> None:
+        if self._queue is None:
+            self._queue = deque()
         self._queue.append(entry)
-        if isinstance(entry, tuple):
-            self._bytes += entry[1]
-            if self._bytes >= self.max_bytes:
-                self._room.clear()
         self._nonempty.set()
         self._empty.clear()
+        if not self.draining and self.wake is not None:
+            self.draining = True
+            self.wake()
 
     async def put(self, payload: Payload) -> None:
         """Queue a lossless frame, waiting while the outbox is full."""
         while self._bytes >= self.max_bytes:
             await self._room.wait()
-        self._append((payload, len(payload)))
+        self._push(payload)
 
     def put_control(self, payload: Payload) -> None:
         """Queue a control frame now; raise OutboxOverflow past twice the byte bound."""
         if self._bytes >= 2 * self.max_bytes:
             raise OutboxOverflow
-        self._append((payload, len(payload)))
+        self._push(payload)
 
     def offer(self, lane: Lane, item: Any) -> None:
         """Queue a lossy item: straight in while there is room, else in its lane (dropping the oldest)."""
-        if not lane.pending and self._bytes < self.max_bytes:
-            payload = lane.render(item)
-            self._append((payload, len(payload)))
+        pending = lane.pending
+        if not pending and self._bytes < self.max_bytes:
+            self._push(lane.render(item))
             return
-        if len(lane.pending) >= lane.depth:
-            lane.pending.popleft()
+        if pending is None:
+            pending = lane.pending = deque()
+        elif len(pending) >= lane.depth:
+            pending.popleft()
             lane.dropped += 1
             lane.on_drop(1)
-        lane.pending.append(item)
+        pending.append(item)
         if not lane.scheduled:
             lane.scheduled = True
-            self._append(lane)
+            self._enqueue(lane)
 
     def clear(self) -> None:
         """Forget every queued frame and lossy lane (a resumed session replays what its client missed)."""
-        for entry in self._queue:
+        for entry in self._queue or ():
             if isinstance(entry, Lane):
-                entry.pending.clear()
+                entry.pending = None
                 entry.scheduled = False
-        self._queue.clear()
+        self._queue = None
         self._bytes = 0
         self._room.set()
         self._nonempty.clear()
@@ -171,36 +198,32 @@ class Outbox:
     def extend(self, payloads: list[Payload]) -> None:
         """Queue frames already held elsewhere (a resume's replay), past the bound if need be: producers then wait."""
         for payload in payloads:
-            self._append((payload, len(payload)))
+            self._bytes += len(payload)
+            self._enqueue((payload, len(payload)))
         if self._bytes >= self.max_bytes:
             self._room.clear()
 
     def discard(self, lane: Lane) -> None:
         """Forget a lane's pending frames (its stream ended)."""
-        lane.pending.clear()
+        lane.pending = None
 
-    async def get(self) -> Payload | Pending:
-        """The next frame to send (or a started send to finish), waiting for one."""
-        while True:
-            while not self._queue:
-                self._nonempty.clear()
-                self._empty.set()
-                self._idle = True
-                try:
-                    await self._nonempty.wait()
-                finally:
-                    self._idle = False
-            entry = self._queue.popleft()
+    def next(self) -> Payload | Pending | None:
+        """The next frame to send (or a started send to finish); None, and no longer draining, once the queue is empty."""
+        queue = self._queue
+        while queue:
+            entry = queue.popleft()
             if isinstance(entry, Pending):
                 return entry
             if isinstance(entry, Lane):
-                if not entry.pending:
+                pending = entry.pending
+                if not pending:
                     entry.scheduled = False
                     continue
-                item = entry.pending.popleft()
-                if entry.pending:
-                    self._queue.append(entry)
+                item = pending.popleft()
+                if pending:
+                    queue.append(entry)
                 else:
+                    entry.pending = None
                     entry.scheduled = False
                 return entry.render(item)
             payload, size = entry
@@ -208,7 +231,18 @@ class Outbox:
             if self._bytes < self.max_bytes:
                 self._room.set()
             return payload
+        self._queue = None
+        self.draining = False
+        self._nonempty.clear()
+        self._empty.set()
+        return None
+
+    async def get(self) -> Payload | Pending:
+        """The next frame, waiting for one (for a consumer that drains the outbox itself instead of attaching hooks)."""
+        while (item := self.next()) is None:
+            await self._nonempty.wait()
+        return item
 
     async def drained(self) -> None:
-        """Wait until every queued frame has been sent (the writer is back asking for more)."""
+        """Wait until every queued frame has been sent (the writer found the queue empty)."""
         await self._empty.wait()

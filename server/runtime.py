@@ -95,7 +95,6 @@ class Runtime:
 
     def detach(self, session: Session) -> None:
         """Keep a session whose connection dropped for `resume_window` seconds; its streams go on meanwhile."""
-        session.outbox.direct = None
         while len(self.detached) >= self.settings.resume_max_sessions:
             self._expire(next(iter(self.detached)))
         handle = asyncio.get_running_loop().call_later(self.settings.resume_window, self._expire, session.token)

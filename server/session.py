@@ -26,7 +26,7 @@ from server.telemetry import Stats
 log = logging.getLogger(__name__)
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class Stream:
     """One subscription: its channel, params, next seq, producer task and pushed-input queue."""
 
@@ -34,11 +34,12 @@ class Stream:
     channel: Channel
     params: Any
     inbox: asyncio.Queue[Any]
+    outbox: Outbox = field(repr=False)
     seq: int = 0
     lane: Lane | None = None
     task: asyncio.Task[None] | None = field(default=None, repr=False)
     prefix: str = field(init=False, repr=False)
-    replay: deque[tuple[int, Payload]] = field(default_factory=deque, repr=False)
+    replay: deque[tuple[int, Payload]] | None = field(default=None, repr=False)  # made on the first `record`
     replay_bytes: int = 0
     end_payload: Payload | None = field(default=None, repr=False)
 
@@ -47,6 +48,8 @@ class Stream:
 
     def record(self, seq: int, payload: Payload, limit: int) -> None:
         """Keep a sent chunk frame for replay on resume: the newest ones, up to `limit` bytes."""
+        if self.replay is None:
+            self.replay = deque()
         self.replay.append((seq, payload))
         self.replay_bytes += len(payload)
         while self.replay_bytes > limit and self.replay:
@@ -60,6 +63,19 @@ class Stream:
             return None
         return [payload for seq, payload in self.replay if seq > last_seq]
 
+    def offer(self, item: Any) -> None:
+        """Queue a lossy stream's chunk (or count a Gap) without waiting: it is dropped later if the client falls behind."""
+        lane = self.lane
+        if lane is None:  # the stream has ended
+            return
+        if isinstance(item, Gap):
+            lane.dropped += item.count
+            lane.on_drop(item.count)
+            return
+        seq = self.seq
+        self.seq = seq + 1
+        self.outbox.offer(lane, (seq, item))
+
     def render(self, item: tuple[int, Any]) -> Payload:
         """Encode one (seq, chunk) as a frame, reporting drops on lossy streams."""
         seq, data = item
@@ -71,6 +87,8 @@ class Stream:
 
 class Session:
     """Streams of one client, multiplexed onto one outbox."""
+
+    __slots__ = ("channels", "ended", "id", "outbox", "principal", "settings", "stats", "streams", "token")
 
     def __init__(self, settings: Settings, channels: dict[str, Channel], principal: Principal, stats: Stats) -> None:
         self.id = secrets.token_urlsafe(12)
@@ -110,7 +128,7 @@ class Session:
             params = channel.parse(op.params)
         except ChannelError as exc:
             raise ProtocolError(exc.code, exc.message, id=op.id, details=exc.details) from None
-        stream = Stream(op.id, channel, params, asyncio.Queue(self.settings.push_queue + 1))
+        stream = Stream(op.id, channel, params, asyncio.Queue(self.settings.push_queue + 1), self.outbox)
         if channel.lossy:
             stream.lane = Lane(self.settings.lossy_depth, stream.render, lambda n, name=channel.name: self._dropped(name, n))
         self.streams[op.id] = stream
@@ -192,6 +210,7 @@ class Session:
         self.stats.streams[stream.channel.name] -= 1
         if stream.lane is not None:
             self.outbox.discard(stream.lane)
+            stream.lane = None  # what the producer still offers is dropped (see `_offer`)
         if notify:
             stream.end_payload = encode(end_frame(stream.id, reason, error))
             # Past the hard bound the client is not reading; the writer's watchdog closes it as a slow consumer.
@@ -204,7 +223,7 @@ class Session:
         log.info("session %s stream %s (%s) ended: %s", self.id, stream.id, stream.channel.name, reason)
 
     async def _produce(self, stream: Stream) -> None:
-        ctx = StreamContext(stream.id, stream.inbox, (lambda item: self._offer(stream, item)) if stream.lane is not None else None)
+        ctx = StreamContext(stream.id, stream.inbox, stream.offer if stream.lane is not None else None)
         reason, error = EndReason.COMPLETE, None
         try:
             async with contextlib.aclosing(stream.channel.stream(stream.params, ctx)) as chunks:
@@ -225,8 +244,8 @@ class Session:
         self.stats.dropped[channel] += n
 
     async def _emit(self, stream: Stream, item: Any) -> None:
-        if stream.lane is not None:
-            self._offer(stream, item)
+        if stream.channel.lossy:
+            stream.offer(item)
             return
         seq = stream.seq
         stream.seq += 1
@@ -234,16 +253,3 @@ class Session:
         await self.outbox.put(payload)
         if self.settings.resume_window > 0 and self.settings.resume_buffer_bytes > 0:
             stream.record(seq, payload, self.settings.resume_buffer_bytes)
-
-    def _offer(self, stream: Stream, item: Any) -> None:
-        """Queue a lossy stream's chunk (or count a Gap) without waiting: it is dropped later if the client falls behind."""
-        lane = stream.lane
-        if lane is None or self.streams.get(stream.id) is not stream:
-            return
-        if isinstance(item, Gap):
-            lane.dropped += item.count
-            self._dropped(stream.channel.name, item.count)
-            return
-        seq = stream.seq
-        stream.seq += 1
-        self.outbox.offer(lane, (seq, item))

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Coroutine
+from typing import Any
 
 import pytest
 
@@ -55,43 +57,61 @@ async def test_drained_waits_for_the_writer() -> None:
     getter.cancel()
 
 
-async def test_direct_path_sends_at_once_only_while_the_writer_idles() -> None:
+async def test_direct_path_sends_at_once_while_nothing_waits() -> None:
     box = Outbox(max_bytes=100)
     sent: list[str] = []
-    box.direct = lambda payload: sent.append(payload)  # type: ignore[func-returns-value]
-    await box.put("queued")  # no writer waiting yet: it queues
-    assert sent == []
-    assert await box.get() == "queued"
-    writer = asyncio.create_task(box.get())
-    await asyncio.sleep(0)  # the writer now idles in get()
+    wakes: list[bool] = []
+    box.attach(lambda payload: sent.append(payload), lambda: wakes.append(True))  # type: ignore[func-returns-value]
     await box.put("a")
     box.put_control("b")
-    assert sent == ["a", "b"]
-    assert not writer.done()
-    writer.cancel()
+    assert sent == ["a", "b"] and not wakes and box.size == 0
+    await asyncio.wait_for(box.drained(), 1)
 
 
-async def test_a_send_that_suspends_is_finished_by_the_writer_before_later_frames() -> None:
+async def test_a_send_that_suspends_wakes_one_writer_and_later_frames_queue_behind_it() -> None:
     box = Outbox(max_bytes=100)
     gate = asyncio.get_running_loop().create_future()
-    order: list[str] = []
+    sent: list[str] = []
+    wakes: list[bool] = []
 
     async def rest() -> None:
         await gate
-        order.append("a")
+        sent.append("a")
 
-    box.direct = lambda payload: rest()
-    writer = asyncio.create_task(box.get())
-    await asyncio.sleep(0)
-    await box.put("a")  # the direct send cannot finish: it becomes a Pending for the writer
-    box.direct = None
+    def direct(payload: str) -> Coroutine[Any, Any, None] | None:
+        if payload == "a":
+            return rest()  # the socket did not take it: the writer finishes it
+        sent.append(payload)
+        return None
+
+    box.attach(direct, lambda: wakes.append(True))
+    await box.put("a")
     await box.put("b")  # must queue behind it, not overtake it
-    pending = await asyncio.wait_for(writer, 1)
+    box.put_control("c")
+    assert wakes == [True] and sent == [] and box.draining
+    drained = asyncio.create_task(box.drained())
+    pending = box.next()
     assert isinstance(pending, Pending) and pending.size == 1
     gate.set_result(None)
     await pending.rest
-    order.append(await box.get())
-    assert order == ["a", "b"]
+    sent += [box.next(), box.next()]  # type: ignore[list-item]
+    assert sent == ["a", "b", "c"] and not drained.done()
+    assert box.next() is None and not box.draining  # the writer ends here
+    await asyncio.wait_for(drained, 1)
+    await box.put("d")  # the direct path again
+    assert sent[-1] == "d" and wakes == [True]
+
+
+async def test_a_detached_outbox_queues_and_attaching_wakes_the_writer() -> None:
+    box = Outbox(max_bytes=100)
+    sent: list[str] = []
+    wakes: list[bool] = []
+    box.attach(lambda payload: sent.append(payload), lambda: wakes.append(True))  # type: ignore[func-returns-value]
+    box.detach()
+    await box.put("a")
+    assert sent == [] and box.size == 1 and not wakes
+    box.attach(lambda payload: sent.append(payload), lambda: wakes.append(True))  # type: ignore[func-returns-value]
+    assert wakes == [True] and box.next() == "a" and box.next() is None
 
 
 async def test_flag_wakes_every_waiter_and_forgets_cancelled_ones() -> None:
