@@ -32,7 +32,7 @@ class _AsgiTransport:
 
     __slots__ = ("_receive", "_send", "left_cleanly", "try_send")
 
-    def __init__(self, receive: Receive, send: Send, try_send: Callable[[str | bytes], bool] | None) -> None:
+    def __init__(self, receive: Receive, send: Send, try_send: Callable[[str | bytes, bool], bool] | None) -> None:
         self._receive = receive
         self._send = send
         self.left_cleanly = False
@@ -57,7 +57,7 @@ class _AsgiTransport:
         await self._send({"type": "websocket.close", "code": code, "reason": reason})
 
 
-def _cannot_send(payload: str | bytes) -> bool:
+def _cannot_send(payload: str | bytes, compress: bool = True) -> bool:
     return False
 
 

@@ -27,6 +27,7 @@ from server.protocol import (
     Unsubscribe,
     decode_binary,
     decode_text,
+    encode,
 )
 from server.ratelimit import TokenBucket
 from server.runtime import Runtime
@@ -49,8 +50,11 @@ class Transport(Protocol):
         """The next message, or None once the client has disconnected."""
         ...
 
-    def try_send(self, payload: str | bytes) -> bool:
-        """Send one message at once if the socket takes it without waiting; False if it cannot (then `send` it)."""
+    def try_send(self, payload: str | bytes, compress: bool = True) -> bool:
+        """Send one message at once if the socket takes it without waiting; False if it cannot (then `send` it).
+
+        `compress=False` asks for the message to go uncompressed even on a permessage-deflate connection.
+        """
         ...
 
     async def send(self, payload: str | bytes) -> None:
@@ -130,7 +134,7 @@ class Connection:
         # This task reads; a writer task exists only while frames wait for the socket.
         self._task = asyncio.current_task()
         session.outbox.attach(self._send_now, self._wake_writer)
-        session.reply(self._ready(session))
+        self._send_ready(session)
         self._reading = True
         try:
             await self._read()
@@ -176,9 +180,10 @@ class Connection:
             async with asyncio.timeout(timeout):
                 await asyncio.shield(self._finished)
 
-    def _ready(self, session: Session) -> dict[str, Any]:
-        """The `ready` frame (built apart from `run`, whose frame would keep it for the whole connection)."""
-        ready = {
+    def _send_ready(self, session: Session) -> None:
+        """Send `ready` (apart from `run`, whose frame would keep it for the whole connection), uncompressed when the
+        socket takes it at once: with permessage-deflate, a connection sent nothing else then never makes its compressor."""
+        frame = {
             "op": "ready",
             "session": session.id,
             "node": self.settings.node,
@@ -186,8 +191,13 @@ class Connection:
             "limits": self.runtime.limits(),
         }
         if self.settings.resume_window > 0:
-            ready["resume"] = {"token": session.token, "window_s": self.settings.resume_window}
-        return ready
+            frame["resume"] = {"token": session.token, "window_s": self.settings.resume_window}
+        ready = encode(frame)
+        if self._try_send(ready, compress=False):
+            self.stats.frames_out += 1
+            self.stats.bytes_out += len(ready)
+        else:
+            session.outbox.put_control(ready)
 
     def _wake_writer(self) -> None:
         """The outbox's `wake` hook: frames wait, so start the writer that sends them."""

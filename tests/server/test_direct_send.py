@@ -19,7 +19,7 @@ from websockets.frames import Frame, Opcode
 from server.app import App, create_app
 from server.config import Settings
 from server.protocol import CloseCode
-from server.wsprotocol import DirectProtocol, frame_header
+from server.wsprotocol import DirectProtocol, LazyDeflate, frame_header
 from tests.server.test_ws import closed_with
 from tests.serverproc import KEY, free_port, recv, send
 
@@ -45,8 +45,8 @@ async def live(monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Live]:
     server = Live(create_app(settings), f"ws://127.0.0.1:{port}/ws")
     try_send = DirectProtocol.try_send
 
-    def spy(self: DirectProtocol, payload: str | bytes) -> bool:
-        sent = try_send(self, payload)
+    def spy(self: DirectProtocol, payload: str | bytes, compress: bool = True) -> bool:
+        sent = try_send(self, payload, compress)
         server.calls.append((self, sent))
         return sent
 
@@ -137,3 +137,15 @@ async def test_try_send_refuses_once_the_client_has_closed(live: Live) -> None:
         while not protocol.disconnected:
             await asyncio.sleep(0.01)
     assert not protocol.try_send(orjson.dumps({"op": "pong"}).decode())
+
+
+async def test_with_deflate_an_idle_connection_makes_no_zlib_context_until_a_compressed_frame(live: Live) -> None:
+    ws = await live.connect(compression="deflate")
+    protocol = live.calls[-1][0]
+    (deflate,) = protocol.conn.extensions
+    assert isinstance(deflate, LazyDeflate) and protocol.request is None and protocol.response is None
+    assert "encoder" not in vars(deflate) and "decoder" not in vars(deflate), "ready goes out uncompressed"
+    await send(ws, op="ping")  # compressed by the client
+    assert await recv(ws) == {"op": "pong"}  # compressed by the server
+    assert "encoder" in vars(deflate) and "decoder" in vars(deflate)
+    await ws.close()
