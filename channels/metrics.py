@@ -188,9 +188,13 @@ class MetricsChannel(Channel):
         self._intervals: Counter[float] = Counter()
         self._wants: Counter[tuple[str, ...]] = Counter()  # each stream's groups; () is all
         self._views: dict[tuple[str, float, float, tuple[str, ...]], Shared] = {}
+        self._last_view: tuple[Any, ...] = (None, None, None, None)  # (start, end, fields, view): most streams ask for the same in a row
 
     def _view(self, node: str, last: dict[str, Any], cur: dict[str, Any], fields: tuple[str, ...]) -> Shared:
         """The chunk for `node`'s span `last`..`cur` with `fields`, derived and encoded once for every stream that sends it."""
+        start, end, wanted, view = self._last_view
+        if start is last and end is cur and wanted == fields:
+            return view
         key = (node, last["t"], cur["t"], fields)
         view = self._views.get(key)
         if view is None:
@@ -198,6 +202,7 @@ class MetricsChannel(Channel):
                 self._views.clear()
             data = derive(last, cur, fields or GROUPS)
             view = self._views[key] = Shared(data)
+        self._last_view = (last, cur, fields, view)
         return view
 
     def check(self, params: MetricsParams) -> None:

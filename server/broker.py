@@ -20,6 +20,8 @@ class Subscription:
     publisher's stack (no task switch per message); it must not block, and what it raises is logged.
     """
 
+    __slots__ = ("_depth", "_dropped", "_items", "_ready", "_sink")
+
     def __init__(self, depth: int, sink: Callable[[Any], None] | None = None) -> None:
         self._items: deque[Any] = deque()
         self._depth = depth

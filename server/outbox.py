@@ -87,13 +87,8 @@ class Lane:
         self.render = render
         self.on_drop = on_drop
         self.pending: deque[Any] | None = None  # made when the outbox is full
-        self.dropped = 0
-        self.scheduled = False
-
-    def take_dropped(self) -> int:
-        """Drops not yet reported to the client; resets the count."""
-        n, self.dropped = self.dropped, 0
-        return n
+        self.dropped = 0  # not yet reported to the client (its next chunk says so and resets it)
+        self.scheduled = False  # in the outbox's queue
 
 
 Entry = tuple[Payload, int] | Lane | Pending

@@ -81,7 +81,9 @@ class Stream:
         seq, data = item
         if isinstance(data, Binary):
             return encode_binary(self.id, seq, data.payload)
-        dropped = self.lane.take_dropped() if self.lane is not None else 0
+        lane, dropped = self.lane, 0
+        if lane is not None and lane.dropped:  # report drops since the last chunk
+            dropped, lane.dropped = lane.dropped, 0
         return encode_chunk(self.prefix, seq, data.json if isinstance(data, Shared) else orjson.dumps(data).decode(), dropped)
 
 

@@ -25,7 +25,12 @@ async def test_lossless_put_waits_for_room() -> None:
 async def test_lossy_lane_drops_oldest_and_reports_count() -> None:
     box = Outbox(max_bytes=4)
     dropped: list[int] = []
-    lane = Lane(depth=2, render=lambda item: f"{item}:{lane.take_dropped()}", on_drop=dropped.append)
+
+    def render(item: int) -> str:
+        n, lane.dropped = lane.dropped, 0
+        return f"{item}:{n}"
+
+    lane = Lane(depth=2, render=render, on_drop=dropped.append)
     await box.put("full")
     for i in range(5):
         box.offer(lane, i)
