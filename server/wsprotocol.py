@@ -108,8 +108,6 @@ class _Inbox:
 class DirectProtocol(WebSocketsSansIOProtocol):
     """uvicorn's sans-I/O WebSocket protocol (its "auto" choice) plus `try_send` (pass as `uvicorn.Config(ws=...)`)."""
 
-    paused = False  # the transport's buffer is past its high-water mark (uvicorn's `writable` is clear)
-
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.queue = _Inbox()  # type: ignore[assignment]
@@ -121,14 +119,6 @@ class DirectProtocol(WebSocketsSansIOProtocol):
         await super().send(message)
         if message["type"] == "websocket.accept":
             self.request = self.response = None  # read only until the handshake's response is written
-
-    def pause_writing(self) -> None:
-        self.paused = True
-        super().pause_writing()
-
-    def resume_writing(self) -> None:
-        self.paused = False
-        super().resume_writing()
 
     async def run_asgi(self) -> None:
         self.scope["extensions"][TRY_SEND] = self.try_send  # type: ignore[index]
@@ -142,7 +132,7 @@ class DirectProtocol(WebSocketsSansIOProtocol):
         With permessage-deflate, `compress=False` sends the message uncompressed (RFC 7692 allows either per message).
         """
         conn = self.conn
-        if self.paused or self.disconnected or conn.state is not OPEN:
+        if not self.writable.is_set() or self.disconnected or conn.state is not OPEN:  # writable: uvicorn's pause/resume_writing
             return False
         if isinstance(payload, str):
             data, first = payload.encode(), _TEXT
