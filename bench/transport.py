@@ -1,8 +1,10 @@
 """Transport throughput, latency, CPU and memory: streamplex against a bare websockets broadcast server.
 
 Load phases (`--conns`, default 100 and 1000): every client subscribes one shared stream of small
-chunk frames, one every `--interval-ms`. On streamplex that is the `metrics` channel with `fields`
-`--fields` (default cpu and memory: ~250-byte frames), which one sampler serves to every subscriber.
+chunk frames, one every `--interval-ms`. On streamplex that is the `metrics` channel, which one
+sampler serves to every subscriber, once per `--fields` choice of groups: by default `server` (the
+server's own counters: ~280-byte frames whose sampling costs next to nothing, so the figure is the
+transport's) and then `cpu,memory` (the same size, plus the procfs reads psutil makes every sample).
 The reference is a minimal `websockets.asyncio.server` (`--reference-server`, below) that broadcasts
 one frame of the same shape and `--frame-bytes` size to every subscriber at the same rate.
 
@@ -17,7 +19,7 @@ Idle phase (`--idle-conns`, default 2000): server RSS growth per authenticated i
 the client asking for permessage-deflate and without (both servers offer it, 12-bit windows).
 
 The clients run in `--workers` processes (uvloop where installed). Loopback only.
-Example: `python bench/transport.py` (about 3 minutes).
+Example: `python bench/transport.py` (about 4 minutes).
 """
 
 from __future__ import annotations
@@ -291,10 +293,10 @@ def _join(procs: list[tuple[Any, Connection]]) -> None:
             proc.kill()
 
 
-def load_phase(server: Server, conns: int, args: argparse.Namespace) -> dict[str, Any]:
-    """N connections, each one stream; figures over the measurement window."""
+def load_phase(server: Server, conns: int, args: argparse.Namespace, fields: str = "") -> dict[str, Any]:
+    """N connections, each one stream (on streamplex, of the metrics groups `fields`); figures over the measurement window."""
     interval = args.interval_ms / 1000
-    params = {"interval_ms": args.interval_ms, "fields": args.fields.split(",")} if server.target == "streamplex" else {}
+    params = {"interval_ms": args.interval_ms, "fields": fields.split(",")} if server.target == "streamplex" else {}
     job = Job(server.url, conns, None, {"op": "subscribe", "id": STREAM_ID, "channel": "metrics", "params": params}, interval, server.target == "reference")
     procs = _spawn(job, args.workers)
     t_start = time.monotonic() + 0.5 + args.warmup
@@ -315,6 +317,7 @@ def load_phase(server: Server, conns: int, args: argparse.Namespace) -> dict[str
     latencies = [x for r in results for x in r["latencies"]]
     return {
         "target": server.target,
+        "fields": fields,
         "conns": conns,
         "frames_per_s": frames / args.duration,
         "expected_per_s": conns / interval,
@@ -357,14 +360,14 @@ def report(loads: list[dict[str, Any]], idles: list[dict[str, Any]]) -> str:
     """The figures as Markdown tables, streamplex quoted as a ratio to the reference of the same run."""
     ref_load = {r["conns"]: r for r in loads if r["target"] == "reference"}
     lines = [
-        "| server | conns | frame bytes | frames/s (expected) | p50 ms | p99 ms | server CPU us/frame | CPU vs ref | server CPU % |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| server | metrics groups | conns | frame bytes | frames/s (expected) | p50 ms | p99 ms | server CPU us/frame | CPU vs ref | server CPU % |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in loads:
         ref = ref_load.get(r["conns"])
         ratio = f"{r['cpu_us_per_frame'] / ref['cpu_us_per_frame']:.2f}x" if ref and r["target"] != "reference" else "1.00x" if ref else "-"
         lines.append(
-            f"| {r['target']} | {r['conns']} | {r['frame_bytes']:.0f} | {r['frames_per_s']:.0f} ({r['expected_per_s']:.0f}) | {r['p50_ms']:.2f} | {r['p99_ms']:.2f} | {r['cpu_us_per_frame']:.1f} | {ratio} | {r['server_cpu_percent']:.0f} |"
+            f"| {r['target']} | {r['fields'] or '-'} | {r['conns']} | {r['frame_bytes']:.0f} | {r['frames_per_s']:.0f} ({r['expected_per_s']:.0f}) | {r['p50_ms']:.2f} | {r['p99_ms']:.2f} | {r['cpu_us_per_frame']:.1f} | {ratio} | {r['server_cpu_percent']:.0f} |"
         )
     ref_idle = {r["deflate"]: r for r in idles if r["target"] == "reference"}
     lines += ["", "| server | idle conns | permessage-deflate | RSS before -> after MiB | KiB per conn | vs ref |", "| --- | ---: | --- | ---: | ---: | ---: |"]
@@ -388,7 +391,11 @@ def main() -> None:
         default=250,
         help="size of the reference's chunk frames (before WebSocket framing); match streamplex's, which the report shows",
     )
-    parser.add_argument("--fields", default="cpu,memory", help="the metrics groups streamplex's stream carries")
+    parser.add_argument(
+        "--fields",
+        action="append",
+        help="the metrics groups streamplex's stream carries, comma-separated; repeat for one set of load phases each (default: server, then cpu,memory)",
+    )
     parser.add_argument("--duration", type=float, default=12.0, help="measurement window of each load phase, seconds")
     parser.add_argument("--warmup", type=float, default=3.0, help="seconds between subscribing and the window")
     parser.add_argument("--settle", type=float, default=3.0, help="seconds to wait after the idle connections opened before reading RSS")
@@ -397,6 +404,7 @@ def main() -> None:
     parser.add_argument("--json", type=Path, help="also write the results here")
     parser.add_argument("--reference-server", type=int, metavar="PORT", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    args.fields = args.fields or ["server", "cpu,memory"]
     if args.reference_server is not None:
         run_loop(reference_server(args.reference_server, args.interval_ms / 1000, args.frame_bytes - FRAME_OVERHEAD))
         return
@@ -413,10 +421,11 @@ def main() -> None:
     for target in args.targets.split(","):
         server = Server(target, args)
         try:
-            for n in (int(x) for x in args.conns.split(",") if x):
-                print(f"{target}: load, {n} connections", file=sys.stderr)
-                loads.append(load_phase(server, n, args))
-                print(f"  {loads[-1]}", file=sys.stderr)
+            for fields in args.fields if target == "streamplex" else [""]:
+                for n in (int(x) for x in args.conns.split(",") if x):
+                    print(f"{target}: load, {n} connections {fields}", file=sys.stderr)
+                    loads.append(load_phase(server, n, args, fields))
+                    print(f"  {loads[-1]}", file=sys.stderr)
         finally:
             server.stop()
         for compression in (None, "deflate") if args.idle_conns else ():
