@@ -39,7 +39,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from channels.agreement import LocalAgreement, text_of  # noqa: E402
-from channels.transcription import TRIM_SECONDS  # noqa: E402
+from channels.transcription import TRIM_SECONDS, TranscriptionParams  # noqa: E402
 from server.config import Settings  # noqa: E402
 from server.engine.asr import SAMPLE_RATE  # noqa: E402
 from tests.asrmodel import speech, wer  # noqa: E402
@@ -55,7 +55,6 @@ SENTENCES = [
     "The children played football in the park until it got dark.",
 ]
 FRAME_MS = 100
-STEP_MS = 1000
 
 
 def stream_audio(i: int, sentences: int) -> tuple[np.ndarray, str]:
@@ -98,7 +97,7 @@ class Run:
 # the naive reference
 
 
-def naive_run(k: int, audios: list[tuple[np.ndarray, str]], folder: Path, threads: int) -> Run:
+def naive_run(k: int, audios: list[tuple[np.ndarray, str]], folder: Path, threads: int, step_ms: int) -> Run:
     """K live streams served one at a time by transformers' `generate` on 30 s windows, simulated in real time."""
     import torch
 
@@ -115,7 +114,7 @@ def naive_run(k: int, audios: list[tuple[np.ndarray, str]], folder: Path, thread
     run = Run("naive: transformers, 30 s window, one at a time", k)
     starts = [i / k for i in range(k)]
     state = [{"buf": np.zeros(0, np.float32), "offset": 0.0, "taken": 0, "la": LocalAgreement(), "done": False} for _ in range(k)]
-    step = STEP_MS * SAMPLE_RATE // 1000
+    step = step_ms * SAMPLE_RATE // 1000
     t0 = time.monotonic()
 
     def finals(i: int, words: list[Any]) -> None:
@@ -166,7 +165,7 @@ def naive_run(k: int, audios: list[tuple[np.ndarray, str]], folder: Path, thread
 # streamplex over WebSockets
 
 
-async def server_run(k: int, audios: list[tuple[np.ndarray, str]], server: Any) -> Run:
+async def server_run(k: int, audios: list[tuple[np.ndarray, str]], server: Any, step_ms: int) -> Run:
     """K WebSocket clients, one stream each, pushing in real time; latency measured per final segment."""
     from tests.serverproc import connect, send
 
@@ -181,7 +180,7 @@ async def server_run(k: int, audios: list[tuple[np.ndarray, str]], server: Any) 
         ws = await connect(server, max_size=None)
         sid = f"s{i}".encode()
         start = t0 + i / k
-        await send(ws, op="subscribe", id=f"s{i}", channel="transcription", params={"language": "en", "step_ms": STEP_MS})
+        await send(ws, op="subscribe", id=f"s{i}", channel="transcription", params={"language": "en", "step_ms": step_ms})
 
         async def push() -> None:
             for at in range(0, len(pcm), frame):
@@ -341,6 +340,12 @@ def main() -> None:
     parser.add_argument("--parts", default="naive,server")
     parser.add_argument("--rounds", type=int, default=3, help="rounds of the `windows` and `costs` parts")
     parser.add_argument("--window", type=float, default=10.0, help="seconds of speech per window in the `windows` and `costs` parts")
+    parser.add_argument(
+        "--step-ms",
+        type=int,
+        default=TranscriptionParams.model_fields["step_ms"].default,
+        help="the streams' `step_ms` (least new audio between two transcriptions of a buffer; default: the channel's)",
+    )
     parser.add_argument("--keep-going", action="store_true", help="run every K even after two misses")
     parser.add_argument("--json", type=Path, help="also write the rows here")
     args = parser.parse_args()
@@ -360,7 +365,7 @@ def main() -> None:
             from server.engine.whisper_loading import model_folder
 
             folder = model_folder(args.model, Settings().cache_dir)
-            rows += sweep(part, naive_ks, lambda k, folder=folder: naive_run(k, audios, folder, args.threads), args.target, args.keep_going)
+            rows += sweep(part, naive_ks, lambda k, folder=folder: naive_run(k, audios, folder, args.threads, args.step_ms), args.target, args.keep_going)
         elif part == "server":
             import tempfile
 
@@ -371,7 +376,7 @@ def main() -> None:
                 try:
                     while json.loads(server.get("/ready")[1])["channels"]["transcription"] == "loading":
                         time.sleep(0.2)
-                    rows += sweep(part, ks, lambda k, server=server: asyncio.run(server_run(k, audios, server)), args.target, args.keep_going)
+                    rows += sweep(part, ks, lambda k, server=server: asyncio.run(server_run(k, audios, server, args.step_ms)), args.target, args.keep_going)
                 finally:
                     server.stop()
     if not rows:
