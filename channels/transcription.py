@@ -292,7 +292,9 @@ class _Transcriber:
     async def _hypothesis(self, prefixed: bool) -> tuple[list[Segment], str | None]:
         """Timed segments of the buffer after its final words (unfinished text at the end runs to the buffer's end), and the language."""
         prefix, resume = self._prefix() if prefixed else ([], 0.0)
-        request = TranscriptionRequest(self.buffer, self.language, self.params.task, True, self._prompt(), prefix)
+        pending = self.agreement.pending if prefixed else []
+        draft = self.vocab.encode(" " + text_of(pending)) if pending else []
+        request = TranscriptionRequest(self.buffer, self.language, self.params.task, True, self._prompt(), prefix, draft)
         prompt = self.vocab.prompt(request)
         tokens: list[int] = []
         try:

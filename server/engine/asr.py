@@ -40,7 +40,10 @@ class TranscriptionRequest:
     """One window: `audio` (float32, 16 kHz mono, at most 30 s), `language` (None: detected), `task`, `prompt` (previous text's token ids).
 
     `prefix`: tokens the transcript is forced to begin with (with timestamps, starting with a time token);
-    decoding continues after them, they are not returned. The runner sets `detected_language` during the prefill when `language` is None.
+    decoding continues after them, they are not returned. `draft`: tokens the transcript likely continues with
+    after the prefix (the previous window's words not final yet); the runner checks them all in the prompt's
+    pass and keeps those greedy decoding would pick, so the result is the same as without them, in fewer steps.
+    The runner sets `detected_language` during the prefill when `language` is None.
     """
 
     audio: np.ndarray
@@ -49,6 +52,7 @@ class TranscriptionRequest:
     timestamps: bool = True
     prompt: list[int] = field(default_factory=list)
     prefix: list[int] = field(default_factory=list)
+    draft: list[int] = field(default_factory=list)
     detected_language: str | None = None
 
 

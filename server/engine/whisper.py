@@ -257,7 +257,7 @@ class WhisperRunner(Runner):
         for seq_id, request in ready:
             samples = padded_samples(len(request.audio))
             audio = np.pad(request.audio[:samples], (0, max(0, samples - len(request.audio)))).astype(np.float32)
-            outputs.append(self._start_row(seq_id, request, self.encode([audio])[0], len(request.audio)))
+            outputs += self._start_row(seq_id, request, self.encode([audio])[0], len(request.audio))
         return outputs
 
     def _cross_kv(self, enc: torch.Tensor) -> torch.Tensor:
@@ -267,33 +267,51 @@ class WhisperRunner(Runner):
         kv = [torch.stack([a.k_proj(enc), a.v_proj(enc)]) for a in (layer.encoder_attn for layer in self.model.model.decoder.layers)]
         return torch.stack(kv).view(layers, 2, -1, heads, dim).transpose(2, 3)
 
-    def _start_row(self, seq_id: int, request: TranscriptionRequest, enc: torch.Tensor, samples: int) -> Output:
-        """Add a window to the block, run its prompt (detecting the language if asked) and pick its first token."""
+    def _start_row(self, seq_id: int, request: TranscriptionRequest, enc: torch.Tensor, samples: int) -> list[Output]:
+        """Add a window to the block, run its prompt (detecting the language if asked) and its draft, and pick its first tokens."""
         vocab, block = self.vocab, self._block
         assert vocab is not None and block is not None
         prompt = vocab.prompt(request)
         row = block.add(self._cross_kv(enc), len(prompt) + self.max_new_tokens(len(prompt)))
         max_timestamp = vocab.timestamp_begin + math.ceil(samples / SAMPLE_RATE / 0.02)
         self._rows.append(_Row(seq_id, request, len(prompt), max_timestamp, list(request.prefix)))  # the rules see the prefix as generated
+        draft = request.draft[: self.max_new_tokens(len(prompt)) - 1]
+        start = 0
         if request.language is None and vocab.multilingual:
-            at = prompt.index(vocab.sot) + 1
-            logits = self._forward([row], torch.tensor([prompt[:at]], device=self.device))
+            start = prompt.index(vocab.sot) + 1
+            logits = self._forward([row], torch.tensor([prompt[:start]], device=self.device))
             ids = list(vocab.languages.values())
-            best = ids[int(logits[0, ids].argmax())]
+            best = ids[int(logits[0, -1, ids].argmax())]
             request.detected_language = vocab.language_of[best]
-            prompt[at] = best
-            logits = self._forward([row], torch.tensor([prompt[at:]], device=self.device))
-        else:
-            logits = self._forward([row], torch.tensor([prompt], device=self.device))
-        return self._pick([row], logits)[0]
+            prompt[start] = best
+        logits = self._forward([row], torch.tensor([prompt[start:] + draft], device=self.device), keep=len(draft) + 1)
+        return self._verify(row, draft, logits[0])
+
+    def _verify(self, row: int, draft: list[int], logits: torch.Tensor) -> list[Output]:
+        """Pick tokens from the logits after the prompt and after each draft token, keeping the draft while it is what greedy decoding picks.
+
+        The first pick that differs from the draft (or ends the window) is the row's next token; the keys and
+        values of the draft tokens after it are dropped, so the result is exactly that of decoding token by token.
+        """
+        block = self._block
+        assert block is not None
+        block.lengths[row] -= len(draft)
+        outputs: list[Output] = []
+        for i, scores in enumerate(logits):
+            (out,) = self._pick([row], scores[None])
+            outputs.append(out)
+            if out.done is not None or i == len(draft) or out.token != draft[i]:
+                return outputs
+            block.lengths[row] += 1
+        return outputs
 
     def _decode(self) -> list[Output]:
         rows = list(range(len(self._rows)))
         last = torch.tensor([[self._rows[r].generated[-1]] for r in rows], device=self.device)
-        return self._pick(rows, self._forward(rows, last))
+        return self._pick(rows, self._forward(rows, last)[:, -1])
 
-    def _forward(self, rows: list[int], tokens: torch.Tensor) -> torch.Tensor:
-        """Feed `tokens` `[len(rows), T]` to the given block rows (contiguous, or one row); return the last position's logits."""
+    def _forward(self, rows: list[int], tokens: torch.Tensor, keep: int = 1) -> torch.Tensor:
+        """Feed `tokens` `[len(rows), T]` to the given block rows (contiguous, or one row); return the logits of the last `keep` positions `[len(rows), keep, vocab]`."""
         block = self._block
         assert block is not None and block.self_kv is not None and block.cross_kv is not None
         decoder = self.model.model.decoder
@@ -333,7 +351,7 @@ class WhisperRunner(Runner):
             x = x + layer.fc2(layer.activation_fn(layer.fc1(h)))
         for r in rows:
             block.lengths[r] += t
-        return self.model.proj_out(decoder.layer_norm(x[:, -1])).float()
+        return self.model.proj_out(decoder.layer_norm(x[:, -keep:])).float()
 
     def _pick(self, rows: list[int], logits: torch.Tensor) -> list[Output]:
         """Greedy tokens under Whisper's rules; a row that ends (end of text) leaves the block."""

@@ -76,6 +76,46 @@ async def test_batched_windows_equal_alone_and_are_understood() -> None:
     assert len(segments) >= 2 and all(0 <= s.start < s.end <= len(made["en2"].audio) / SAMPLE_RATE for s in segments)
 
 
+async def test_a_draft_changes_the_steps_not_the_tokens() -> None:
+    runner = bundled_whisper()
+    vocab = runner.vocab
+    assert vocab is not None
+    audio = np.concatenate([speech(ENGLISH[2]), speech(ENGLISH[3])])
+    steps = 0
+    decode = runner._decode
+
+    def counted() -> list:
+        nonlocal steps
+        steps += 1
+        return decode()
+
+    runner._decode = counted  # type: ignore[method-assign]
+    try:
+        async with engine_with(runner) as engine:
+
+            async def run(language: str | None = "en", prefix: list[int] | None = None, draft: list[int] | None = None) -> tuple[list[int], int]:
+                nonlocal steps
+                steps = 0
+                request = TranscriptionRequest(audio, language, prefix=prefix or [], draft=draft or [])
+                tokens, finish = await transcribe(engine, runner, request)
+                assert finish == "stop"
+                return tokens, steps
+
+            plain, plain_steps = await run()
+            assert len(plain) > 12 and wer(ENGLISH[2] + " " + ENGLISH[3], vocab.decode(plain)) <= 0.15
+            guessed, guessed_steps = await run(draft=plain[:10])
+            assert guessed == plain and guessed_steps == plain_steps - 10
+            wrong = [*plain[:4], *vocab.encode(" purple elephants dance")]
+            assert await run(draft=wrong) == (plain, plain_steps - 4)
+            assert (await run(draft=[*plain, *plain]))[0] == plain  # a draft past the end of the transcript
+            assert (await run(language=None, draft=plain[:6]))[0] == plain
+            prefixed, prefixed_steps = await run(prefix=plain[:5])
+            assert await run(prefix=plain[:5], draft=prefixed[:6]) == (prefixed, prefixed_steps - 6)
+    finally:
+        del runner._decode
+    assert runner.stats()["rows"] == 0
+
+
 @pytest.fixture(autouse=True)
 def _espeak() -> None:
     import shutil
