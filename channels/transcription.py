@@ -294,6 +294,8 @@ class _Transcriber:
         prefix, resume = self._prefix() if prefixed else ([], 0.0)
         pending = self.agreement.pending if prefixed else []
         draft = self.vocab.encode(" " + text_of(pending)) if pending else []
+        if draft and not prefix:  # the transcript opens with a time token: the pending words' own start
+            draft.insert(0, self.vocab.timestamp(max(0.0, pending[0].start - self.offset)))
         request = TranscriptionRequest(self.buffer, self.language, self.params.task, True, self._prompt(), prefix, draft)
         prompt = self.vocab.prompt(request)
         tokens: list[int] = []

@@ -291,7 +291,9 @@ class WhisperRunner(Runner):
         """Pick tokens from the logits after the prompt and after each draft token, keeping the draft while it is what greedy decoding picks.
 
         The first pick that differs from the draft (or ends the window) is the row's next token; the keys and
-        values of the draft tokens after it are dropped, so the result is exactly that of decoding token by token.
+        values of the draft tokens after it are dropped. Every token is still the greedy pick under the rules, so
+        the transcript is the one decoding without a draft gives (the draft's logits come from one pass, as the
+        prompt's do, and may differ from single steps' by float rounding only).
         """
         block = self._block
         assert block is not None
