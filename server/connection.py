@@ -194,8 +194,7 @@ class Connection:
             frame["resume"] = {"token": session.token, "window_s": self.settings.resume_window}
         ready = encode(frame)
         if self._try_send(ready, compress=False):
-            self.stats.frames_out += 1
-            self.stats.bytes_out += len(ready)
+            self._count_out(len(ready))
         else:
             session.outbox.put_control(ready)
 
@@ -364,12 +363,11 @@ class Connection:
                 self._sending_since = asyncio.get_running_loop().time()
                 await self.transport.send(item)
         self._sending_since = None
-        self.stats.frames_out += 1
-        self.stats.bytes_out += size
+        self._count_out(size)
 
     def _send_now(self, payload: Payload) -> Awaitable[None] | None:
         """The outbox's direct path: send at once, in the caller's stack; what could not finish is left to the writer."""
-        if self._try_send(payload):
+        if self._try_send(payload):  # every lossy chunk comes this way: counted inline, without a call
             self.stats.frames_out += 1
             self.stats.bytes_out += len(payload)
             return None
@@ -378,9 +376,12 @@ class Connection:
         except Disconnected:
             return None  # the reader sees the disconnect and ends the connection
         if rest is None:
-            self.stats.frames_out += 1
-            self.stats.bytes_out += len(payload)
+            self._count_out(len(payload))
         return rest
+
+    def _count_out(self, size: int) -> None:
+        self.stats.frames_out += 1
+        self.stats.bytes_out += size
 
 
 async def watch_slow_consumers(runtime: Runtime) -> None:

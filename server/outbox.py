@@ -133,6 +133,10 @@ class Outbox:
             if rest is not None:
                 self._enqueue(Pending(rest, len(payload)))
             return
+        self._hold(payload)
+
+    def _hold(self, payload: Payload) -> None:
+        """Queue a frame for the writer, counting its bytes against the bound."""
         size = len(payload)
         self._bytes += size
         if self._bytes >= self.max_bytes:
@@ -193,10 +197,7 @@ class Outbox:
     def extend(self, payloads: list[Payload]) -> None:
         """Queue frames already held elsewhere (a resume's replay), past the bound if need be: producers then wait."""
         for payload in payloads:
-            self._bytes += len(payload)
-            self._enqueue((payload, len(payload)))
-        if self._bytes >= self.max_bytes:
-            self._room.clear()
+            self._hold(payload)
 
     def discard(self, lane: Lane) -> None:
         """Forget a lane's pending frames (its stream ended)."""

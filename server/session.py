@@ -212,7 +212,7 @@ class Session:
         self.stats.streams[stream.channel.name] -= 1
         if stream.lane is not None:
             self.outbox.discard(stream.lane)
-            stream.lane = None  # what the producer still offers is dropped (see `_offer`)
+            stream.lane = None  # what the producer still offers is dropped (see `Stream.offer`)
         if notify:
             stream.end_payload = encode(end_frame(stream.id, reason, error))
             # Past the hard bound the client is not reading; the writer's watchdog closes it as a slow consumer.

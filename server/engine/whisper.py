@@ -272,10 +272,11 @@ class WhisperRunner(Runner):
         vocab, block = self.vocab, self._block
         assert vocab is not None and block is not None
         prompt = vocab.prompt(request)
-        row = block.add(self._cross_kv(enc), len(prompt) + self.max_new_tokens(len(prompt)))
+        max_new = self.max_new_tokens(len(prompt))
+        row = block.add(self._cross_kv(enc), len(prompt) + max_new)
         max_timestamp = vocab.timestamp_begin + math.ceil(samples / SAMPLE_RATE / 0.02)
         self._rows.append(_Row(seq_id, request, len(prompt), max_timestamp, list(request.prefix)))  # the rules see the prefix as generated
-        draft = request.draft[: self.max_new_tokens(len(prompt)) - 1]
+        draft = request.draft[: max_new - 1]
         start = 0
         if request.language is None and vocab.multilingual:
             start = prompt.index(vocab.sot) + 1
