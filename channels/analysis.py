@@ -156,6 +156,15 @@ class AnalysisChannel(Channel):
         self.nlp.close()
 
     def status(self) -> ChannelStatus:
+        """`loading` while the configured embedding model loads (topics and summaries need it); sentiment and entities need no model of the engine."""
+        engine = self.services.engine
+        if engine is None or not engine.models("embedding"):
+            return AVAILABLE
+        state, reason = engine.family_state("embedding")
+        if state == "loading":
+            return ChannelStatus("loading", "the embedding model is loading (topics and summaries need it)")
+        if state == "failed":
+            return ChannelStatus("available", f"topics and summaries are unavailable: {reason}")
         return AVAILABLE
 
     def _embedding_runner(self) -> str:

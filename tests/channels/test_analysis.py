@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Iterator
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -12,10 +13,11 @@ import orjson
 import pytest
 
 from channels.analysis import DEFAULT_TOPICS, AnalysisChannel, centrality_summary
-from channels.base import ChannelError, Services
+from channels.base import AVAILABLE, ChannelError, ChannelStatus, Services
 from server.broker import MemoryBroker
 from server.config import Settings
 from server.engine import Engine
+from server.engine.runner import RunnerSpec
 from server.hub import Hub
 from server.logbuffer import RingLogHandler
 from tests.channels.helpers import make, run
@@ -131,6 +133,16 @@ def test_bad_input(channel: AnalysisChannel, params: dict, code: str, needle: st
     assert err.value.code == code and needle in err.value.message + orjson.dumps(err.value.details).decode()
 
 
+def test_status_follows_the_embedding_model() -> None:
+    """`loading` while MiniLM loads (topics and summaries wait for it); available without it, saying what is missing if it failed."""
+    embedding = Engine([RunnerSpec("embedding", "all-minilm-l6-v2", lambda: None)])  # type: ignore[arg-type,return-value]
+    channel = AnalysisChannel(SimpleNamespace(settings=Settings(api_keys="k", chat_model=""), engine=embedding))  # type: ignore[arg-type]
+    assert channel.status().state == "loading" and "embedding model is loading" in str(channel.status().reason)
+    embedding.errors["embedding/all-minilm-l6-v2"] = "no such file"
+    assert channel.status() == ChannelStatus("available", "topics and summaries are unavailable: no such file")
+    assert make(AnalysisChannel).status() == AVAILABLE  # no embedding model configured: sentiment and entities only
+
+
 def test_topics_without_the_embedding_model() -> None:
     ch = make(AnalysisChannel)
     assert ch.parse({"content": "Great!", "analysis_type": "sentiment"})
@@ -150,8 +162,8 @@ def analysis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server
 
 async def test_all_over_the_server(analysis_server: ServerProc) -> None:
     ws = await connect(analysis_server)
-    for _ in range(600):  # the embedding model loads in the background after start
-        if "embedding_all_minilm_l6_v2_items_total" in analysis_server.get("/metrics")[1].decode():
+    for _ in range(600):  # the embedding model loads in the background after start; `ready` says so until it is in
+        if orjson.loads(analysis_server.get("/ready")[1])["channels"]["analysis"] == "available":
             break
         await asyncio.sleep(0.1)
     await send(ws, op="subscribe", id="a", channel="analysis", params={"content": NEWS, "analysis_type": "all", "topics": DEFAULT_TOPICS})
