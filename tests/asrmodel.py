@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import io
+import os
 import re
 import subprocess
 import wave
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from functools import cache
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -21,6 +24,7 @@ from server.engine.asr import SAMPLE_RATE, TranscriptionRequest
 from server.engine.device import cpu_threads
 from server.engine.runner import RunnerSpec
 from server.engine.whisper import WhisperRunner
+from tests.device import TEST_DEVICE
 
 ENGLISH = [
     "The weather today is sunny with a light breeze from the west.",
@@ -32,8 +36,20 @@ SPANISH = "Buenos días, me gustaría reservar una mesa para cuatro personas est
 
 
 def speech_wav(text: str, voice: str = "en-us", rate: int = 160) -> bytes:
-    """A WAV file (22.05 kHz mono s16le) of espeak-ng reading `text`."""
-    return subprocess.run(["espeak-ng", "-v", voice, "-s", str(rate), "--stdout", text], capture_output=True, check=True).stdout
+    """A WAV file (22.05 kHz mono s16le) of espeak-ng reading `text`.
+
+    With STREAMPLEX_SPEECH_CACHE set to a folder, each rendering is kept there and read back, so that a
+    machine without espeak-ng (the GPU machine of bench/cuda.sh) runs on speech rendered elsewhere.
+    """
+    cache_dir = os.environ.get("STREAMPLEX_SPEECH_CACHE")
+    cached = Path(cache_dir) / f"{hashlib.sha256(f'{voice}|{rate}|{text}'.encode()).hexdigest()[:24]}.wav" if cache_dir else None
+    if cached is not None and cached.is_file():
+        return cached.read_bytes()
+    wav = subprocess.run(["espeak-ng", "-v", voice, "-s", str(rate), "--stdout", text], capture_output=True, check=True).stdout
+    if cached is not None:
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        cached.write_bytes(wav)
+    return wav
 
 
 def speech(text: str, voice: str = "en-us", rate: int = 160) -> np.ndarray:
@@ -61,8 +77,8 @@ def wer(reference: str, hypothesis: str) -> float:
 
 @cache
 def bundled_whisper() -> WhisperRunner:
-    """The loaded Whisper base runner (CPU, as the server runs it by default), shared by every test module."""
-    runner = WhisperRunner("whisper-base", Settings().cache_dir, torch.device("cpu"), torch.float32, cpu_threads(0), quantize=Settings().asr_cpu_quantize)
+    """The loaded Whisper base runner (on TEST_DEVICE, CPU by default, as the server runs it), shared by every test module."""
+    runner = WhisperRunner("whisper-base", Settings().cache_dir, TEST_DEVICE, torch.float32, cpu_threads(0), quantize=Settings().asr_cpu_quantize)
     runner.load()
     return runner
 

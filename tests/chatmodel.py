@@ -1,4 +1,4 @@
-"""The real bundled chat model (SmolLM2-135M-Instruct, float32 on CPU) for model tests: loaded once per test session."""
+"""The real bundled chat model (SmolLM2-135M-Instruct, float32 on TEST_DEVICE) for model tests: loaded once per test session."""
 
 from __future__ import annotations
 
@@ -15,12 +15,13 @@ from server.engine.causal_lm import CausalLMRunner
 from server.engine.device import cpu_threads
 from server.engine.loading import BUNDLED
 from server.engine.runner import RunnerSpec
+from tests.device import TEST_DEVICE
 
 
 @cache
 def bundled_runner() -> CausalLMRunner:
     """The loaded runner, shared by every test module."""
-    runner = CausalLMRunner(BUNDLED, Settings().cache_dir, torch.device("cpu"), torch.float32, cpu_threads(0))
+    runner = CausalLMRunner(BUNDLED, Settings().cache_dir, TEST_DEVICE, torch.float32, cpu_threads(0))
     runner.load()
     return runner
 

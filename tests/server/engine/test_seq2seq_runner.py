@@ -13,6 +13,7 @@ import torch
 from server.engine import Engine, Limits
 from server.engine.runner import RunnerSpec
 from server.engine.seq2seq import Seq2SeqRunner
+from tests.device import TEST_DEVICE
 from tests.tinymarian import tiny_marian
 
 SENTENCES = ["The cat is black.", "Where is the train station?", "I like apples and oranges, and the weather is nice today.", "Hi", "My name is John."]
@@ -21,7 +22,7 @@ MAX_NEW = 24
 
 @pytest.fixture(scope="module")
 def runner(tmp_path_factory: pytest.TempPathFactory) -> Seq2SeqRunner:
-    runner = Seq2SeqRunner(str(tiny_marian(tmp_path_factory.mktemp("marian") / "opus-mt-tiny")), torch.device("cpu"), torch.float32, 2)
+    runner = Seq2SeqRunner(str(tiny_marian(tmp_path_factory.mktemp("marian") / "opus-mt-tiny")), TEST_DEVICE, torch.float32, 2)
     runner.load()
     return runner
 
