@@ -30,6 +30,11 @@ def _digest(key: str) -> bytes:
     return hashlib.sha256(key.encode("utf-8")).digest()
 
 
+def generate_key() -> str:
+    """A new random API key, as generated when none is configured."""
+    return "sk-" + secrets.token_urlsafe(24)
+
+
 class KeyStore:
     """The configured API keys, hashed."""
 
@@ -67,7 +72,7 @@ class KeyStore:
             store._load_file(settings.keys_file)
         if len(store):
             return store, None
-        generated = "sk-" + secrets.token_urlsafe(24)
+        generated = generate_key()
         store.add(generated)
         return store, generated
 

@@ -5,14 +5,17 @@ from __future__ import annotations
 import argparse
 import asyncio
 import socket
+import sys
 from pathlib import Path
 from typing import Any, get_args, get_origin
 
 import uvicorn
+from pydantic import ValidationError
 
 from server.app import create_app
 from server.config import Settings
 from server.runtime import Runtime, configure_logging
+from server.workers import bind_reuse_port, supervise
 from server.wsprotocol import DirectProtocol
 
 
@@ -58,10 +61,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def serve(argv: list[str] | None = None) -> None:
-    """Parse flags, then serve until SIGINT/SIGTERM."""
+    """Parse flags, then serve until SIGINT/SIGTERM (with `workers` > 1, supervise that many server processes)."""
+    argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
     overrides = {k: v for k, v in vars(args).items() if v is not None}
-    settings = Settings(**overrides)
+    try:
+        settings = Settings(**overrides)
+    except ValidationError as exc:
+        problems = "\n".join(f"  {'.'.join(map(str, e['loc'])) + ': ' if e['loc'] else ''}{e['msg'].removeprefix('Value error, ')}" for e in exc.errors())
+        sys.exit(f"streamplex serve: invalid settings:\n{problems}")
+    if settings.workers > 1:
+        sys.exit(supervise(settings, argv))
     ring = configure_logging(settings)
     app = create_app(settings, ring)
     config = uvicorn.Config(
@@ -77,6 +87,8 @@ def serve(argv: list[str] | None = None) -> None:
         timeout_graceful_shutdown=settings.shutdown_timeout + 2,
     )
     server = DrainingServer(config, app.state.runtime)
+    # A worker binds its own SO_REUSEPORT socket; uvicorn listens on it.
+    sockets = [bind_reuse_port(settings.host, settings.port)] if settings.reuse_port else None
     # uvloop when installed (uvicorn's "auto" loop): asyncio.run alone would always pick the default loop.
     with asyncio.Runner(loop_factory=config.get_loop_factory()) as runner:
-        runner.run(server.serve())
+        runner.run(server.serve(sockets))

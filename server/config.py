@@ -12,7 +12,7 @@ import socket
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -93,6 +93,16 @@ class Settings(BaseSettings):
         "",
         description="Redis URL (`redis://host:6379/0`) shared by several nodes: logs and metrics streams then show every node's records, and the per-key limits hold across nodes. Empty: one node, in memory. While Redis is unreachable each node serves on its own and enforces the per-key limits locally.",
     )
+    workers: int = Field(
+        1,
+        ge=1,
+        le=1024,
+        description="Server processes on this host, all on one port (`SO_REUSEPORT`: each binds its own socket and the kernel spreads connections over them), each a node named `NODE-0`, `NODE-1`, ... with `NODE` the `node` setting. A supervisor restarts a worker that dies and passes SIGTERM on to all, each draining. More than 1 requires `redis_url`, which they share as nodes do.",
+    )
+    reuse_port: bool = Field(
+        False,
+        description="Bind the port with `SO_REUSEPORT`, so that several processes (of the same user) share it. `workers` sets it for its processes; set it yourself only to run several servers on one port by hand.",
+    )
     redis_prefix: str = Field("streamplex", description="Prefix of every Redis key and pub/sub channel, so several deployments can share one Redis.")
     key_max_connections: int = Field(
         0, ge=0, description="Connections one API key may hold open at once, across all nodes (0: no limit). Past it a new connection is closed with 4008."
@@ -137,6 +147,14 @@ class Settings(BaseSettings):
     media_url_timeout: float = Field(
         30.0, gt=0, description="Seconds a media URL may take to fetch in full (redirects included) before the stream ends with `bad_source`."
     )
+
+    @model_validator(mode="after")
+    def _workers_share_redis(self) -> Settings:
+        if self.workers > 1 and not self.redis_url:
+            raise ValueError(
+                f"workers={self.workers} needs redis_url (STREAMPLEX_REDIS_URL): workers are separate processes, a client's reconnect may reach any of them, and they share their state only through Redis"
+            )
+        return self
 
     @field_validator("media_url_allow")
     @classmethod

@@ -36,7 +36,7 @@ class Runtime:
         self.settings = settings
         self.keys, self.generated_key = KeyStore.from_settings(settings)
         self.throttle = AuthThrottle(settings.auth_fail_limit, settings.auth_fail_window)
-        self.telemetry = Telemetry(self.gauges)
+        self.telemetry = Telemetry(self.gauges, settings.node)
         self.broker: MemoryBroker
         if settings.redis_url:
             self.broker = RedisBroker(settings.redis_url, settings.node, settings.redis_prefix)

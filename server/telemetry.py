@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -49,12 +50,17 @@ class Stats:
 
 
 class _StatsCollector(Collector):
-    def __init__(self, stats: Stats, extra: Callable[[], dict[str, float]]) -> None:
+    def __init__(self, stats: Stats, extra: Callable[[], dict[str, float]], node: str) -> None:
         self.stats = stats
         self.extra = extra
+        self.node = node
 
     def collect(self) -> Iterator[Metric]:
         s = self.stats
+        # Which process answers: with `workers` > 1 each scrape of the shared port reaches one worker.
+        info = GaugeMetricFamily("streamplex_node", "The node (server process) these figures are from.", labels=["node", "pid"])
+        info.add_metric([self.node, str(os.getpid())], 1)
+        yield info
         yield GaugeMetricFamily("streamplex_connections", "Open WebSocket connections.", value=s.connections)
         yield CounterMetricFamily("streamplex_connections", "WebSocket connections accepted.", value=s.connections_total)
         streams = GaugeMetricFamily("streamplex_streams", "Open streams by channel.", labels=["channel"])
@@ -93,10 +99,10 @@ class _StatsCollector(Collector):
 class Telemetry:
     """Stats plus a Prometheus registry of its own (so several apps can live in one process)."""
 
-    def __init__(self, extra: Callable[[], dict[str, float]] = dict) -> None:
+    def __init__(self, extra: Callable[[], dict[str, float]] = dict, node: str = "") -> None:
         self.stats = Stats()
         self.registry = CollectorRegistry()
-        self.registry.register(_StatsCollector(self.stats, extra))
+        self.registry.register(_StatsCollector(self.stats, extra, node))
 
     def exposition(self) -> bytes:
         """The Prometheus text exposition of every metric."""
