@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 from collections.abc import AsyncIterator, Callable
 
 from starlette.applications import Starlette
@@ -16,6 +17,7 @@ from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 from starlette.types import Receive, Scope, Send
+from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
 
 from server import apidocs
 from server.config import ROOT, Settings
@@ -68,16 +70,31 @@ def _header_key(headers: Headers) -> str | None:
     return token.strip() if scheme.lower() == "bearer" and token.strip() else None
 
 
+def trusted_proxies(settings: Settings) -> list[str]:
+    """`trusted_proxies` as normalised networks (`10.0.0.5` -> `10.0.0.5/32`)."""
+    return [str(ipaddress.ip_network(part.strip(), strict=False)) for part in settings.trusted_proxies.split(",") if part.strip()]
+
+
 class App:
-    """The ASGI app: `/ws` handled directly, everything else by the Starlette app at `http`."""
+    """The ASGI app: `/ws` handled directly, everything else by the Starlette app at `http`.
+
+    With `trusted_proxies`, uvicorn's ProxyHeadersMiddleware first takes the client's address (and scheme) from
+    `X-Forwarded-For` (`X-Forwarded-Proto`) of requests that come from one of them; otherwise those headers are
+    ignored, whatever the ASGI server is told (`python -m server` runs uvicorn with its own proxy handling off).
+    """
 
     def __init__(self, runtime: Runtime, http: Starlette) -> None:
         self.runtime = runtime
         self.http = http
         self.state = http.state
         self.sockets = 0  # open /ws connections, before and after authentication
+        proxies = trusted_proxies(runtime.settings)
+        self._entry = ProxyHeadersMiddleware(self._route, trusted_hosts=proxies) if proxies else self._route
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await self._entry(scope, receive, send)
+
+    async def _route(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "websocket" and scope["path"] == "/ws":
             await self._websocket(scope, receive, send)
         else:

@@ -84,6 +84,9 @@ def serve(argv: list[str] | None = None) -> None:
         ws_per_message_deflate=settings.per_message_deflate,
         ws=DirectProtocol,
         log_config=None,
+        # Forwarded headers are the app's business (`trusted_proxies`); uvicorn would otherwise trust
+        # 127.0.0.1 or its FORWARDED_ALLOW_IPS variable.
+        proxy_headers=False,
         timeout_graceful_shutdown=settings.shutdown_timeout + 2,
     )
     server = DrainingServer(config, app.state.runtime)

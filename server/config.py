@@ -41,6 +41,19 @@ class Settings(BaseSettings):
         None,
         description="File of API keys, one per line: `KEY [channel,...]`, or `sha256:HEX [channel,...]` to store only the key's hash. `#` starts a comment.",
     )
+    trusted_proxies: str = Field(
+        "",
+        description="Comma-separated addresses and networks (CIDR) of the reverse proxies in front of the server, e.g. `10.0.0.5,10.8.0.0/16`. Only a connection from one of them has its `X-Forwarded-For` (the rightmost address that is not itself a trusted proxy becomes the client's, for the auth throttle, the per-address HTTP limit and the log) and `X-Forwarded-Proto` believed; `Forwarded` is never read. Empty (the default): no forwarded header is believed from anyone.",
+    )
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _proxy_networks(cls, value: str) -> str:
+        for part in value.split(","):
+            if part.strip():
+                ipaddress.ip_network(part.strip(), strict=False)
+        return value
+
     auth_timeout: float = Field(5.0, gt=0, description="Seconds a client has to send its `auth` frame when no key came on the upgrade request.")
     auth_fail_limit: int = Field(
         10,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
 import shutil
 import ssl
@@ -18,6 +19,7 @@ import pytest
 import trustme
 import websockets
 
+from tests.forged import failed_auth, forged, http_statuses
 from tests.serverproc import KEY, ROOT, ServerProc, collect, free_port, recv, send, start_server
 
 NGINX = shutil.which("nginx") or next((p for p in ("/usr/sbin/nginx",) if Path(p).exists()), None)
@@ -66,25 +68,25 @@ class Nginx:
 @pytest.fixture(scope="module")
 def instances(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[ServerProc]]:
     tmp = tmp_path_factory.mktemp("instances")
-    servers = [start_server(tmp, node="one")]
+    servers = [start_server(tmp, node="one", trusted_proxies="127.0.0.1")]
     try:
-        servers.append(start_server(tmp, node="two"))
+        servers.append(start_server(tmp, node="two", trusted_proxies="127.0.0.1"))
         yield servers
     finally:
         for server in servers:
             server.stop()
 
 
-@pytest.fixture(scope="module")
-def nginx(tmp_path_factory: pytest.TempPathFactory, instances: list[ServerProc]) -> Iterator[Nginx]:
-    prefix = tmp_path_factory.mktemp("nginx")
+@contextlib.contextmanager
+def running_nginx(prefix: Path, upstreams: list[int]) -> Iterator[Nginx]:
+    """The shipped config in a real nginx on free loopback ports, in front of `upstreams`, until the block ends."""
     ca = trustme.CA()
     leaf = ca.issue_cert("localhost", "127.0.0.1")
     cert, key = prefix / "tls.crt", prefix / "tls.key"
     leaf.cert_chain_pems[0].write_to_path(str(cert))
     leaf.private_key_pem.write_to_path(str(key))
     http_port, https_port = free_port(), free_port()
-    (prefix / "streamplex.conf").write_text(render(CONF.read_text(), [s.port for s in instances], http_port, https_port, cert, key))
+    (prefix / "streamplex.conf").write_text(render(CONF.read_text(), upstreams, http_port, https_port, cert, key))
     (prefix / "nginx.conf").write_text(
         f"""
 # A root master runs workers as this user; they only touch the prefix, which pytest keeps private to root.
@@ -113,18 +115,26 @@ http {{
         stdout=(prefix / "stdout.log").open("wb"),
     )
     server = Nginx(proc, http_port, https_port, prefix, ca)
-    deadline = time.monotonic() + 20
-    while True:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{http_port}/health", timeout=2) as resp:
-                assert resp.status == 200
-                break
-        except OSError:
-            assert proc.poll() is None and time.monotonic() < deadline, server.log()
-            time.sleep(0.1)
-    yield server
-    proc.terminate()
-    proc.wait(10)
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{http_port}/health", timeout=2) as resp:
+                    assert resp.status == 200
+                    break
+            except OSError:
+                assert proc.poll() is None and time.monotonic() < deadline, server.log()
+                time.sleep(0.1)
+        yield server
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+@pytest.fixture(scope="module")
+def nginx(tmp_path_factory: pytest.TempPathFactory, instances: list[ServerProc]) -> Iterator[Nginx]:
+    with running_nginx(tmp_path_factory.mktemp("nginx"), [s.port for s in instances]) as server:
+        yield server
 
 
 async def _connect(url: str, **kwargs) -> websockets.ClientConnection:
@@ -195,3 +205,38 @@ async def test_one_address_is_limited_to_its_open_connections(nginx: Nginx) -> N
         await asyncio.gather(*(ws.close() for ws in sockets))
     again = await _connect(nginx.ws())
     await again.close()
+
+
+LIMIT = 4  # auth_fail_limit of the server behind the proxy
+PER_MINUTE = 5  # its http_rate_limit
+
+
+@pytest.fixture
+def fronted(tmp_path: Path) -> Iterator[tuple[Nginx, ServerProc]]:
+    """One server trusting nginx (127.0.0.1, as the shipped configs name their proxy) behind its own nginx.
+
+    The client connects from 127.0.0.1 too: an address inside the trusted set, so only nginx overwriting
+    X-Forwarded-For (not appending to it) keeps a forged address from being believed.
+    """
+    srv = start_server(tmp_path, trusted_proxies="127.0.0.1", auth_fail_limit=LIMIT, http_rate_limit=PER_MINUTE)
+    try:
+        with running_nginx(tmp_path, [srv.port]) as proxy:
+            yield proxy, srv
+    finally:
+        srv.stop()
+
+
+async def test_a_client_forging_forwarded_headers_is_throttled_by_its_real_address(fronted: tuple[Nginx, ServerProc]) -> None:
+    proxy, srv = fronted
+    codes = [await failed_auth(proxy.ws(), forged(i)) for i in range(3 * LIMIT)]
+    assert codes == [4001] * LIMIT + [4003] * (2 * LIMIT), "throttled by the address nginx saw, whatever the client wrote"
+    assert srv.log().count("authentication failed from 127.0.0.1") == LIMIT
+    assert "198.51.100." not in srv.log(), "a forged address reached the server"
+
+
+async def test_a_client_forging_forwarded_headers_meets_the_per_address_http_limit(fronted: tuple[Nginx, ServerProc]) -> None:
+    proxy, srv = fronted
+    statuses = await http_statuses(f"http://127.0.0.1:{proxy.http_port}", 3 * PER_MINUTE)
+    assert [s for s, _ in statuses] == [401] * PER_MINUTE + [429] * (2 * PER_MINUTE), statuses
+    assert all("requests per minute" in m for _, m in statuses[PER_MINUTE:]), "the server's limiter (not nginx's) refused them"
+    assert "198.51.100." not in srv.log()
