@@ -66,10 +66,25 @@ def test_compose_runs_server_redis_and_nginx_with_a_gpu_profile() -> None:
         aliases = {a for s in members.values() for a in s["networks"]["default"]["aliases"]}
         assert aliases == upstreams, f"profile {profile} must answer to every nginx upstream name"
         for s in members.values():
-            assert s["environment"]["STREAMPLEX_REDIS_URL"] == "redis://redis:6379/0"
+            assert s["environment"]["STREAMPLEX_REDIS_URL"] == "redis://:${REDIS_PASSWORD:?set REDIS_PASSWORD in .env}@redis:6379/0"
+            assert set(s["networks"]) == {"default", "backend"}
             assert int(s["stop_grace_period"].rstrip("s")) > int(s["environment"]["STREAMPLEX_SHUTDOWN_TIMEOUT"])
             gpu = s.get("deploy", {}).get("resources", {}).get("reservations", {}).get("devices", [])
             assert bool(gpu) == (profile == "gpu")
             if gpu:
                 assert gpu[0]["driver"] == "nvidia" and gpu[0]["capabilities"] == ["gpu"]
     assert "./deploy/nginx/streamplex.conf:/etc/nginx/conf.d/default.conf:ro" in services["nginx"]["volumes"]
+
+
+def test_compose_redis_requires_a_password_and_only_the_servers_reach_it() -> None:
+    compose = yaml.safe_load(COMPOSE.read_text())
+    services = compose["services"]
+    redis = services["redis"]
+    command = redis["command"]
+    password = command[command.index("--requirepass") + 1]
+    assert password == "${REDIS_PASSWORD:?set REDIS_PASSWORD in .env}", "the password comes from .env and must be set"
+    assert redis["environment"]["REDISCLI_AUTH"] == password, "the health check authenticates"
+    assert redis["networks"] == ["backend"] and compose["networks"]["backend"] == {"internal": True}
+    on_backend = {name for name, s in services.items() if "backend" in s.get("networks", ())}
+    assert on_backend == {"redis", "cpu-1", "cpu-2", "gpu-1", "gpu-2"}, "nginx must not reach Redis"
+    assert "STREAMPLEX_WORKERS" in services["cpu-1"]["environment"]

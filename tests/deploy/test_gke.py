@@ -64,6 +64,7 @@ def test_every_resource_validates_against_the_kubernetes_schemas(overlay) -> Non
         "HorizontalPodAutoscaler",
         "PodDisruptionBudget",
         "PodMonitoring",
+        "NetworkPolicy",
     }
     for (kind, name), doc in docs.items():
         if kind in CRD_KINDS:
@@ -148,3 +149,34 @@ async def test_metrics_expose_the_hpas_stream_gauge(server: ServerProc) -> None:
     assert (await recv(ws))["op"] == "subscribed"
     assert server.metric("streamplex_streams_active") >= 1  # other tests share this server: at least this one stream
     await ws.close()
+
+
+def test_redis_requires_its_secret_and_admits_only_the_server_pods(overlay) -> None:
+    _, docs = overlay
+    redis_pod = docs["Deployment", "streamplex-redis"]["spec"]["template"]
+    (redis,) = redis_pod["spec"]["containers"]
+    password = redis["args"][redis["args"].index("--requirepass") + 1]
+    assert password == "$(REDIS_PASSWORD)", "expanded by the kubelet from the container's env"
+    from_secret = {"secretKeyRef": {"name": "streamplex-redis", "key": "password"}}
+    redis_env = {e["name"]: e.get("valueFrom") for e in redis["env"]}
+    assert redis_env == {"REDIS_PASSWORD": from_secret, "REDISCLI_AUTH": from_secret}, "the server and the readiness probe's redis-cli authenticate"
+
+    (server,) = _server(docs)["spec"]["template"]["spec"]["containers"]
+    names = [e["name"] for e in server["env"]]
+    env = {e["name"]: e for e in server["env"]}
+    assert env["REDIS_PASSWORD"]["valueFrom"] == from_secret
+    assert env["STREAMPLEX_REDIS_URL"]["value"] == "redis://:$(REDIS_PASSWORD)@streamplex-redis:6379/0"
+    assert names.index("REDIS_PASSWORD") < names.index("STREAMPLEX_REDIS_URL"), "$(VAR) expands only from variables defined before it"
+    config = next(doc for (kind, _), doc in docs.items() if kind == "ConfigMap")
+    assert "STREAMPLEX_REDIS_URL" not in config["data"], "one place sets the URL: the Deployment's env, beside the password it carries"
+    service = docs["Service", "streamplex-redis"]
+    assert service["spec"]["ports"][0]["port"] == 6379 and service["spec"]["selector"] == redis_pod["metadata"]["labels"]
+
+    policy = docs["NetworkPolicy", "streamplex-redis"]["spec"]
+    assert policy["podSelector"]["matchLabels"] == redis_pod["metadata"]["labels"]
+    assert policy["policyTypes"] == ["Ingress"]
+    (rule,) = policy["ingress"]
+    (peer,) = rule["from"]
+    assert set(peer) == {"podSelector"}, "no namespace or IP block: only pods of this namespace"
+    assert peer["podSelector"]["matchLabels"] == _server(docs)["spec"]["template"]["metadata"]["labels"]
+    assert rule["ports"] == [{"protocol": "TCP", "port": "redis"}] and redis["ports"][0]["name"] == "redis"

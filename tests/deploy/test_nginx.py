@@ -3,66 +3,20 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import re
-import shutil
-import ssl
-import subprocess
-import time
-import urllib.request
+import signal
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import orjson
 import pytest
-import trustme
 import websockets
 
 from tests.forged import failed_auth, forged, http_statuses
-from tests.serverproc import KEY, ROOT, ServerProc, collect, free_port, recv, send, start_server
+from tests.nginxproc import CONF, NGINX, Nginx, running_nginx
+from tests.serverproc import KEY, ServerProc, collect, recv, send, start_server
 
-NGINX = shutil.which("nginx") or next((p for p in ("/usr/sbin/nginx",) if Path(p).exists()), None)
 pytestmark = pytest.mark.skipif(NGINX is None, reason="nginx is not installed (scripts/packages/apt-test.txt)")
-
-CONF = ROOT / "deploy" / "nginx" / "streamplex.conf"
-
-
-def render(conf: str, upstreams: list[int], http_port: int, https_port: int, cert: Path, key: Path) -> str:
-    """The shipped config with this test's ports and certificate; everything else as shipped."""
-    servers = "".join(f"    server 127.0.0.1:{port} max_fails=1 fail_timeout=10s;\n" for port in upstreams)
-    conf, n = re.subn(r"(    server streamplex-\d:8000[^\n]*\n)+", servers, conf)
-    assert n == 1, "the upstream block's servers were not found"
-    replacements = {
-        "listen 80;": f"listen 127.0.0.1:{http_port};",
-        "listen 443 ssl;": f"listen 127.0.0.1:{https_port} ssl;",
-        "/etc/nginx/tls/tls.crt": str(cert),
-        "/etc/nginx/tls/tls.key": str(key),
-    }
-    for old, new in replacements.items():
-        assert conf.count(old) == 1, old
-        conf = conf.replace(old, new)
-    return conf
-
-
-@dataclass
-class Nginx:
-    proc: subprocess.Popen[bytes]
-    http_port: int
-    https_port: int
-    prefix: Path
-    ca: trustme.CA
-
-    def ws(self, tls: bool = False) -> str:
-        return f"wss://localhost:{self.https_port}/ws" if tls else f"ws://127.0.0.1:{self.http_port}/ws"
-
-    def ssl_context(self) -> ssl.SSLContext:
-        ctx = ssl.create_default_context()
-        self.ca.configure_trust(ctx)
-        return ctx
-
-    def log(self) -> str:
-        return "".join(p.read_text(errors="replace") for p in self.prefix.glob("*.log"))
 
 
 @pytest.fixture(scope="module")
@@ -75,60 +29,6 @@ def instances(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[ServerP
     finally:
         for server in servers:
             server.stop()
-
-
-@contextlib.contextmanager
-def running_nginx(prefix: Path, upstreams: list[int]) -> Iterator[Nginx]:
-    """The shipped config in a real nginx on free loopback ports, in front of `upstreams`, until the block ends."""
-    ca = trustme.CA()
-    leaf = ca.issue_cert("localhost", "127.0.0.1")
-    cert, key = prefix / "tls.crt", prefix / "tls.key"
-    leaf.cert_chain_pems[0].write_to_path(str(cert))
-    leaf.private_key_pem.write_to_path(str(key))
-    http_port, https_port = free_port(), free_port()
-    (prefix / "streamplex.conf").write_text(render(CONF.read_text(), upstreams, http_port, https_port, cert, key))
-    (prefix / "nginx.conf").write_text(
-        f"""
-# A root master runs workers as this user; they only touch the prefix, which pytest keeps private to root.
-user root;
-worker_processes 1;
-pid {prefix}/nginx.pid;
-error_log {prefix}/error.log notice;
-events {{ worker_connections 256; }}
-http {{
-    access_log {prefix}/access.log;
-    client_body_temp_path {prefix}/body;
-    proxy_temp_path {prefix}/proxy;
-    fastcgi_temp_path {prefix}/fastcgi;
-    uwsgi_temp_path {prefix}/uwsgi;
-    scgi_temp_path {prefix}/scgi;
-    include {prefix}/streamplex.conf;
-}}
-"""
-    )
-    assert NGINX is not None
-    test = subprocess.run([NGINX, "-t", "-p", str(prefix), "-e", str(prefix / "error.log"), "-c", str(prefix / "nginx.conf")], capture_output=True, text=True)
-    assert test.returncode == 0, test.stderr
-    proc = subprocess.Popen(
-        [NGINX, "-p", str(prefix), "-e", str(prefix / "error.log"), "-c", str(prefix / "nginx.conf"), "-g", "daemon off;"],
-        stderr=subprocess.STDOUT,
-        stdout=(prefix / "stdout.log").open("wb"),
-    )
-    server = Nginx(proc, http_port, https_port, prefix, ca)
-    try:
-        deadline = time.monotonic() + 20
-        while True:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{http_port}/health", timeout=2) as resp:
-                    assert resp.status == 200
-                    break
-            except OSError:
-                assert proc.poll() is None and time.monotonic() < deadline, server.log()
-                time.sleep(0.1)
-        yield server
-    finally:
-        proc.terminate()
-        proc.wait(10)
 
 
 @pytest.fixture(scope="module")
@@ -240,3 +140,21 @@ async def test_a_client_forging_forwarded_headers_meets_the_per_address_http_lim
     assert [s for s, _ in statuses] == [401] * PER_MINUTE + [429] * (2 * PER_MINUTE), statuses
     assert all("requests per minute" in m for _, m in statuses[PER_MINUTE:]), "the server's limiter (not nginx's) refused them"
     assert "198.51.100." not in srv.log()
+
+
+async def test_a_killed_instance_fails_no_new_connection(tmp_path_factory: pytest.TempPathFactory) -> None:
+    tmp = tmp_path_factory.mktemp("killed")
+    servers = [start_server(tmp, node="left")]
+    try:
+        servers.append(start_server(tmp, node="right"))
+        with running_nginx(tmp_path_factory.mktemp("nginx-killed"), [s.port for s in servers]) as proxy:
+            assert servers[0].stop(signal.SIGKILL) == -signal.SIGKILL
+            # Each connect that nginx tries on the dead node is refused and retried on the other (proxy_next_upstream).
+            for _ in range(6):
+                ws = await _connect(proxy.ws())
+                assert ws.ready["node"] == "right"  # type: ignore[attr-defined]
+                await ws.close()
+            assert "connect() failed (111: Connection refused)" in proxy.log()
+    finally:
+        for server in servers:
+            server.stop()
