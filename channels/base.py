@@ -78,6 +78,11 @@ class Feeds(Protocol):
         """Register `topic`'s producer, so that another node's demand can start it with no local subscriber."""
         ...
 
+    def accept(self, topic: str, check: Callable[[Any], Any]) -> None:
+        """Register how `topic`'s messages from other nodes are checked: `check` returns the message to deliver or
+        raises (ValueError, pydantic's ValidationError) to drop it. Without one, other nodes' messages are dropped."""
+        ...
+
 
 class LogSource(Protocol):
     """The server's own log records: a ring buffer of recent ones, and their broker topic."""

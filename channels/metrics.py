@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator, Callable, Collection
 from typing import Any, Literal, get_args
 
 import psutil
-from pydantic import Field
+from pydantic import BaseModel, ConfigDict, Field, JsonValue, TypeAdapter
 
 from channels.base import Channel, ChannelError, Gap, ParamsModel, Publish, Shared, StreamContext
 from channels.gpu import GpuProbe
@@ -36,6 +36,83 @@ GROUPS: tuple[Group, ...] = get_args(Group)
 SLOW: frozenset[str] = frozenset({"disk", "gpu"})
 """Groups whose reads may wait on a device or a driver (statvfs, NVML): sampled in a thread. The others read
 procfs or the server's own state, which costs less on the event loop than a thread handoff (~0.3 ms a sample)."""
+
+
+class _Part(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+
+class _Cpu(_Part):
+    busy: list[tuple[float, float]] = Field(max_length=4096)
+    load: list[float] = Field(max_length=3)
+
+
+class _Memory(_Part):
+    total: int
+    available: int
+    used: int
+    percent: float
+
+
+class _Swap(_Part):
+    total: int
+    used: int
+    percent: float
+
+
+class _DiskUsage(_Part):
+    total: int
+    used: int
+    free: int
+    percent: float
+
+
+class _Disk(_Part):
+    usage: _DiskUsage
+    io: tuple[int, int] | None
+
+
+class _Process(_Part):
+    rss_bytes: int
+    threads: int
+    fds: int | None
+    cpu_seconds: float
+
+
+class _Server(_Part):
+    connections: int
+    streams: dict[str, int] = Field(max_length=256)
+    frames_out: int
+    bytes_out: int
+    frames_in: int
+    dropped: int
+    errors: int
+
+
+class RawSample(_Part):
+    """A raw sample as `Sampler.sample` makes it: the fields `derive` reads, each group optional."""
+
+    node: str = Field(max_length=256)
+    t: float
+    time: float
+    cpu: _Cpu | None = None
+    memory: _Memory | None = None
+    swap: _Swap | None = None
+    disk: _Disk | None = None
+    network: tuple[int, int, int, int] | None = None
+    process: _Process | None = None
+    gpu: JsonValue = None
+    engine: dict[str, JsonValue] | None = None
+    server: _Server | None = None
+
+
+_SAMPLE_PAIR = TypeAdapter(tuple[RawSample, RawSample])
+
+
+def check_samples(message: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Another node's published (previous, current) samples, reduced to what a sample holds; raises pydantic's ValidationError otherwise."""
+    prev, cur = _SAMPLE_PAIR.validate_python(message)
+    return prev.model_dump(exclude_unset=True), cur.model_dump(exclude_unset=True)
 
 
 class Sampler:
@@ -216,6 +293,7 @@ class MetricsChannel(Channel):
 
     async def start(self) -> None:
         self.services.feeds.provide(TOPIC, self._sample_forever)
+        self.services.feeds.accept(TOPIC, check_samples)
 
     def _groups(self) -> Collection[str]:
         """What the sampler reads: the groups any stream here asked for (all when one asked for all, or none is here)."""

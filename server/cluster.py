@@ -20,6 +20,8 @@ class ClusterHub(Hub):
     node does not, so two nodes never keep each other's producers alive.
     """
 
+    broker: RedisBroker
+
     def __init__(self, broker: RedisBroker) -> None:
         super().__init__(broker)
         self._wanted: Counter[str] = Counter()
@@ -41,6 +43,10 @@ class ClusterHub(Hub):
             self._wanted[topic] -= 1
             if not self._wanted[topic]:
                 del self._wanted[topic]
+
+    def accept(self, topic: str, check: Callable[[Any], Any]) -> None:
+        """Deliver `topic`'s messages from other nodes as `check` returns them; what it raises drops them (RedisBroker.accept)."""
+        self.broker.accept(topic, check)
 
     def _demanded(self, topic: str) -> None:
         producer = self._provided.get(topic)

@@ -10,7 +10,7 @@ import ipaddress
 import os
 import socket
 from pathlib import Path
-from typing import Literal
+from typing import Literal, Self
 
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -104,7 +104,7 @@ class Settings(BaseSettings):
     # scale-out (issue 7)
     redis_url: str = Field(
         "",
-        description="Redis URL (`redis://host:6379/0`) shared by several nodes: logs and metrics streams then show every node's records, and the per-key limits hold across nodes. Empty: one node, in memory. While Redis is unreachable each node serves on its own and enforces the per-key limits locally.",
+        description="Redis URL (`redis://host:6379/0`, or `rediss://` for TLS; `redis://user:password@host:6379/0` to authenticate) shared by several nodes: logs and metrics streams then show every node's records, and the per-key limits hold across nodes. Empty: one node, in memory. While Redis is unreachable each node serves on its own and enforces the per-key limits locally.",
     )
     workers: int = Field(
         1,
@@ -116,6 +116,21 @@ class Settings(BaseSettings):
         False,
         description="Bind the port with `SO_REUSEPORT`, so that several processes (of the same user) share it. `workers` sets it for its processes; set it yourself only to run several servers on one port by hand.",
     )
+    redis_username: str = Field(
+        "", description="Redis ACL user to authenticate as (Redis 6+), unless `redis_url` names one (`redis://user:password@host:6379/0`). Empty: `default`."
+    )
+    redis_password: str = Field(
+        "",
+        description="Password for Redis (`requirepass`, or the ACL user's), unless `redis_url` holds one; keeps the secret out of the URL. Empty: none.",
+    )
+    redis_tls_ca_file: Path | None = Field(
+        None,
+        description="CA certificates (PEM) that a `rediss://` Redis's certificate must chain to; unset: the system's CAs. The host name in `redis_url` must match the certificate.",
+    )
+    redis_tls_cert_file: Path | None = Field(
+        None, description="Client certificate (PEM) presented to a `rediss://` Redis that requires one (`tls-auth-clients yes`); needs `redis_tls_key_file`."
+    )
+    redis_tls_key_file: Path | None = Field(None, description="Private key (PEM) of `redis_tls_cert_file`.")
     redis_prefix: str = Field("streamplex", description="Prefix of every Redis key and pub/sub channel, so several deployments can share one Redis.")
     key_max_connections: int = Field(
         0, ge=0, description="Connections one API key may hold open at once, across all nodes (0: no limit). Past it a new connection is closed with 4008."
@@ -126,6 +141,15 @@ class Settings(BaseSettings):
         description="Incoming ops per second one API key may send across all its connections and nodes (GCRA; 0: no limit). Applies on top of the per-connection `rate`.",
     )
     key_burst: int = Field(200, ge=1, description="Ops one API key may send in a burst before `key_rate` applies.")
+
+    @model_validator(mode="after")
+    def _redis_tls(self) -> Self:
+        tls_files = (self.redis_tls_ca_file, self.redis_tls_cert_file, self.redis_tls_key_file)
+        if any(f is not None for f in tls_files) and not self.redis_url.startswith("rediss://"):
+            raise ValueError("the redis_tls_* files need a `rediss://` redis_url")
+        if (self.redis_tls_cert_file is None) != (self.redis_tls_key_file is None):
+            raise ValueError("redis_tls_cert_file and redis_tls_key_file go together")
+        return self
 
     # HTTP streaming routes and browsers (issue 6)
     http_rate_limit: int = Field(

@@ -57,6 +57,9 @@ class Hub:
         """Register `topic`'s producer for starts without a local subscriber (server.cluster.ClusterHub)."""
         self._provided[topic] = producer
 
+    def accept(self, topic: str, check: Callable[[Any], Any]) -> None:
+        """How `topic`'s messages from other nodes are checked; one node alone has none (server.cluster.ClusterHub)."""
+
     def producers(self) -> list[str]:
         """Topics whose producer is running."""
         return sorted(self._producers)

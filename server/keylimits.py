@@ -9,11 +9,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import time
 from collections import defaultdict
 from collections.abc import Callable
 
-from redis.exceptions import RedisError
+from redis.exceptions import RedisError, ResponseError
 
 from server.redis_broker import RedisBroker
 
@@ -22,6 +23,8 @@ log = logging.getLogger(__name__)
 # A connection's entry lives CONN_TTL seconds unless refreshed, so a node that dies frees its keys' slots.
 CONN_TTL = 30.0
 REDIS_TIMEOUT = 0.5
+MAX_WAIT_MS = 86_400_000.0  # a GCRA answer beyond a day is not one this script gives
+BAD_ANSWER_LOG_INTERVAL = 10.0
 
 # KEYS[1] sorted set of "node/conn" members scored by expiry (ms); ARGV: member, max, ttl_ms. 1 admitted, 0 refused.
 ACQUIRE = """
@@ -56,7 +59,7 @@ local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000
 local interval = tonumber(ARGV[1])
 local limit = tonumber(ARGV[2])
-local tat = tonumber(redis.call('GET', KEYS[1]) or now)
+local tat = tonumber(redis.call('GET', KEYS[1])) or now
 if tat < now then tat = now end
 local new_tat = tat + interval
 local ahead = new_tat - now
@@ -101,6 +104,7 @@ class KeyLimits:
         self.local_gcra = Gcra(rate, burst) if rate > 0 else None
         self._local: defaultdict[str, set[str]] = defaultdict(set)
         self._refresher: asyncio.Task[None] | None = None
+        self._bad_logged = -BAD_ANSWER_LOG_INTERVAL
         if broker is not None:
             self._acquire = broker.redis.register_script(ACQUIRE)
             self._refresh = broker.redis.register_script(REFRESH)
@@ -111,8 +115,16 @@ class KeyLimits:
         return self.broker if self.broker is not None and self.broker.up else None
 
     def _failed(self, exc: BaseException) -> None:
+        """Redis failed: mark it down, unless it answered with an error or a value a script never gives (a key of
+        the wrong type or content, e.g. written by hand), which is logged while Redis stays in use."""
         assert self.broker is not None
-        self.broker.mark_down(exc)
+        if not isinstance(exc, ResponseError | ValueError):
+            self.broker.mark_down(exc)
+            return
+        now = time.monotonic()
+        if now - self._bad_logged >= BAD_ANSWER_LOG_INTERVAL:
+            self._bad_logged = now
+            log.warning("Redis gave a per-key limit check an unusable answer (%s); this check used the node's own count", str(exc)[:200])
 
     async def start(self) -> None:
         """Keep this node's connection entries alive in Redis (and put them back after an outage)."""
@@ -136,7 +148,9 @@ class KeyLimits:
             try:
                 async with asyncio.timeout(REDIS_TIMEOUT):
                     admitted = await self._acquire(keys=[self._conn_key(key)], args=[member, self.max_connections, int(CONN_TTL * 1000)])
-            except (RedisError, OSError, TimeoutError) as exc:
+                if admitted not in (0, 1):
+                    raise ValueError(f"ACQUIRE answered {admitted!r}")
+            except (RedisError, OSError, TimeoutError, ValueError) as exc:
                 self._failed(exc)
             else:
                 if admitted:
@@ -172,11 +186,14 @@ class KeyLimits:
         if self._shared() is not None:
             try:
                 async with asyncio.timeout(REDIS_TIMEOUT):
-                    wait_ms = await self._gcra(keys=[self._rate_key(key)], args=list(self._gcra_args))
-            except (RedisError, OSError, TimeoutError) as exc:
+                    answer = await self._gcra(keys=[self._rate_key(key)], args=list(self._gcra_args))
+                wait_ms = float(answer) if isinstance(answer, bytes | str) else math.nan
+                if not 0.0 <= wait_ms <= MAX_WAIT_MS:
+                    raise ValueError(f"GCRA answered {answer!r}")
+            except (RedisError, OSError, TimeoutError, ValueError) as exc:
                 self._failed(exc)
             else:
-                return float(wait_ms) / 1000.0
+                return wait_ms / 1000.0
         return self.local_gcra.take(key)
 
     def _conn_key(self, key: str) -> str:

@@ -10,8 +10,29 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
+from pydantic import BaseModel, ConfigDict, Field
+
 LOGS_TOPIC = "logs"
 MAX_MESSAGE_CHARS = 8192
+
+
+class LogRecordModel(BaseModel):
+    """A log record as a node publishes it (`RingLogHandler._entry` plus its number `n`)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    time: str = Field(max_length=64)
+    level: str = Field(max_length=32)
+    levelno: int = Field(ge=0, le=1000)
+    logger: str = Field(max_length=512)
+    message: str = Field(max_length=MAX_MESSAGE_CHARS + 64)
+    node: str = Field(max_length=256)
+    n: int = Field(ge=0)
+
+
+def check_record(message: Any) -> dict[str, Any]:
+    """Another node's log record with exactly the fields a record has; raises pydantic's ValidationError otherwise."""
+    return LogRecordModel.model_validate(message).model_dump()
 
 
 class RingLogHandler(logging.Handler):

@@ -4,6 +4,9 @@ Local subscribers are always served in process, so a node keeps working when Red
 A shared topic (logs, metrics) travels through Redis only while some other node wants it: every
 node announces the shared topics it has subscribers for on a demand channel once a second, and a
 node publishes a topic to Redis while such an announcement is fresher than `DEMAND_LEASE`.
+
+Nothing read from Redis is trusted: each message is checked (its envelope here, its payload by the
+check its topic's owner registered with `accept`) and a malformed one is dropped, counted and logged.
 """
 
 from __future__ import annotations
@@ -12,16 +15,18 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import orjson
 import redis.asyncio as aioredis
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 from redis.retry import Retry
 
 from server.broker import MemoryBroker, Subscription
+from server.config import Settings
 
 log = logging.getLogger(__name__)
 
@@ -29,20 +34,65 @@ DEMAND_INTERVAL = 1.0
 DEMAND_LEASE = 3.5
 OUTBOUND_DEPTH = 4096
 RECONNECT_MAX = 5.0
+MAX_MESSAGE_BYTES = 1_048_576  # a larger pub/sub message is dropped unparsed
+MALFORMED_LOG_INTERVAL = 10.0  # seconds between warnings about dropped messages, per channel
+
+
+class Envelope(BaseModel):
+    """What every node publishes: its name, and a feed's message (`m`) or the topics it wants (`topics`)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    node: str = Field(min_length=1, max_length=256)
+    m: Any = None
+    topics: list[str] = Field(default_factory=list, max_length=64)
+
+
+class Malformed(ValueError):
+    """A message from Redis that is not what a node publishes."""
+
+
+def redis_options(settings: Settings) -> dict[str, Any]:
+    """redis-py connection options from the settings: ACL user, password and, for `rediss://`, the TLS files.
+
+    Certificates are always verified against the CA file (or the system's) and the URL's host name.
+    """
+    options: dict[str, Any] = {}
+    if settings.redis_username:
+        options["username"] = settings.redis_username
+    if settings.redis_password:
+        options["password"] = settings.redis_password
+    if settings.redis_url.startswith("rediss://"):
+        options |= {"ssl_cert_reqs": "required", "ssl_check_hostname": True}
+        if settings.redis_tls_ca_file is not None:
+            options["ssl_ca_certs"] = str(settings.redis_tls_ca_file)
+        if settings.redis_tls_cert_file is not None:
+            options["ssl_certfile"] = str(settings.redis_tls_cert_file)
+        if settings.redis_tls_key_file is not None:
+            options["ssl_keyfile"] = str(settings.redis_tls_key_file)
+    return options
 
 
 class RedisBroker(MemoryBroker):
     """A MemoryBroker whose shared topics also reach, and come from, the other nodes through Redis."""
 
-    def __init__(self, url: str, node: str, prefix: str = "streamplex", shared: Iterable[str] = ("logs", "metrics")) -> None:
+    def __init__(
+        self, url: str, node: str, prefix: str = "streamplex", shared: Iterable[str] = ("logs", "metrics"), options: Mapping[str, Any] | None = None
+    ) -> None:
+        """`options` go to redis-py with the URL (credentials, TLS files); what the URL says wins."""
         super().__init__()
         self.url = url
         self.node = node
         self.prefix = prefix
         self.shared = frozenset(shared)
-        self.redis: aioredis.Redis = aioredis.Redis.from_url(url, socket_connect_timeout=1.0, socket_timeout=2.0, retry=Retry(NoBackoff(), 0))
+        self.redis: aioredis.Redis = aioredis.Redis.from_url(
+            url, socket_connect_timeout=1.0, socket_timeout=2.0, retry=Retry(NoBackoff(), 0), **dict(options or {})
+        )
         self.up = False
         self.outbound_dropped = 0
+        self.malformed_dropped = 0
+        self.checks: dict[str, Callable[[Any], Any]] = {}
+        self._malformed_logged: dict[str, tuple[float, int]] = {}  # channel -> (last warning, drops since)
         self.on_demand: Callable[[str], None] = lambda topic: None
         self.wanted: Callable[[], Iterable[str]] = lambda: self._topics.keys()
         self._remote_demand: dict[str, float] = {}
@@ -91,6 +141,11 @@ class RedisBroker(MemoryBroker):
             self._announce.set()
         return super().subscribe(topic, depth, sink)
 
+    def accept(self, topic: str, check: Callable[[Any], Any]) -> None:
+        """Deliver `topic`'s messages from other nodes only as `check` returns them; what it raises (ValueError,
+        pydantic's ValidationError) drops the message. A shared topic with no check takes nothing from Redis."""
+        self.checks[topic] = check
+
     def mark_down(self, exc: BaseException) -> None:
         """Record that Redis failed; the first failure of an outage logs one warning."""
         if self.up or not self._warned:
@@ -135,24 +190,60 @@ class RedisBroker(MemoryBroker):
             await asyncio.sleep(backoff)
             backoff = min(RECONNECT_MAX, backoff * 2)
 
-    def _receive(self, channel: str, data: bytes) -> None:
+    def _receive(self, channel: str, data: Any) -> None:
         try:
-            envelope = orjson.loads(data)
-            node = envelope["node"]
-        except (orjson.JSONDecodeError, KeyError, TypeError):
-            log.warning("ignored a malformed message on Redis channel %s", channel)
-            return
-        if node == self.node:
+            self._deliver(channel, data)
+        except (Malformed, ValidationError) as exc:
+            self._dropped(channel, exc)
+        except Exception:
+            # A check or a demand callback that breaks must not end the listener (every node's feeds).
+            self.malformed_dropped += 1
+            log.exception("handling a message from Redis channel %s failed; dropped", channel)
+
+    def _deliver(self, channel: str, data: Any) -> None:
+        """Check one pub/sub message and act on it; raise Malformed or ValidationError to drop it."""
+        if not isinstance(data, bytes) or len(data) > MAX_MESSAGE_BYTES:
+            raise Malformed(f"not a payload of at most {MAX_MESSAGE_BYTES} bytes")
+        try:
+            raw = orjson.loads(data)
+        except orjson.JSONDecodeError as exc:
+            raise Malformed(f"not JSON ({exc})") from None
+        envelope = Envelope.model_validate(raw)
+        if envelope.node == self.node:
             return
         if channel == self.demand_channel:
             until = time.monotonic() + DEMAND_LEASE
-            for topic in envelope.get("topics", ()):
+            for topic in envelope.topics:
                 if topic in self.shared:
                     self._remote_demand[topic] = until
                     self.on_demand(topic)
             return
         topic = channel.removeprefix(f"{self.prefix}:feed:")
-        super().publish(topic, envelope["m"])
+        check = self.checks.get(topic)
+        if check is None:
+            raise Malformed(f"no check for topic {topic!r}")
+        try:
+            message = check(envelope.m)
+        except (TypeError, KeyError) as exc:
+            raise Malformed(f"{type(exc).__name__}: {exc}") from None
+        super().publish(topic, message)
+
+    def _dropped(self, channel: str, exc: Exception) -> None:
+        """Count a dropped message; warn at most once per MALFORMED_LOG_INTERVAL per channel."""
+        self.malformed_dropped += 1
+        now = time.monotonic()
+        last, since = self._malformed_logged.get(channel, (-MALFORMED_LOG_INTERVAL, 0))
+        if now - last < MALFORMED_LOG_INTERVAL:
+            self._malformed_logged[channel] = (last, since + 1)
+            return
+        if isinstance(exc, ValidationError):
+            first = exc.errors(include_url=False, include_input=False)[0]
+            reason = f"{'.'.join(map(str, first['loc'])) or 'message'}: {first['msg']}"
+        else:
+            reason = str(exc)
+        more = f" (and {since} more since the last warning)" if since else ""
+        log.warning("dropped a malformed message on Redis channel %s: %s%s", channel, reason[:200], more)
+        self._malformed_logged[channel] = (now, 0)
 
     async def _send(self) -> None:
         while True:

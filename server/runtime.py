@@ -16,10 +16,10 @@ from server.config import Settings
 from server.engine import build_engine
 from server.hub import Hub
 from server.keylimits import KeyLimits
-from server.logbuffer import RingLogHandler
+from server.logbuffer import RingLogHandler, check_record
 from server.protocol import PROTOCOL_VERSION, EndReason
 from server.redact import RedactKeys
-from server.redis_broker import RedisBroker
+from server.redis_broker import RedisBroker, redis_options
 from server.session import Session
 from server.telemetry import Telemetry
 
@@ -39,7 +39,7 @@ class Runtime:
         self.telemetry = Telemetry(self.gauges, settings.node)
         self.broker: MemoryBroker
         if settings.redis_url:
-            self.broker = RedisBroker(settings.redis_url, settings.node, settings.redis_prefix)
+            self.broker = RedisBroker(settings.redis_url, settings.node, settings.redis_prefix, options=redis_options(settings))
             self.hub: Hub = ClusterHub(self.broker)
         else:
             self.broker = MemoryBroker()
@@ -47,6 +47,7 @@ class Runtime:
         shared = self.broker if isinstance(self.broker, RedisBroker) else None
         self.key_limits = KeyLimits(settings.node, settings.key_max_connections, settings.key_rate, settings.key_burst, shared, settings.redis_prefix)
         self.logs = log_handler or RingLogHandler(settings.log_buffer, settings.node)
+        self.hub.accept(self.logs.topic, check_record)
         self.engine = build_engine(settings)
         self.services = Services(settings=settings, feeds=self.hub, logs=self.logs, stats=self.telemetry.stats.snapshot, engine=self.engine)
         self.channels: dict[str, Channel] = {name: cls(self.services) for name, cls in discover().items()}
@@ -70,6 +71,7 @@ class Runtime:
         if isinstance(self.broker, RedisBroker):
             out["redis_up"] = float(self.broker.up)
             out["redis_outbound_dropped"] = float(self.broker.outbound_dropped)
+            out["redis_malformed_dropped"] = float(self.broker.malformed_dropped)
         for runner, figures in engine["runners"].items():
             slug = "".join(ch if ch.isalnum() else "_" for ch in runner)
             out.update({f"engine_{slug}_{k}": float(v) for k, v in figures.items() if isinstance(v, int | float)})

@@ -1,35 +1,48 @@
-"""A real redis-server on a free loopback port, started and stopped by the tests."""
+"""A real redis-server on a free loopback port, started and stopped by the tests; optionally with a password and TLS."""
 
 from __future__ import annotations
 
 import subprocess
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import redis
 
 
 @dataclass
 class RedisProc:
-    """A redis-server without persistence on a fixed loopback port, restartable on that port; with `password`, it requires it (`requirepass`)."""
+    """A redis-server without persistence on a fixed loopback port, restartable on that port.
+
+    With `password`, it requires it (`requirepass`); with `tls` (redis-server's TLS arguments), the port is its
+    TLS port and `admin` holds the client's TLS options; `args` are further redis-server arguments.
+    """
 
     port: int
     log_path: Path
     proc: subprocess.Popen[bytes] | None = None
     password: str = ""
+    args: tuple[str, ...] = ()
+    tls: tuple[str, ...] = ()
+    admin: dict[str, Any] = field(default_factory=dict)
 
     @property
     def url(self) -> str:
         auth = f":{self.password}@" if self.password else ""
-        return f"redis://{auth}127.0.0.1:{self.port}/0"
+        return f"{'rediss' if self.tls else 'redis'}://{auth}127.0.0.1:{self.port}/0"
+
+    def client(self) -> redis.Redis:
+        """A client of the default user (the caller closes it)."""
+        return redis.Redis(host="127.0.0.1", port=self.port, password=self.password or None, socket_connect_timeout=0.5, **self.admin)
 
     def start(self) -> None:
-        args = ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--daemonize", "no"]
+        ports = ["--port", "0", "--tls-port", str(self.port), *self.tls] if self.tls else ["--port", str(self.port)]
+        args = ["redis-server", *ports, "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--daemonize", "no", *self.args]
         if self.password:
             args += ["--requirepass", self.password]
         self.proc = subprocess.Popen(args, stdout=self.log_path.open("ab"), stderr=subprocess.STDOUT)
-        client = redis.Redis.from_url(self.url, socket_connect_timeout=0.5)
+        client = self.client()
         deadline = time.monotonic() + 20
         while True:
             try:
