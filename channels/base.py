@@ -169,6 +169,8 @@ class Channel(ABC):
     lossy: ClassVar[bool] = False
     accepts_push: ClassVar[bool] = False
     media: ClassVar[bool] = False  # its content travels in binary frames; HTTP answers it as raw bytes by default
+    admin: ClassVar[bool] = False
+    """It shows other clients' data (addresses, session ids, key labels): only a key scoped `admin`, or naming it, may use it."""
 
     def __init__(self, services: Services) -> None:
         self.services = services

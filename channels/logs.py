@@ -21,9 +21,10 @@ class LogsParams(ParamsModel):
 
 class LogsChannel(Channel):
     name = "logs"
-    summary = "The server's own log records: the last `lines` at or above `level`, then live if `follow`."
+    summary = "The server's own log records: the last `lines` at or above `level`, then live if `follow`. Admin keys only."
     Params = LogsParams
     lossy = True
+    admin = True  # records name other clients' addresses, session ids and key labels
 
     async def stream(self, params: LogsParams, ctx: StreamContext) -> AsyncIterator[Any]:
         threshold = logging.getLevelNamesMapping()[params.level]

@@ -20,11 +20,12 @@ from starlette.types import Receive, Scope, Send
 from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
 
 from server import apidocs
+from server.auth import Principal
 from server.config import ROOT, Settings
 from server.connection import Connection, Disconnected, watch_slow_consumers
-from server.http_stream import PREFIX, HttpStreams
+from server.http_stream import PREFIX, HttpStreams, error_response
 from server.logbuffer import RingLogHandler
-from server.protocol import CloseCode
+from server.protocol import CloseCode, ErrorCode
 from server.runtime import Runtime
 from server.wsprotocol import TRY_SEND
 
@@ -145,11 +146,30 @@ def create_app(settings: Settings | None = None, log_handler: RingLogHandler | N
     async def health(request: Request) -> Response:
         return JSONResponse({"status": "alive", "node": runtime.settings.node})
 
+    def keyed(request: Request) -> Principal | Response | None:
+        """The principal of the request's key (X-API-Key or bearer), None without one, or the refusal of a bad one
+        (counted by the failed-auth throttle, as on /ws and the HTTP streams)."""
+        key = _header_key(request.headers)
+        if key is None:
+            return None
+        address = request.client.host if request.client else "unknown"
+        if wait := runtime.throttle.retry_after(address):
+            return error_response(429, str(ErrorCode.RATE_LIMITED), "too many failed authentications from this address", retry_after=wait)
+        principal = runtime.keys.authenticate(key)
+        if principal is None:
+            runtime.throttle.failed(address)
+            runtime.telemetry.stats.auth_failures += 1
+            return error_response(403, "forbidden", "invalid API key")
+        return principal
+
     async def ready(request: Request) -> Response:
+        principal = keyed(request)
+        if isinstance(principal, Response):
+            return principal
         serving = runtime.started and not runtime.draining
         body = {
             "status": "ready" if serving else "draining" if runtime.draining else "starting",
-            "channels": {c["name"]: c["status"] for c in runtime.channel_table()},
+            "channels": {c["name"]: c["status"] for c in runtime.channel_table(principal)},
         }
         return JSONResponse(body, status_code=200 if serving else 503)
 
@@ -157,8 +177,11 @@ def create_app(settings: Settings | None = None, log_handler: RingLogHandler | N
         return Response(runtime.telemetry.exposition(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
     async def channels(request: Request) -> Response:
+        principal = keyed(request)
+        if isinstance(principal, Response):
+            return principal
         schemas = {name: channel.Params.model_json_schema() for name, channel in runtime.channels.items()}
-        return JSONResponse({"channels": [entry | {"params": schemas[entry["name"]]} for entry in runtime.channel_table()]})
+        return JSONResponse({"channels": [entry | {"params": schemas[entry["name"]]} for entry in runtime.channel_table(principal)]})
 
     http_streams = HttpStreams(runtime)
 

@@ -13,17 +13,23 @@ from pathlib import Path
 
 from server.config import Settings
 
+ADMIN = "admin"
+"""The scope that grants every channel, the admin ones (those showing other clients' data, like `logs`) included."""
+
 
 @dataclass(frozen=True)
 class Principal:
-    """An authenticated key: which channels it may use (None: all) and a short, non-secret label."""
+    """An authenticated key: the channels its scope names (None: unscoped) and a short, non-secret label."""
 
     label: str
     scopes: frozenset[str] | None
 
-    def may_use(self, channel: str) -> bool:
-        """Whether this key's scope covers `channel`."""
-        return self.scopes is None or channel in self.scopes
+    def may_use(self, channel: str, admin: bool = False) -> bool:
+        """Whether this key may use `channel`: an `admin` key every channel; an unscoped key every one but the admin
+        ones; a scoped key those its scope names (naming an admin channel grants it)."""
+        if self.scopes is None:
+            return not admin
+        return ADMIN in self.scopes or channel in self.scopes
 
 
 def _digest(key: str) -> bytes:
@@ -63,7 +69,7 @@ class KeyStore:
 
     @classmethod
     def from_settings(cls, settings: Settings) -> tuple[KeyStore, str | None]:
-        """Keys from STREAMPLEX_API_KEYS and the keys file; with none, a generated key (returned once)."""
+        """Keys from STREAMPLEX_API_KEYS and the keys file; with none, a generated `admin` key (returned once): a development run's operator."""
         store = cls()
         for item in filter(None, (part.strip() for part in settings.api_keys.split(","))):
             key, _, scope = item.rpartition(":") if ":" in item else (item, "", "")
@@ -73,7 +79,7 @@ class KeyStore:
         if len(store):
             return store, None
         generated = generate_key()
-        store.add(generated)
+        store.add(generated, frozenset({ADMIN}))
         return store, generated
 
     def _load_file(self, path: Path) -> None:

@@ -187,7 +187,7 @@ class Connection:
             "op": "ready",
             "session": session.id,
             "node": self.settings.node,
-            "channels": self.runtime.channel_table(session.principal.scopes),
+            "channels": self.runtime.channel_table(session.principal),
             "limits": self.runtime.limits(),
         }
         if self.settings.resume_window > 0:

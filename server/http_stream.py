@@ -162,7 +162,7 @@ class HttpStreams:
         channel = self.runtime.channels.get(name)
         if channel is None:
             return error_response(404, str(ErrorCode.UNKNOWN_CHANNEL), f"unknown channel {name!r}; available: {sorted(self.runtime.channels)}")
-        if not principal.may_use(name):
+        if not principal.may_use(name, channel.admin):
             return error_response(403, str(ErrorCode.FORBIDDEN), f"this API key may not use channel {name!r}")
         status = channel.status()
         if status.state != "available":

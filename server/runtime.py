@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 from channels import discover
 from channels.base import Channel, Services
-from server.auth import AuthThrottle, KeyStore
+from server.auth import AuthThrottle, KeyStore, Principal
 from server.broker import MemoryBroker
 from server.cluster import ClusterHub
 from server.config import Settings
@@ -146,14 +146,21 @@ class Runtime:
             await channel.stop()
         self.logs.detach()
 
-    def channel_table(self, principal_scopes: frozenset[str] | None = None) -> list[dict[str, Any]]:
-        """Each channel's name, status and kind, as `ready` and /channels report them."""
+    def channel_table(self, principal: Principal | None = None) -> list[dict[str, Any]]:
+        """Each channel's name, status and kind, as `ready` and /channels report them: only those `principal` may use, when given."""
         table = []
         for name, channel in self.channels.items():
-            if principal_scopes is not None and name not in principal_scopes:
+            if principal is not None and not principal.may_use(name, channel.admin):
                 continue
             status = channel.status()
-            entry: dict[str, Any] = {"name": name, "status": status.state, "lossy": channel.lossy, "push": channel.accepts_push, "summary": channel.summary}
+            entry: dict[str, Any] = {
+                "name": name,
+                "status": status.state,
+                "lossy": channel.lossy,
+                "push": channel.accepts_push,
+                "admin": channel.admin,
+                "summary": channel.summary,
+            }
             if status.reason:
                 entry["reason"] = status.reason
             table.append(entry)

@@ -114,7 +114,7 @@ class Session:
         channel = self.channels.get(op.channel)
         if channel is None:
             raise ProtocolError(ErrorCode.UNKNOWN_CHANNEL, f"unknown channel {op.channel!r}; available: {sorted(self.channels)}", id=op.id)
-        if not self.principal.may_use(op.channel):
+        if not self.principal.may_use(op.channel, channel.admin):
             raise ProtocolError(ErrorCode.FORBIDDEN, f"this API key may not use channel {op.channel!r}", id=op.id)
         status = channel.status()
         if status.state != "available":

@@ -21,7 +21,7 @@ import time
 from dataclasses import dataclass
 from types import FrameType
 
-from server.auth import generate_key
+from server.auth import ADMIN, generate_key
 from server.config import Settings
 
 log = logging.getLogger("streamplex.workers")
@@ -177,6 +177,6 @@ def supervise(settings: Settings, argv: list[str]) -> int:
     if not settings.api_keys and settings.keys_file is None:
         # One generated key for all workers (each would otherwise make its own, valid on it alone).
         key = generate_key()
-        env = os.environ | {"STREAMPLEX_API_KEYS": key}
+        env = os.environ | {"STREAMPLEX_API_KEYS": f"{key}:{ADMIN}"}  # admin, as a single process's generated key
         log.warning("no API key configured (STREAMPLEX_API_KEYS or STREAMPLEX_KEYS_FILE); generated one for this run: %s", key)
     return Supervisor(settings, argv, env).run()

@@ -19,7 +19,8 @@ import psutil
 import websockets
 
 ROOT = Path(__file__).resolve().parent.parent
-KEY = "sk-test-key"
+KEY = "sk-test-key"  # scoped `admin`: the operator's key, like the key a development run generates
+PLAIN = "sk-test-plain"  # unscoped: every channel but the admin ones (logs)
 
 
 def free_port() -> int:
@@ -85,7 +86,7 @@ def start_server(tmp: Path, **settings: Any) -> ServerProc:
     env = {k: v for k, v in os.environ.items() if not k.startswith("STREAMPLEX_")}
     env.update(
         {
-            "STREAMPLEX_API_KEYS": KEY,
+            "STREAMPLEX_API_KEYS": f"{KEY}:admin,{PLAIN}",
             "STREAMPLEX_CHAT_MODEL": "",
             "STREAMPLEX_ASR_MODEL": "",
             "STREAMPLEX_EMBEDDING_MODEL": "",

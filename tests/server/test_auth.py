@@ -21,9 +21,19 @@ def test_keys_from_settings_with_scopes_and_hashed_file(tmp_path: Path) -> None:
     assert store.authenticate("b:logs|metrics") is None and store.authenticate("") is None
 
 
+def test_admin_channels_need_an_explicit_grant() -> None:
+    store, _ = KeyStore.from_settings(Settings(api_keys="plain, root:admin, reader:logs, dash:metrics|chat"))
+    plain, root, reader, dash = (store.authenticate(k) for k in ("plain", "root", "reader", "dash"))
+    assert plain.may_use("chat") and not plain.may_use("logs", admin=True), "unscoped: every channel but the admin ones"
+    assert root.may_use("chat") and root.may_use("logs", admin=True), "admin: every channel"
+    assert reader.may_use("logs", admin=True) and not reader.may_use("chat"), "naming an admin channel grants it"
+    assert dash.may_use("metrics") and not dash.may_use("logs", admin=True)
+
+
 def test_generates_a_key_when_none_configured() -> None:
     store, generated = KeyStore.from_settings(Settings(api_keys=""))
     assert generated and generated.startswith("sk-") and store.authenticate(generated) is not None
+    assert store.authenticate(generated).may_use("logs", admin=True), "a development run's key is admin"
     assert generated not in repr(store._entries)
 
 

@@ -55,7 +55,7 @@ SECRET = "SECRETKEYMATERIAL"
 
 async def test_keys_never_appear_in_the_server_log_or_the_logs_channel(tmp: Path) -> None:
     good, scoped = f"sk-{SECRET}-good", f"sk-{SECRET}-scoped"
-    srv = start_server(tmp, api_keys=f"{good},{scoped}:metrics|logs", log_level="DEBUG")
+    srv = start_server(tmp, api_keys=f"{good}:admin,{scoped}:metrics|logs", log_level="DEBUG")
     srv.key = good
     try:
         for how in ({"additional_headers": {"X-API-Key": good}}, {"additional_headers": {"Authorization": f"Bearer {good}"}}):
@@ -100,6 +100,40 @@ async def test_a_generated_key_is_logged_once_to_the_console_and_never_to_the_lo
         await ws.close()
         assert records and not [r for r in records if srv.key in json.dumps(r)]
         assert srv.log().count(srv.key) == 1
+    finally:
+        srv.stop()
+
+
+async def test_the_logs_channel_needs_an_admin_grant(tmp: Path) -> None:
+    srv = start_server(tmp, api_keys="sk-root:admin,sk-plain,sk-reader:logs", auth_fail_limit=3)
+    try:
+        names = {}
+        for key in ("sk-root", "sk-plain", "sk-reader"):
+            async with websockets.connect(srv.url, additional_headers={"X-API-Key": key}) as ws:
+                names[key] = {c["name"] for c in (await recv(ws))["channels"]}
+                await send(ws, op="subscribe", id="l", channel="logs", params={"lines": 5, "follow": False})
+                reply = await recv(ws)
+                assert (reply["op"] == "subscribed") == (key != "sk-plain"), (key, reply)
+                if key == "sk-plain":
+                    assert reply["code"] == "forbidden"
+                else:
+                    _, end = await collect(ws, "l")
+                    assert end["reason"] == "complete"
+        everything = set(json.loads(srv.get("/ready")[1])["channels"])
+        assert "logs" in everything and names["sk-root"] == everything
+        assert names["sk-plain"] == everything - {"logs"}, "an unscoped key: every channel but the admin ones, and ready says so"
+        assert names["sk-reader"] == {"logs"}
+        async with httpx.AsyncClient(base_url=srv.http, timeout=30) as http:
+            assert (await http.post("/api/v1/stream/logs", json={"follow": False}, headers={"X-API-Key": "sk-plain"})).status_code == 403
+            assert (await http.post("/api/v1/stream/logs", json={"follow": False}, headers={"X-API-Key": "sk-root"})).status_code == 200
+            for path in ("/ready", "/channels"):
+                plain = (await http.get(path, headers={"X-API-Key": "sk-plain"})).json()["channels"]
+                root = (await http.get(path, headers={"Authorization": "Bearer sk-root"})).json()["channels"]
+                listed = set(plain) if path == "/ready" else {c["name"] for c in plain}
+                assert listed == everything - {"logs"} and len(root) == len(everything), path
+            assert {c["name"]: c["admin"] for c in (await http.get("/channels")).json()["channels"]}["logs"] is True
+            # A wrong key on /ready or /channels is a failed authentication like any other.
+            assert [(await http.get("/ready", headers={"X-API-Key": "sk-wrong"})).status_code for _ in range(4)] == [403, 403, 403, 429]
     finally:
         srv.stop()
 
