@@ -59,7 +59,7 @@ async def test_batched_equals_one_at_a_time_and_generate(runner: Seq2SeqRunner) 
     assert together == alone and joined == alone
     assert batches["steps_total"] > 0 and any(len(t) > 3 for t in alone)
     for text, tokens in zip(SENTENCES, alone, strict=True):
-        inputs = runner.tokenizer(text, return_tensors="pt")
+        inputs = runner.tokenizer(text, return_tensors="pt").to(runner.device)
         reference = runner.model.generate(
             **inputs, do_sample=False, num_beams=1, max_new_tokens=MAX_NEW, bad_words_ids=[[runner.model.config.pad_token_id]], forced_eos_token_id=None
         )
