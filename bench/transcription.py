@@ -240,7 +240,7 @@ def windows(folder: Path, model: str, threads: int, rounds: int, seconds: float)
     from server.engine.device import cpu_threads
     from server.engine.whisper import WhisperRunner
 
-    runner = WhisperRunner(model, Settings().cache_dir, torch.device("cpu"), torch.float32, cpu_threads(threads), Settings().asr_cpu_quantize)
+    runner = WhisperRunner(model, Settings().cache_dir, *server_device(), cpu_threads(threads), Settings().asr_cpu_quantize)
     runner.load()
     torch.set_num_threads(cpu_threads(threads))
     clips = [stream_audio(i, 4)[0][: int(seconds * SAMPLE_RATE)] for i in range(8)]
@@ -261,6 +261,14 @@ def windows(folder: Path, model: str, threads: int, rounds: int, seconds: float)
     ]
 
 
+def server_device() -> tuple[Any, Any]:
+    """The device and dtype the server would run Whisper on (STREAMPLEX_DEVICE, STREAMPLEX_DTYPE)."""
+    from server.engine.device import resolve_device, resolve_dtype
+
+    device = resolve_device(Settings().device)
+    return device, resolve_dtype(Settings().dtype, device)
+
+
 def costs(model: str, threads: int, rounds: int, seconds: float) -> list[dict[str, Any]]:
     """Where one live step's time goes in the runner: a window of `seconds` of speech with a 64-token previous-text prompt and a forced prefix."""
     import torch
@@ -270,7 +278,7 @@ def costs(model: str, threads: int, rounds: int, seconds: float) -> list[dict[st
     from server.engine.scheduler import Chunk, StepPlan
     from server.engine.whisper import WhisperRunner, padded_samples
 
-    runner = WhisperRunner(model, Settings().cache_dir, torch.device("cpu"), torch.float32, cpu_threads(threads), Settings().asr_cpu_quantize)
+    runner = WhisperRunner(model, Settings().cache_dir, *server_device(), cpu_threads(threads), Settings().asr_cpu_quantize)
     runner.load()
     vocab = runner.vocab
     assert vocab is not None
@@ -283,6 +291,8 @@ def costs(model: str, threads: int, rounds: int, seconds: float) -> list[dict[st
         with torch.inference_mode():
             started = time.perf_counter()
             runner.encode([padded])
+            if runner.device.type == "cuda":
+                torch.cuda.synchronize()
             times["encoder"].append(time.perf_counter() - started)
         for rows in (1, 8):
             requests = {i: TranscriptionRequest(clips[i], "en", prompt=context, prefix=prefix) for i in range(rows)}
