@@ -158,7 +158,12 @@ class Settings(BaseSettings):
         description="Requests per minute each client address may make to `/api/v1/stream/*` (0: no limit); past it the answer is 429 with Retry-After.",
     )
     http_stream_timeout: float = Field(
-        0.0, ge=0, description="Seconds an HTTP stream may run before it ends with reason `timeout` (0: no limit); WebSocket streams are not affected."
+        3600.0, ge=0, description="Seconds an HTTP stream may run before it ends with reason `timeout` (0: no limit); WebSocket streams are not affected."
+    )
+    http_key_max_streams: int = Field(
+        16,
+        ge=0,
+        description="HTTP streams one API key may have open at once, across all nodes (0: no limit); past it the answer is 429 with Retry-After. Each HTTP stream also holds one of the key's `key_max_connections` and takes one op of its `key_rate`.",
     )
     cors_origins: str = Field(
         "",

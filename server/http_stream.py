@@ -11,6 +11,7 @@ import asyncio
 import base64
 import contextlib
 import logging
+import secrets
 import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable
@@ -129,6 +130,7 @@ class HttpStreams:
         self.runtime = runtime
         self.settings = runtime.settings
         self.limiter = AddressLimiter(self.settings.http_rate_limit) if self.settings.http_rate_limit else None
+        self._releasing: set[asyncio.Task[None]] = set()
 
     def _authenticate(self, request: Request, address: str) -> Principal | Response:
         key = request.headers.get("x-api-key")
@@ -169,7 +171,52 @@ class HttpStreams:
             return error_response(
                 503, str(ErrorCode.UNAVAILABLE), f"channel {name!r} is {status.state}: {status.reason}", retry_after=5.0 if status.state == "loading" else None
             )
+        key_limits = self.runtime.key_limits
+        if key_limits.rate > 0 and (wait := await key_limits.take(principal.label)):
+            self.runtime.telemetry.stats.rate_limited += 1
+            return error_response(
+                429, str(ErrorCode.RATE_LIMITED), f"over this API key's {key_limits.rate:g} ops/s (burst {self.settings.key_burst})", retry_after=wait
+            )
+        slot = f"http-{secrets.token_hex(8)}"
+        if refusal := await self._admit(principal.label, slot):
+            log.warning("refused an HTTP stream of %s from %s: %s", name, address, refusal.body.decode())
+            return refusal
+        try:
+            response = await self._open(request, channel, principal, address)
+        except BaseException:
+            self._release(principal.label, slot)
+            raise
+        return _Releasing(response, lambda: self._release(principal.label, slot))
 
+    async def _admit(self, label: str, slot: str) -> Response | None:
+        """Hold one of the key's HTTP streams and one of its connections; the 429 refusal when either is used up."""
+        streams, connections = self.runtime.http_limits, self.runtime.key_limits
+        if not await streams.admit(label, slot):
+            self.runtime.telemetry.stats.rate_limited += 1
+            return error_response(
+                429, str(ErrorCode.RATE_LIMITED), f"this API key holds its {streams.max_connections} HTTP streams (http_key_max_streams)", retry_after=1.0
+            )
+        if not await connections.admit(label, slot):
+            await streams.release(label, slot)
+            self.runtime.telemetry.stats.rate_limited += 1
+            return error_response(
+                429, str(ErrorCode.RATE_LIMITED), f"this API key holds its {connections.max_connections} connections (key_max_connections)", retry_after=1.0
+            )
+        return None
+
+    def _release(self, label: str, slot: str) -> None:
+        # A task of its own: the request's cancel scope would cancel an await here at once.
+        task = asyncio.create_task(self._release_now(label, slot), name=f"http-release:{slot}")
+        self._releasing.add(task)
+        task.add_done_callback(self._releasing.discard)
+
+    async def _release_now(self, label: str, slot: str) -> None:
+        await self.runtime.http_limits.release(label, slot)
+        await self.runtime.key_limits.release(label, slot)
+
+    async def _open(self, request: Request, channel: Channel, principal: Principal, address: str) -> Response:
+        """Read the params (query or body), start the stream and answer with its response."""
+        name = channel.name
         content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
         raw_body = request.method == "POST" and (content_type == "application/octet-stream" or content_type.startswith("audio/"))
         if raw_body and not channel.accepts_push:
@@ -204,6 +251,20 @@ class HttpStreams:
         headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
         response_class = _BodyStreamingResponse if raw_body else StreamingResponse
         return response_class(stream.rendered(render), media_type=SSE if fmt == "sse" else NDJSON, headers=headers)
+
+
+class _Releasing(Response):
+    """A response that gives back the stream's per-key slots once it has been sent, however that ends."""
+
+    def __init__(self, inner: Response, release: Callable[[], None]) -> None:
+        self.inner = inner
+        self.release = release
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await self.inner(scope, receive, send)
+        finally:
+            self.release()
 
 
 class _BodyStreamingResponse(StreamingResponse):

@@ -46,6 +46,7 @@ class Runtime:
             self.hub = Hub(self.broker)
         shared = self.broker if isinstance(self.broker, RedisBroker) else None
         self.key_limits = KeyLimits(settings.node, settings.key_max_connections, settings.key_rate, settings.key_burst, shared, settings.redis_prefix)
+        self.http_limits = KeyLimits(settings.node, settings.http_key_max_streams, 0.0, 1, shared, f"{settings.redis_prefix}:http")  # open HTTP streams per key
         self.logs = log_handler or RingLogHandler(settings.log_buffer, settings.node)
         self.hub.accept(self.logs.topic, check_record)
         self.engine = build_engine(settings)
@@ -83,6 +84,7 @@ class Runtime:
         if isinstance(self.broker, RedisBroker):
             await self.broker.start()
         await self.key_limits.start()
+        await self.http_limits.start()
         await self.engine.start()
         for channel in self.channels.values():
             await channel.start()
@@ -139,6 +141,7 @@ class Runtime:
         self.started = False
         await self.hub.close()
         await self.key_limits.stop()
+        await self.http_limits.stop()
         if isinstance(self.broker, RedisBroker):
             await self.broker.close()
         await self.engine.stop()

@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import signal
 import time
 
 import httpx
 import orjson
+import pytest
+import websockets
 
-from tests.serverproc import ROOT, ServerProc, start_server
+from server.config import Settings
+from tests.serverproc import PLAIN, ROOT, ServerProc, connect, recv, start_server
 
 TEXT = {"text": "Curl users stream too. One line per chunk.", "unit": "words", "chunk_size": 2}
 
@@ -134,3 +138,68 @@ async def test_raw_body_is_pushed_to_transcription(models_server: ServerProc) ->
     assert resp.status_code == 200 and out[-1] == {"end": "complete"}
     assert "streaming media from the server" in out[-2]["data"]["text"].lower()
     assert all(line["data"]["type"] != "partial" for line in out[:-1])
+
+
+async def _open_metrics(http: httpx.AsyncClient, key: str, stack: contextlib.AsyncExitStack) -> httpx.Response:
+    """A metrics stream held open (its first line read when admitted); the response, whatever its status."""
+    resp = await stack.enter_async_context(http.stream("GET", "/api/v1/stream/metrics", params={"interval_ms": 200}, headers={"X-API-Key": key}))
+    if resp.status_code == 200:
+        lines = resp.aiter_lines()
+        resp.lines = lines  # type: ignore[attr-defined]  # kept: a dropped iterator closes the response
+        await anext(lines)
+    else:
+        await resp.aread()
+    return resp
+
+
+async def _eventually_admitted(http: httpx.AsyncClient, key: str) -> None:
+    deadline = time.monotonic() + 10
+    while (await http.post("/api/v1/stream/text", json=TEXT, headers={"X-API-Key": key})).status_code != 200:
+        assert time.monotonic() < deadline, "a released HTTP stream slot never came back"
+        await asyncio.sleep(0.1)
+
+
+async def test_http_streams_are_capped_per_key(tmp) -> None:
+    assert Settings().http_stream_timeout > 0 and Settings().http_key_max_streams > 0, "capped and timed out by default"
+    srv = start_server(tmp, http_key_max_streams=3, http_rate_limit=0)
+    try:
+        async with httpx.AsyncClient(base_url=srv.http, timeout=30) as http:
+            async with contextlib.AsyncExitStack() as held:
+                assert [(await _open_metrics(http, srv.key, held)).status_code for _ in range(3)] == [200] * 3
+                refused = await _open_metrics(http, srv.key, held)
+                assert refused.status_code == 429 and int(refused.headers["retry-after"]) >= 1
+                assert refused.json()["error"]["code"] == "rate_limited" and "HTTP streams" in refused.json()["error"]["message"]
+                assert (await http.post("/api/v1/stream/text", json=TEXT, headers={"X-API-Key": PLAIN})).status_code == 200, "another key is not affected"
+            await _eventually_admitted(http, srv.key)
+            # Every way a stream ends gives its slot back: completion, the client leaving early, an error answer.
+            for _ in range(4):
+                assert (await http.post("/api/v1/stream/text", json=TEXT, headers={"X-API-Key": srv.key})).status_code == 200
+                assert (await http.post("/api/v1/stream/text", json={"nope": 1}, headers={"X-API-Key": srv.key})).status_code == 400
+                async with contextlib.AsyncExitStack() as gone:
+                    await _open_metrics(http, srv.key, gone)
+            await _eventually_admitted(http, srv.key)
+            async with contextlib.AsyncExitStack() as held:
+                assert [(await _open_metrics(http, srv.key, held)).status_code for _ in range(4)] == [200, 200, 200, 429]
+    finally:
+        srv.stop()
+
+
+async def test_http_streams_hold_the_keys_connections_and_take_its_op_rate(tmp) -> None:
+    srv = start_server(tmp, key_max_connections=2, key_rate=1, key_burst=3, http_rate_limit=0)
+    try:
+        async with httpx.AsyncClient(base_url=srv.http, timeout=30) as http, contextlib.AsyncExitStack() as held:
+            ws = await connect(srv)
+            assert (await _open_metrics(http, srv.key, held)).status_code == 200
+            refused = await _open_metrics(http, srv.key, held)
+            assert refused.status_code == 429 and "connections" in refused.json()["error"]["message"]
+            async with websockets.connect(srv.url, additional_headers={"X-API-Key": srv.key}) as third:
+                with pytest.raises(websockets.ConnectionClosed) as info:
+                    await recv(third)
+                assert info.value.rcvd is not None and info.value.rcvd.code == 4008, "the HTTP stream holds one of the key's connections"
+            await ws.close()
+            # Op rate: another key's burst of 3 requests, then 429 until the GCRA lets one through.
+            answers = [await http.post("/api/v1/stream/text", json=TEXT, headers={"X-API-Key": PLAIN}) for _ in range(5)]
+            assert [a.status_code for a in answers] == [200, 200, 200, 429, 429]
+            assert "ops/s" in answers[3].json()["error"]["message"] and int(answers[3].headers["retry-after"]) >= 1
+    finally:
+        srv.stop()

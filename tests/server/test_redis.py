@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import shutil
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import orjson
 import pytest
 import websockets
@@ -114,6 +116,32 @@ async def test_a_keys_limits_are_shared_across_nodes(tmp, redis_server: RedisPro
         assert 6 <= pongs <= 8 and len(refused) == 12 - pongs, frames
         await first.close()
         await second.close()
+    finally:
+        a.stop()
+        b.stop()
+
+
+async def test_a_keys_http_streams_are_capped_across_nodes(tmp, redis_server: RedisProc) -> None:
+    a, b = _pair(tmp, redis_server, "sp-http", http_key_max_streams=2, http_rate_limit=0)
+    key = {"X-API-Key": a.key}
+    try:
+        async with httpx.AsyncClient(timeout=30) as http, contextlib.AsyncExitStack() as held:
+
+            async def open_metrics(node: ServerProc, stack: contextlib.AsyncExitStack) -> int:
+                resp = await stack.enter_async_context(http.stream("GET", f"{node.http}/api/v1/stream/metrics", params={"interval_ms": 200}, headers=key))
+                if resp.status_code == 200:
+                    resp.lines = resp.aiter_lines()  # type: ignore[attr-defined]  # kept open
+                    await anext(resp.lines)  # type: ignore[attr-defined]
+                return resp.status_code
+
+            assert await open_metrics(a, held) == 200
+            async with contextlib.AsyncExitStack() as on_b:
+                assert await open_metrics(b, on_b) == 200
+                assert await open_metrics(a, held) == 429, "node A counts node B's stream"
+            deadline = time.monotonic() + 10
+            while await open_metrics(a, held) != 200:  # B's slot comes back once B has seen its client leave
+                assert time.monotonic() < deadline, "the released slot never came back"
+                await asyncio.sleep(0.2)
     finally:
         a.stop()
         b.stop()
