@@ -126,6 +126,8 @@ class StreamContext:
     inbox: asyncio.Queue[Any]
     emit: Callable[[Any], None] | None = None
     """Where a lossy stream may hand chunks at once instead of yielding them (no task switch per chunk); None where the caller only iterates."""
+    start: int = 0
+    """Chunks the client already has (a stream going on after its node died): a `restartable` channel skips them."""
 
     async def pushed(self) -> AsyncIterator[Any]:
         """Yield pushed items (JSON values or bytes) until the client ends its input."""
@@ -171,6 +173,9 @@ class Channel(ABC):
     media: ClassVar[bool] = False  # its content travels in binary frames; HTTP answers it as raw bytes by default
     admin: ClassVar[bool] = False
     """It shows other clients' data (addresses, session ids, key labels): only a key scoped `admin`, or naming it, may use it."""
+    restartable: ClassVar[bool] = False
+    """Its `stream()` yields the same chunks for the same params and honours `StreamContext.start`, so another node
+    can go on with a stream whose node died (see docs/protocol.md#resume-across-nodes)."""
 
     def __init__(self, services: Services) -> None:
         self.services = services

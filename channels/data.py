@@ -154,6 +154,7 @@ class DataChannel(Channel):
     name = "data"
     summary = "Records as NDJSON, JSON, CSV or XML from inline records or a CSV/JSONL dataset, in constant memory."
     Params = DataParams
+    restartable = True
 
     def check(self, params: DataParams) -> None:
         if params.dataset is not None:
@@ -176,6 +177,7 @@ class DataChannel(Channel):
 
     async def stream(self, params: DataParams, ctx: StreamContext) -> AsyncIterator[str]:
         pace = Pacer(params.interval_ms)
+        skip = ctx.start  # chunks the client has already (the stream goes on after its node died): made, not sent
         async with _records(params, self.settings.data_dir) as (columns, batches):
             writer = Writer(params.format, columns)
             pieces = [writer.head()]
@@ -183,11 +185,14 @@ class DataChannel(Channel):
                 for record in batch:
                     pieces.append(writer.record(record))
                     if writer.count % params.chunk_size == 0:
-                        await pace.wait()
-                        yield "".join(pieces)
+                        if skip:
+                            skip -= 1
+                        else:
+                            await pace.wait()
+                            yield "".join(pieces)
                         pieces.clear()
             pieces.append(writer.tail())
-            if any(pieces):
+            if any(pieces) and not skip:
                 await pace.wait()
                 yield "".join(pieces)
 

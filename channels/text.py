@@ -70,6 +70,7 @@ class TextChannel(Channel):
     name = "text"
     summary = "A document in chunks of chars, words, sentences or bytes; the chunks concatenate to the exact text."
     Params = TextParams
+    restartable = True
 
     def check(self, params: TextParams) -> None:
         if params.document is not None:
@@ -108,6 +109,10 @@ class TextChannel(Channel):
 
     async def stream(self, params: TextParams, ctx: StreamContext) -> AsyncIterator[str]:
         pace = Pacer(params.interval_ms)
+        skip = ctx.start
         async for chunk in self._chunks(params):
+            if skip:  # the client has it already (the stream goes on after its node died)
+                skip -= 1
+                continue
             await pace.wait()
             yield chunk

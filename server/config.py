@@ -93,6 +93,11 @@ class Settings(BaseSettings):
         ge=0,
         description="Bytes of recent frames each lossless stream keeps for replay on resume; a resume that needs older ones ends the stream with `resume_gap`.",
     )
+    resume_handover_timeout: float = Field(
+        2.0,
+        gt=0,
+        description="With Redis: seconds a node taking over a session waits for the live node that holds it to stop its streams and hand it over; past it, it takes the session anyway. A dead node (no heartbeat for 1.5 s) is not waited for.",
+    )
     lossy_depth: int = Field(
         32, ge=1, description="Frames a lossy stream (logs, metrics) keeps pending once the outbox is full; older ones are dropped and counted."
     )
@@ -104,7 +109,7 @@ class Settings(BaseSettings):
     # scale-out (issue 7)
     redis_url: str = Field(
         "",
-        description="Redis URL (`redis://host:6379/0`, or `rediss://` for TLS; `redis://user:password@host:6379/0` to authenticate) shared by several nodes: logs and metrics streams then show every node's records, and the per-key limits hold across nodes. Empty: one node, in memory. While Redis is unreachable each node serves on its own and enforces the per-key limits locally.",
+        description="Redis URL (`redis://host:6379/0`, or `rediss://` for TLS; `redis://user:password@host:6379/0` to authenticate) shared by several nodes: logs and metrics streams then show every node's records, the per-key limits hold across nodes, and a session may be resumed on any node (docs/protocol.md#resume-across-nodes). Empty: one node, in memory. While Redis is unreachable each node serves on its own and enforces the per-key limits locally.",
     )
     workers: int = Field(
         1,

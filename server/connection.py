@@ -73,6 +73,7 @@ class Connection:
         "_close",
         "_dropped",
         "_finished",
+        "_moved",
         "_reading",
         "_resumed",
         "_sending_since",
@@ -105,6 +106,7 @@ class Connection:
         self._stopping = False
         self._dropped = False  # the connection dropped (no close frame with 1000 or 1001): resumable
         self._resumed = False
+        self._moved = False  # the session was resumed on another connection (see `hand_over`)
         self._finished: asyncio.Future[None] | None = None  # made only when shutdown() waits for the end
         self._sending_since: float | None = None
 
@@ -126,7 +128,7 @@ class Connection:
             log.warning("refused a connection from %s: %s already holds %d connection(s)", self.address, principal.label, limits.max_connections)
             await self._send_close(CloseCode.RATE_LIMITED, f"this API key already holds its {limits.max_connections} connections")
             return
-        session = self.session = Session(self.settings, self.runtime.channels, principal, self.stats)
+        session = self.session = Session(self.settings, self.runtime.channels, principal, self.stats, self.runtime.store)
         self.stats.connections += 1
         self.stats.connections_total += 1
         self.runtime.connections.add(self)
@@ -150,6 +152,8 @@ class Connection:
             resumable = self._dropped and self._close is None and self.settings.resume_window > 0 and not self.runtime.draining
             if not resumable:
                 await session.end_all(EndReason.UNSUBSCRIBED, notify=False)
+                if not self._moved:
+                    self.runtime.forget(session)
             if writer is not None:
                 writer.cancel()
                 await asyncio.gather(writer, return_exceptions=True)
@@ -215,7 +219,8 @@ class Connection:
         if fresh is None or fresh.streams or fresh.ended or self._resumed:
             raise ProtocolError(ErrorCode.BAD_REQUEST, "resume must be the first op after ready")
         old = self.runtime.reattach(op.token, fresh.principal.label)
-        if old is None:
+        adopted = None if old is not None else await self.runtime.adopt(op.token, fresh.principal, op.streams)
+        if old is None and adopted is None:
             raise ProtocolError(ErrorCode.RESUME_FAILED, "no session to resume: its token is unknown or expired, or it belongs to another API key")
         self._resumed = True
         fresh.outbox.detach()
@@ -223,12 +228,27 @@ class Connection:
         if writer is not None:
             writer.cancel()
             await asyncio.gather(writer, return_exceptions=True)
-        report, frames = await old.resume(op.streams)
+        if adopted is not None:
+            old, report, frames = adopted
+        else:
+            assert old is not None
+            report, frames = await old.resume(op.streams)
         self.session = old
         old.reply({"op": "resumed", "session": old.id, "streams": report})
         old.outbox.extend(frames)
+        old.start_restored()
         old.outbox.attach(self._send_now, self._wake_writer)
         log.info("session %s resumed from %s: %d stream(s), %d frame(s) replayed", old.id, self.address, len(report), len(frames))
+
+    async def hand_over(self) -> None:
+        """The client resumed this session on another connection: stop its streams quietly and close this one with 4010."""
+        session = self.session
+        if session is None:
+            return
+        self._moved = True
+        self._close = (CloseCode.SESSION_MOVED, "the session was resumed on another connection")
+        await session.end_all(EndReason.UNSUBSCRIBED, notify=False)
+        self._stop_reading()
 
     def _stop_reading(self) -> None:
         """End the read loop (the writer has stopped, the client is too slow, or the server drains)."""

@@ -48,6 +48,7 @@ class CloseCode(IntEnum):
     AUTH_THROTTLED = 4003
     RATE_LIMITED = 4008
     SLOW_CONSUMER = 4009
+    SESSION_MOVED = 4010
 
 
 class EndReason(StrEnum):
@@ -58,6 +59,7 @@ class EndReason(StrEnum):
     ERROR = "error"
     SHUTDOWN = "shutdown"
     RESUME_GAP = "resume_gap"
+    PRODUCER_LOST = "producer_lost"
 
 
 class ProtocolError(Exception):

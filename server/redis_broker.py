@@ -95,6 +95,7 @@ class RedisBroker(MemoryBroker):
         self._malformed_logged: dict[str, tuple[float, int]] = {}  # channel -> (last warning, drops since)
         self.on_demand: Callable[[str], None] = lambda topic: None
         self.wanted: Callable[[], Iterable[str]] = lambda: self._topics.keys()
+        self.handlers: dict[str, Callable[[Any], None]] = {}  # other pub/sub channels (session handover), by name; each gets `m`
         self._remote_demand: dict[str, float] = {}
         self._outbound: asyncio.Queue[tuple[str, bytes]] = asyncio.Queue(OUTBOUND_DEPTH)
         self._tasks: list[asyncio.Task[None]] = []
@@ -169,7 +170,7 @@ class RedisBroker(MemoryBroker):
         while True:
             pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
             try:
-                await pubsub.subscribe(self.demand_channel, *(self.channel(t) for t in sorted(self.shared)))
+                await pubsub.subscribe(self.demand_channel, *(self.channel(t) for t in sorted(self.shared)), *self.handlers)
                 self._mark_up()
                 self._announce.set()
                 backoff = 0.2
@@ -210,6 +211,9 @@ class RedisBroker(MemoryBroker):
             raise Malformed(f"not JSON ({exc})") from None
         envelope = Envelope.model_validate(raw)
         if envelope.node == self.node:
+            return
+        if (handler := self.handlers.get(channel)) is not None:
+            handler(envelope.m)  # it raises Malformed for a message it cannot take
             return
         if channel == self.demand_channel:
             until = time.monotonic() + DEMAND_LEASE

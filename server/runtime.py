@@ -8,7 +8,7 @@ import sys
 from typing import TYPE_CHECKING, Any
 
 from channels import discover
-from channels.base import Channel, Services
+from channels.base import Channel, ChannelError, Services
 from server.auth import AuthThrottle, KeyStore, Principal
 from server.broker import MemoryBroker
 from server.cluster import ClusterHub
@@ -17,10 +17,11 @@ from server.engine import build_engine
 from server.hub import Hub
 from server.keylimits import KeyLimits
 from server.logbuffer import RingLogHandler, check_record
-from server.protocol import PROTOCOL_VERSION, EndReason
+from server.protocol import PROTOCOL_VERSION, EndReason, encode, end_frame
 from server.redact import RedactKeys
 from server.redis_broker import RedisBroker, redis_options
 from server.session import Session
+from server.session_store import SessionStore, digest
 from server.telemetry import Telemetry
 
 if TYPE_CHECKING:
@@ -45,6 +46,13 @@ class Runtime:
             self.broker = MemoryBroker()
             self.hub = Hub(self.broker)
         shared = self.broker if isinstance(self.broker, RedisBroker) else None
+        self.store = (
+            SessionStore(shared, settings.node, settings.redis_prefix, settings.resume_window, settings.resume_handover_timeout)
+            if shared is not None and settings.resume_window > 0
+            else None
+        )
+        if self.store is not None:
+            self.store.on_release = self.release
         self.key_limits = KeyLimits(settings.node, settings.key_max_connections, settings.key_rate, settings.key_burst, shared, settings.redis_prefix)
         self.http_limits = KeyLimits(settings.node, settings.http_key_max_streams, 0.0, 1, shared, f"{settings.redis_prefix}:http")  # open HTTP streams per key
         self.logs = log_handler or RingLogHandler(settings.log_buffer, settings.node)
@@ -73,6 +81,8 @@ class Runtime:
             out["redis_up"] = float(self.broker.up)
             out["redis_outbound_dropped"] = float(self.broker.outbound_dropped)
             out["redis_malformed_dropped"] = float(self.broker.malformed_dropped)
+        if self.store is not None:
+            out["redis_session_writes_dropped"] = float(self.store.dropped)
         for runner, figures in engine["runners"].items():
             slug = "".join(ch if ch.isalnum() else "_" for ch in runner)
             out.update({f"engine_{slug}_{k}": float(v) for k, v in figures.items() if isinstance(v, int | float)})
@@ -81,6 +91,8 @@ class Runtime:
     async def start(self) -> None:
         """Start channels and live log publishing; announce the generated key once."""
         self.logs.attach(asyncio.get_running_loop(), self.broker.publish)
+        if self.store is not None:
+            await self.store.start()  # before the broker listens: it registers the handover channel
         if isinstance(self.broker, RedisBroker):
             await self.broker.start()
         await self.key_limits.start()
@@ -103,6 +115,8 @@ class Runtime:
             self._expire(next(iter(self.detached)))
         handle = asyncio.get_running_loop().call_later(self.settings.resume_window, self._expire, session.token)
         self.detached[session.token] = (session, handle)
+        if self.store is not None:
+            self.store.detached(session.token)
         log.info("session %s detached; resumable for %g s", session.id, self.settings.resume_window)
 
     def reattach(self, token: str, label: str) -> Session | None:
@@ -112,15 +126,116 @@ class Runtime:
             return None
         del self.detached[token]
         entry[1].cancel()
-        return entry[0]
+        session = entry[0]
+        if self.store is not None:
+            self.store.attached(session.token, session.id, session.principal.label, session.specs())
+        return session
+
+    def forget(self, session: Session) -> None:
+        """A session that cannot be resumed any more: its record in Redis goes too."""
+        if self.store is not None and session.journal is not None:
+            self.store.forget(session.token, session.id, [*session.streams, *session.ended])
+
+    async def adopt(self, token: str, principal: Principal, last_seqs: dict[str, int]) -> tuple[Session, dict[str, Any], list[Any]] | None:
+        """Take over, from Redis, a session whose connection was on another node (or on this one, not yet noticed as
+        dropped): what `resumed` reports, and the frames the client missed. None when there is no such session."""
+        store = self.store
+        if store is None:
+            return None
+        record = await store.load(token)
+        if record is None or record.label != principal.label:
+            return None
+        if record.owner == self.settings.node:
+            await self.release(digest(token))
+        elif not await store.claim(token, record):
+            return None
+        session = Session(self.settings, self.channels, principal, self.telemetry.stats, store, (record.id, token))
+        report: dict[str, Any] = {}
+        frames: list[Any] = []
+        for sid, spec in record.streams.items():
+            last = last_seqs.get(sid, -1)
+            entries = await store.replay(record.id, sid, last) or []
+            channel = self.channels.get(spec.channel)
+            expected, replayed, end = last + 1, [], None
+            for entry in entries:
+                if channel is not None and channel.lossy:  # no replay: only whether it ended
+                    end = entry.payload if entry.end else None
+                    continue
+                if entry.seq != expected:
+                    break
+                if entry.end:
+                    end = entry.payload
+                    break
+                replayed.append((entry.seq, entry.payload))
+                expected += 1
+            if end is not None and sid not in last_seqs:
+                continue  # ended, and the client is done with it
+            frames += [p for _, p in replayed]
+            entry_report = {"channel": spec.channel, "resumed": True, "replayed": len(replayed), "next_seq": expected}
+            if end is not None:
+                frames.append(end)
+                if channel is not None:  # kept for a later resume of this session
+                    session.restore(sid, channel, None, spec.params, expected, replayed, end)
+                report[sid] = entry_report
+                continue
+            reason = self._going_on(sid, spec.channel, spec.params, session, expected, replayed, entries)
+            if reason is not None:
+                end_payload = encode(end_frame(sid, reason))
+                frames.append(end_payload)
+                store.ended(record.id, sid, expected, end_payload)
+                if reason == EndReason.RESUME_GAP:
+                    entry_report = {"channel": spec.channel, "resumed": False}
+            report[sid] = entry_report
+        store.attached(token, session.id, principal.label, session.specs())
+        log.info("session %s taken over from node %s: %d stream(s), %d frame(s) replayed", session.id, record.owner or "(released)", len(report), len(frames))
+        return session, report, frames
+
+    def _going_on(self, sid: str, name: str, raw: dict[str, Any], session: Session, next_seq: int, replayed: list[Any], entries: list[Any]) -> EndReason | None:
+        """Restore a taken-over stream that had not ended, to go on at `next_seq` on this node; or say why it ends."""
+        channel = self.channels.get(name)
+        if channel is None or not (channel.restartable or channel.lossy) or channel.status().state != "available":
+            gap = bool(entries) and not replayed
+            why = "its channel cannot start at a position" if channel is not None else "its channel does not exist here"
+            if channel is not None and channel.status().state != "available":
+                why = f"its channel is {channel.status().state} here"
+            log.warning("session %s stream %s (%s) cannot go on on this node: %s", session.id, sid, name, why)
+            return EndReason.RESUME_GAP if gap else EndReason.PRODUCER_LOST
+        try:
+            params = channel.parse(raw)
+        except ChannelError as exc:
+            log.warning("session %s stream %s (%s) cannot go on on this node: %s", session.id, sid, name, exc.message)
+            return EndReason.PRODUCER_LOST
+        session.restore(sid, channel, params, raw, next_seq, replayed, None)
+        return None
+
+    async def release(self, key: str) -> None:
+        """Let go of the session whose record is `key` (another node takes it over): stop its streams quietly."""
+        for token, (session, handle) in list(self.detached.items()):
+            if digest(token) == key:
+                del self.detached[token]
+                handle.cancel()
+                await session.end_all(EndReason.UNSUBSCRIBED, notify=False)
+                log.info("session %s handed over to another node", session.id)
+                return
+        for connection in list(self.connections):
+            session = connection.session
+            if session is not None and digest(session.token) == key:
+                await connection.hand_over()
+                log.info("session %s resumed on another connection; closing its old one", session.id)
+                return
 
     def _expire(self, token: str) -> None:
         """End a waiting session's streams now (its window is over, room is needed, or the server drains)."""
         entry = self.detached.pop(token, None)
         if entry is not None:
             entry[1].cancel()
-            log.info("session %s ends unresumed (window of %g s over, room needed, or draining)", entry[0].id, self.settings.resume_window)
-            task = asyncio.create_task(entry[0].end_all(EndReason.UNSUBSCRIBED, notify=False), name=f"expire:{entry[0].id}")
+            session = entry[0]
+            log.info("session %s ends unresumed (window of %g s over, room needed, or draining)", session.id, self.settings.resume_window)
+            if self.draining and self.store is not None:
+                self.store.disown(session.token)  # another node may still take it over from Redis
+            else:
+                self.forget(session)
+            task = asyncio.create_task(session.end_all(EndReason.UNSUBSCRIBED, notify=False), name=f"expire:{session.id}")
             self._expiring.add(task)
             task.add_done_callback(self._expiring.discard)
 
@@ -142,6 +257,8 @@ class Runtime:
         await self.hub.close()
         await self.key_limits.stop()
         await self.http_limits.stop()
+        if self.store is not None:
+            await self.store.close()
         if isinstance(self.broker, RedisBroker):
             await self.broker.close()
         await self.engine.stop()

@@ -1,7 +1,7 @@
 """A client's session: its streams, their seq counters and producers, and its outbox.
 
-Kept apart from the socket that carries it (see server/connection.py), so that a session could
-later be reattached to a new socket.
+Kept apart from the socket that carries it (see server/connection.py), so that a session can be
+reattached to a new socket, on this node or (with a `Journal` in Redis) on another one.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import logging
 import secrets
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import orjson
 
@@ -24,6 +24,16 @@ from server.protocol import EndReason, ErrorCode, ProtocolError, Subscribe, chun
 from server.telemetry import Stats
 
 log = logging.getLogger(__name__)
+
+
+class Journal(Protocol):
+    """Where a session records what another node needs to take it over (server/session_store.py); never waits."""
+
+    def subscribed(self, token: str, session_id: str, label: str, stream_id: str, channel: str, params: dict[str, Any]) -> None: ...
+
+    def chunk(self, session_id: str, stream_id: str, seq: int, payload: Payload, first_kept: int) -> None: ...
+
+    def ended(self, session_id: str, stream_id: str, next_seq: int, payload: str) -> None: ...
 
 
 @dataclass(eq=False, slots=True)
@@ -42,6 +52,8 @@ class Stream:
     replay: deque[tuple[int, Payload]] | None = field(default=None, repr=False)  # made on the first `record`
     replay_bytes: int = 0
     end_payload: Payload | None = field(default=None, repr=False)
+    raw: dict[str, Any] = field(default_factory=dict, repr=False)  # the subscribe params as sent, to open it again elsewhere
+    start: int = 0  # chunks the client had when this node took the stream over (see StreamContext.start)
 
     def __post_init__(self) -> None:
         self.prefix = chunk_prefix(self.id)
@@ -90,17 +102,26 @@ class Stream:
 class Session:
     """Streams of one client, multiplexed onto one outbox."""
 
-    __slots__ = ("channels", "ended", "id", "outbox", "principal", "settings", "stats", "streams", "token")
+    __slots__ = ("channels", "ended", "id", "journal", "outbox", "principal", "settings", "stats", "streams", "token")
 
-    def __init__(self, settings: Settings, channels: dict[str, Channel], principal: Principal, stats: Stats) -> None:
-        self.id = secrets.token_urlsafe(12)
+    def __init__(
+        self,
+        settings: Settings,
+        channels: dict[str, Channel],
+        principal: Principal,
+        stats: Stats,
+        journal: Journal | None = None,
+        ids: tuple[str, str] | None = None,
+    ) -> None:
+        """A new session, or with `ids` (session id, resume token) one taken over from another node."""
+        self.id, self.token = ids or (secrets.token_urlsafe(12), secrets.token_urlsafe(24))
+        self.journal = journal if settings.resume_window > 0 else None
         self.settings = settings
         self.channels = channels
         self.principal = principal
         self.stats = stats
         self.streams: dict[str, Stream] = {}
         self.outbox = Outbox(settings.outbox_bytes)
-        self.token = secrets.token_urlsafe(24)
         self.ended: dict[str, Stream] = {}  # recently ended streams, for a resume that missed their last frames
 
     def reply(self, frame: dict[str, Any]) -> None:
@@ -130,15 +151,52 @@ class Session:
             params = channel.parse(op.params)
         except ChannelError as exc:
             raise ProtocolError(exc.code, exc.message, id=op.id, details=exc.details) from None
-        stream = Stream(op.id, channel, params, asyncio.Queue(self.settings.push_queue + 1), self.outbox)
-        if channel.lossy:
-            stream.lane = Lane(self.settings.lossy_depth, stream.render, lambda n, name=channel.name: self._dropped(name, n))
+        stream = self._new_stream(op.id, channel, params, op.params)
         self.streams[op.id] = stream
         self.reply({"op": "subscribed", "id": op.id, "channel": op.channel})
-        self.stats.streams[channel.name] += 1
-        self.stats.streams_total[channel.name] += 1
-        stream.task = asyncio.create_task(self._produce(stream), name=f"stream:{self.id}:{op.id}")
+        if self.journal is not None:
+            self.journal.subscribed(self.token, self.id, self.principal.label, op.id, channel.name, op.params)
+        self._start(stream)
         log.info("session %s subscribed %s to %s", self.id, op.id, channel.name)
+
+    def _new_stream(self, stream_id: str, channel: Channel, params: Any, raw: dict[str, Any]) -> Stream:
+        stream = Stream(stream_id, channel, params, asyncio.Queue(self.settings.push_queue + 1), self.outbox, raw=raw)
+        if channel.lossy:
+            stream.lane = Lane(self.settings.lossy_depth, stream.render, lambda n, name=channel.name: self._dropped(name, n))
+        return stream
+
+    def _start(self, stream: Stream) -> None:
+        self.stats.streams[stream.channel.name] += 1
+        self.stats.streams_total[stream.channel.name] += 1
+        stream.task = asyncio.create_task(self._produce(stream), name=f"stream:{self.id}:{stream.id}")
+
+    def restore(
+        self, stream_id: str, channel: Channel, params: Any, raw: dict[str, Any], next_seq: int, replayed: list[tuple[int, Payload]], end: Payload | None
+    ) -> None:
+        """Take over a stream from another node: `replayed` are the frames the client gets again; with `end` the
+        stream is over, else it goes on (producer started by `start_restored`) at chunk `next_seq`."""
+        stream = self._new_stream(stream_id, channel, params, raw)
+        stream.seq = next_seq
+        stream.start = 0 if channel.lossy else next_seq
+        if self.settings.resume_buffer_bytes > 0:
+            for seq, payload in replayed:
+                stream.record(seq, payload, self.settings.resume_buffer_bytes)
+        if end is not None:
+            stream.end_payload = end
+            self.ended[stream_id] = stream
+        else:
+            self.streams[stream_id] = stream
+
+    def start_restored(self) -> None:
+        """Start the producers of the streams `restore` took over (once their replayed frames are queued)."""
+        for stream in self.streams.values():
+            if stream.task is None:
+                self._start(stream)
+                log.info("session %s: stream %s (%s) goes on at chunk %d on this node", self.id, stream.id, stream.channel.name, stream.start)
+
+    def specs(self) -> dict[str, tuple[str, dict[str, Any]]]:
+        """Each open stream's channel and subscribe params, by id."""
+        return {s.id: (s.channel.name, s.raw) for s in self.streams.values()}
 
     def push(self, stream_id: str, data: Any, end: bool = False) -> None:
         """Hand pushed input (a JSON value or bytes) to a stream, or raise ProtocolError."""
@@ -215,6 +273,8 @@ class Session:
             stream.lane = None  # what the producer still offers is dropped (see `Stream.offer`)
         if notify:
             stream.end_payload = encode(end_frame(stream.id, reason, error))
+            if self.journal is not None:
+                self.journal.ended(self.id, stream.id, stream.seq, stream.end_payload)
             # Past the hard bound the client is not reading; the writer's watchdog closes it as a slow consumer.
             with contextlib.suppress(OutboxOverflow):
                 self.outbox.put_control(stream.end_payload)
@@ -225,7 +285,7 @@ class Session:
         log.info("session %s stream %s (%s) ended: %s", self.id, stream.id, stream.channel.name, reason)
 
     async def _produce(self, stream: Stream) -> None:
-        ctx = StreamContext(stream.id, stream.inbox, stream.offer if stream.lane is not None else None)
+        ctx = StreamContext(stream.id, stream.inbox, stream.offer if stream.lane is not None else None, stream.start)
         reason, error = EndReason.COMPLETE, None
         try:
             async with contextlib.aclosing(stream.channel.stream(stream.params, ctx)) as chunks:
@@ -255,3 +315,5 @@ class Session:
         await self.outbox.put(payload)
         if self.settings.resume_window > 0 and self.settings.resume_buffer_bytes > 0:
             stream.record(seq, payload, self.settings.resume_buffer_bytes)
+            if self.journal is not None:
+                self.journal.chunk(self.id, stream.id, seq, payload, stream.replay[0][0])  # type: ignore[index]

@@ -9,7 +9,7 @@ import logging
 import random
 import time
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -205,7 +205,7 @@ class Client:
 
     def __init__(
         self,
-        url: str,
+        url: str | Sequence[str],
         api_key: str | None,
         *,
         reconnect: bool = True,
@@ -215,7 +215,10 @@ class Client:
         queue_size: int = 256,
         **ws_options: Any,
     ) -> None:
-        self.url = url
+        self.urls = [url] if isinstance(url, str) else list(url)
+        if not self.urls:
+            raise StreamplexError("give at least one URL")
+        self.url = self.urls[0]
         self.api_key = api_key
         self.reconnect = reconnect
         self.max_retries = max_retries
@@ -372,9 +375,12 @@ class Client:
     async def _reconnect(self) -> bool:
         delay, ceiling = self.backoff
         attempt = 0
+        start = self.urls.index(self.url)
         while not self._closing:
             attempt += 1
             await asyncio.sleep(delay * random.uniform(0.5, 1.0))
+            # With several URLs (nodes of one deployment), each attempt tries the next: the session resumes on any.
+            self.url = self.urls[(start + attempt) % len(self.urls)] if len(self.urls) > 1 else self.url
             try:
                 await self._handshake(resume=True)
                 self.reconnects += 1
@@ -462,6 +468,8 @@ class Client:
             sub._finish(StreamEnded(sub.id, "the server shut down"), "shutdown")
         elif reason == "resume_gap":
             sub._finish(StreamEnded(sub.id, "chunks were lost while the connection was down (resume_gap)"), "resume_gap")
+        elif reason == "producer_lost":
+            sub._finish(StreamEnded(sub.id, "its server node died and the stream cannot go on elsewhere (producer_lost)"), "producer_lost")
         else:
             sub._finish(None, reason)
 
@@ -517,6 +525,7 @@ def _closed_from(ws: ClientConnection) -> ConnectionClosed:
     return _FATAL_CLOSES.get(code, ConnectionClosed)(code, ws.close_reason or "")
 
 
-def connect(url: str, api_key: str | None = None, **options: Any) -> Client:
-    """A client for `url` (e.g. `ws://127.0.0.1:8000/ws`); use it as `async with connect(...) as client:`."""
+def connect(url: str | Sequence[str], api_key: str | None = None, **options: Any) -> Client:
+    """A client for `url` (e.g. `ws://127.0.0.1:8000/ws`), or for a list of URLs of one deployment's nodes, tried in
+    turn when reconnecting (a session resumes on any node sharing Redis); use it as `async with connect(...) as client:`."""
     return Client(url, api_key, **options)
