@@ -12,7 +12,7 @@ from pydantic import Field, model_validator
 
 from channels.base import Binary, Channel, ParamsModel, StreamContext
 from channels.media import MAX_START_MS, local_media, media_ref
-from channels.media_decode import AudioDecoder
+from channels.media_decode import AudioDecoder, MediaLimits
 from channels.pacing import Clock
 
 log = logging.getLogger(__name__)
@@ -69,7 +69,7 @@ class AudioChannel(Channel):
         block = max(1, round(rate * params.chunk_ms / 1000))
         async with (
             local_media(self.settings, ref) as path,
-            AudioDecoder(path, ref.label, sample_rate=rate, channels=params.channels, start_ms=params.start_ms) as audio,
+            AudioDecoder(path, ref.label, sample_rate=rate, channels=params.channels, start_ms=params.start_ms, limits=MediaLimits.of(self.settings)) as audio,
         ):
             info = audio.info
             sample_format = "f32le" if params.format == "f32le" else "s16le"

@@ -2,7 +2,8 @@
 
 `media_ref` checks what the client named (at subscribe time, no I/O beyond a stat); `local_media`
 gives a local path to decode, fetching a URL first into a temporary file with its address, size and
-time limits enforced. Decoding is in channels/media_decode.py.
+time limits enforced, and its bytes counted in the process's disk budget for downloads (`DISK`) until
+the file is removed. Decoding is in channels/media_decode.py.
 """
 
 from __future__ import annotations
@@ -47,6 +48,41 @@ class MediaRef:
     label: str
     path: Path | None = None
     url: str | None = None
+
+
+class DiskBudget:
+    """Bytes the temporary media downloads of this process hold on disk, against `media_url_disk_budget`."""
+
+    def __init__(self) -> None:
+        self.used = 0
+
+    def take(self, settings: Settings, held: int, more: int, label: str) -> None:
+        """Count `more` bytes for a download already holding `held`; raise ChannelError when they do not fit.
+
+        A download that could never fit is `bad_source`; one that does not fit beside the others is `unavailable`.
+        """
+        limit = settings.media_url_disk_budget
+        if held + more > limit:
+            raise ChannelError(ErrorCode.BAD_SOURCE, f"media URL {label} is over the server's disk budget for downloads ({limit} bytes)")
+        if self.used + more > limit:
+            raise ChannelError(
+                ErrorCode.UNAVAILABLE, f"the server's disk budget for media downloads ({limit} bytes) is in use by other streams; try again later"
+            )
+        self.used += more
+
+    def give_back(self, n: int) -> None:
+        self.used -= n
+
+
+DISK = DiskBudget()
+
+
+@dataclass(slots=True)
+class _Download:
+    """One temporary file being written: where, and the bytes counted for it in DISK."""
+
+    sink: IO[bytes]
+    held: int = 0
 
 
 def media_ref(settings: Settings, source: str | None, url: str | None, url_param: str) -> MediaRef:
@@ -119,8 +155,11 @@ async def _resolve(settings: Settings, url: httpx.URL) -> IPAddress:
     return addresses[0]
 
 
-async def _fetch(settings: Settings, url: str, label: str, sink: IO[bytes]) -> None:
-    """Download `url` into `sink`, following redirects; each hop connects to the address that was checked."""
+async def _fetch(settings: Settings, url: str, label: str, download: _Download) -> None:
+    """Download `url` into `download`, following redirects; each hop connects to the address that was checked.
+
+    Its bytes are counted in DISK before they are written: the declared length at once, the rest as it comes.
+    """
     current = httpx.URL(url)
     limit = settings.media_url_max_bytes
     async with httpx.AsyncClient(follow_redirects=False, timeout=settings.media_url_timeout, trust_env=False) as client:
@@ -139,44 +178,57 @@ async def _fetch(settings: Settings, url: str, label: str, sink: IO[bytes]) -> N
                 if response.status_code != 200:
                     raise ChannelError(ErrorCode.BAD_SOURCE, f"media URL answered HTTP {response.status_code}")
                 declared = response.headers.get("content-length")
-                if declared is not None and declared.isdigit() and int(declared) > limit:
-                    raise ChannelError(ErrorCode.BAD_SOURCE, f"media URL is {declared} bytes, over the server's limit of {limit}")
+                if declared is not None and declared.isdigit():
+                    if int(declared) > limit:
+                        raise ChannelError(ErrorCode.BAD_SOURCE, f"media URL is {declared} bytes, over the server's limit of {limit}")
+                    _count(settings, download, int(declared), label)
                 size = 0
                 async for block in response.aiter_raw():
                     size += len(block)
                     if size > limit:
                         raise ChannelError(ErrorCode.BAD_SOURCE, f"media URL is over the server's limit of {limit} bytes")
-                    await asyncio.to_thread(sink.write, block)
-                await asyncio.to_thread(sink.flush)
+                    _count(settings, download, size, label)
+                    await asyncio.to_thread(download.sink.write, block)
+                await asyncio.to_thread(download.sink.flush)
                 log.info("fetched media URL %s (%d bytes)", label, size)
                 return
     raise ChannelError(ErrorCode.BAD_SOURCE, f"media URL redirected more than {MAX_REDIRECTS} times")
+
+
+def _count(settings: Settings, download: _Download, size: int, label: str) -> None:
+    """Have DISK count at least `size` bytes for `download`."""
+    if size > download.held:
+        DISK.take(settings, download.held, size - download.held, label)
+        download.held = size
 
 
 @contextlib.asynccontextmanager
 async def local_media(settings: Settings, ref: MediaRef) -> AsyncIterator[Path]:
     """A local file holding the source: the file itself, or a URL fetched into a temporary file removed on exit.
 
-    Fetch failures raise ChannelError: forbidden for a refused address, bad_source for anything else
-    (unreachable, HTTP error, over `media_url_max_bytes`, slower than `media_url_timeout`).
+    Fetch failures raise ChannelError: forbidden for a refused address, unavailable when the disk budget
+    is in use by other downloads, bad_source for anything else (unreachable, HTTP error, over
+    `media_url_max_bytes` or the whole `media_url_disk_budget`, slower than `media_url_timeout`).
+    The file is removed, and its bytes leave the budget, when the context exits, cancelled or not.
     """
     if ref.path is not None:
         yield ref.path
         return
     assert ref.url is not None
     fd, name = tempfile.mkstemp(prefix="streamplex-media-")
-    sink = os.fdopen(fd, "wb")
+    download = _Download(os.fdopen(fd, "wb"))
     try:
         try:
             async with asyncio.timeout(settings.media_url_timeout):
-                await _fetch(settings, ref.url, ref.label, sink)
+                await _fetch(settings, ref.url, ref.label, download)
         except TimeoutError:
             raise ChannelError(ErrorCode.BAD_SOURCE, f"media URL took longer than {settings.media_url_timeout:g} s to fetch") from None
         except httpx.HTTPError as exc:
             raise ChannelError(ErrorCode.BAD_SOURCE, f"media URL could not be fetched: {type(exc).__name__}: {exc}") from None
         finally:
-            await asyncio.to_thread(sink.close)
+            await asyncio.to_thread(download.sink.close)
         yield Path(name)
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(name)
+        DISK.give_back(download.held)

@@ -3,6 +3,10 @@
 Each decoder owns one worker thread; the container is opened, read and closed there, so a slow
 or large file never blocks the event loop. Decoding errors become ChannelError(bad_source) with a
 message that names the client's source, never a server path.
+
+FFmpeg opens only local files (`protocol_whitelist` file) in the demuxers of `MediaLimits.formats`, and a
+source's frame size, duration and frame count are checked against `MediaLimits` when it is opened (what
+the file declares) and again on every decoded frame (what it holds).
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import torchaudio
 from numpy.lib.stride_tricks import sliding_window_view
 
 from channels.base import ChannelError
+from server.config import Settings
 from server.protocol import ErrorCode
 
 T = TypeVar("T")
@@ -85,6 +90,59 @@ class StreamingResampler:
         return out
 
 
+@dataclass(frozen=True, slots=True)
+class MediaLimits:
+    """What a source may be: its demuxer, frame size, duration and frame count (the `media_*` settings)."""
+
+    formats: str = Settings.model_fields["media_formats"].default
+    max_pixels: int = Settings.model_fields["media_max_pixels"].default
+    max_duration_s: float = Settings.model_fields["media_max_duration"].default
+    max_frames: int = Settings.model_fields["media_max_frames"].default
+
+    @classmethod
+    def of(cls, settings: Settings) -> MediaLimits:
+        return cls(settings.media_formats, settings.media_max_pixels, settings.media_max_duration, settings.media_max_frames)
+
+    def check_declared(self, label: str, stream: Any, container: Any) -> float | None:
+        """Refuse a stream whose declared duration or frame count is over the limits; return its duration if known."""
+        duration = float(stream.duration * stream.time_base) if stream.duration and stream.time_base else None
+        if duration is None and container.duration:
+            duration = container.duration / av.time_base
+        if duration is not None and duration > self.max_duration_s:
+            raise _over(label, f"lasts {duration:.1f} s", f"{self.max_duration_s:g} s", "media_max_duration")
+        if stream.frames and stream.frames > self.max_frames:
+            raise _over(label, f"holds {stream.frames} frames", str(self.max_frames), "media_max_frames")
+        return duration
+
+    def check_size(self, label: str, width: int, height: int) -> None:
+        """Refuse a frame size over `max_pixels`."""
+        if width * height > self.max_pixels:
+            raise _over(label, f"has {width}x{height} frames", f"{self.max_pixels} pixels", "media_max_pixels")
+
+    def check_progress(self, label: str, frames: int, position_s: float) -> None:
+        """Refuse a source that decodes past the frame count or duration limit."""
+        if frames > self.max_frames:
+            raise _over(label, f"decodes to more than {self.max_frames} frames", str(self.max_frames), "media_max_frames")
+        if position_s > self.max_duration_s:
+            raise _over(label, f"decodes past {self.max_duration_s:g} s", f"{self.max_duration_s:g} s", "media_max_duration")
+
+
+def _over(label: str, what: str, limit: str, setting: str) -> ChannelError:
+    return ChannelError(ErrorCode.BAD_SOURCE, f"{label}: {what}, over this server's limit of {limit} ({setting})")
+
+
+def open_media(path: str | Path, label: str, limits: MediaLimits) -> Any:
+    """Open `path` with PyAV as a local file in an allowed demuxer; raise ChannelError(bad_source) if it is neither
+    (a URL or another protocol's name is refused, as is whatever a playlist or list inside the file would open)."""
+    try:
+        return av.open(str(path), metadata_errors="ignore", container_options={"protocol_whitelist": "file", "format_whitelist": limits.formats})
+    except av.error.ArgumentError:
+        # FFmpeg answers EINVAL when the probed demuxer (or a protocol) is not on the whitelist.
+        raise ChannelError(
+            ErrorCode.BAD_SOURCE, f"{label}: not a local file in a format this server opens ({limits.formats.replace(',', ', ')}; media_formats)"
+        ) from None
+
+
 class _Worker:
     """One thread that owns a decoder's PyAV objects; calls queue behind one another."""
 
@@ -116,16 +174,17 @@ def _source_error(label: str, exc: Exception) -> ChannelError:
 class _Decoder(ABC):
     """Shared life cycle: open in the worker thread, iterate a generator there, close there."""
 
-    def __init__(self, path: Path, label: str) -> None:
+    def __init__(self, path: Path, label: str, limits: MediaLimits) -> None:
         self.path = path
         self.label = label
+        self.limits = limits
         self.worker = _Worker()
         self.container: Any = None
         self.generator: Generator[Any, None, None] | None = None
 
     def _open(self) -> None:
         try:
-            self.container = av.open(str(self.path), metadata_errors="ignore")
+            self.container = open_media(self.path, self.label, self.limits)
             self._probe()
         except BaseException as exc:
             self._close()
@@ -188,8 +247,10 @@ class AudioDecoder(_Decoder):
     last one possibly shorter. `channels` None keeps the source's (more than two are mixed to stereo);
     `start_ms` skips the start exactly (to the sample). Raises ChannelError(bad_source)."""
 
-    def __init__(self, path: Path, label: str, *, sample_rate: int, channels: int | None = None, start_ms: int = 0) -> None:
-        super().__init__(path, label)
+    def __init__(
+        self, path: Path, label: str, *, sample_rate: int, channels: int | None = None, start_ms: int = 0, limits: MediaLimits = MediaLimits()
+    ) -> None:
+        super().__init__(path, label, limits)
         self.sample_rate = sample_rate
         self.start_ms = start_ms
         self.requested_channels = channels
@@ -205,9 +266,7 @@ class AudioDecoder(_Decoder):
             raise ChannelError(ErrorCode.BAD_SOURCE, f"{self.label}: its audio codec is unknown (no decoder for it here)")
         if not ctx.sample_rate or ctx.channels < 1:
             raise ChannelError(ErrorCode.BAD_SOURCE, f"{self.label}: its audio stream has no sample rate or no channels")
-        duration = float(stream.duration * stream.time_base) if stream.duration and stream.time_base else None
-        if duration is None and self.container.duration:
-            duration = self.container.duration / av.time_base
+        duration = self.limits.check_declared(self.label, stream, self.container)
         self.info = AudioInfo(codec=ctx.name, sample_rate=ctx.sample_rate, channels=ctx.channels, duration_s=duration)
         self.channels = self.requested_channels or min(2, ctx.channels)
 
@@ -225,7 +284,11 @@ class AudioDecoder(_Decoder):
         wanted = self.channels if self.info.channels > 2 else self.info.channels
         convert = av.AudioResampler(format="fltp", layout="mono" if wanted == 1 else "stereo", rate=self.info.sample_rate)
         skip: int | None = None if start > 0 else 0
-        for frame in itertools.chain(self.container.decode(stream), [None]):
+        decoded = 0  # source samples
+        for count, frame in enumerate(itertools.chain(self.container.decode(stream), [None]), 1):
+            if frame is not None:
+                decoded += frame.samples
+                self.limits.check_progress(self.label, count, max(frame.time or 0.0, start + decoded / self.info.sample_rate))
             if skip is None and frame is not None:
                 skip = max(0, round((start - (frame.time or 0.0)) * self.info.sample_rate))
             for converted in convert.resample(frame):
@@ -296,8 +359,8 @@ class VideoDecoder(_Decoder):
     at or before it): source frames are dropped or repeated to give exactly `fps`. Frames come scaled
     to `width` (height keeps the aspect ratio, rounded to even) in yuvj420p. Raises ChannelError(bad_source)."""
 
-    def __init__(self, path: Path, label: str, *, fps: float, width: int | None = None, start_ms: int = 0) -> None:
-        super().__init__(path, label)
+    def __init__(self, path: Path, label: str, *, fps: float, width: int | None = None, start_ms: int = 0, limits: MediaLimits = MediaLimits()) -> None:
+        super().__init__(path, label, limits)
         self.fps = fps
         self.start_ms = start_ms
         self.requested_width = width
@@ -314,10 +377,9 @@ class VideoDecoder(_Decoder):
             raise ChannelError(ErrorCode.BAD_SOURCE, f"{self.label}: its video codec is unknown (no decoder for it here)")
         if not ctx.width or not ctx.height:
             raise ChannelError(ErrorCode.BAD_SOURCE, f"{self.label}: its video stream has no frame size")
+        self.limits.check_size(self.label, ctx.width, ctx.height)
         rate = stream.average_rate or stream.guessed_rate
-        duration = float(stream.duration * stream.time_base) if stream.duration and stream.time_base else None
-        if duration is None and self.container.duration:
-            duration = self.container.duration / av.time_base
+        duration = self.limits.check_declared(self.label, stream, self.container)
         self.info = VideoInfo(codec=ctx.name, width=ctx.width, height=ctx.height, fps=float(rate) if rate else None, duration_s=duration)
         self.width = self.requested_width or ctx.width
         self.height = max(2, round(self.width * ctx.height / ctx.width / 2) * 2)
@@ -354,6 +416,8 @@ class VideoDecoder(_Decoder):
 
         for count, frame in enumerate(self.container.decode(stream)):
             time = frame.pts * frame.time_base if frame.pts is not None and frame.time_base else count * default_duration
+            self.limits.check_size(self.label, frame.width, frame.height)
+            self.limits.check_progress(self.label, count + 1, float(time))
             if raw is not None:
                 yield from show_until(time)
             raw, raw_time, scaled = frame, time, None

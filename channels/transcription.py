@@ -178,11 +178,14 @@ class TranscriptionChannel(Channel):
             await audio.close()
 
     async def _feed_file(self, ref: MediaRef, realtime: bool, audio: _Audio) -> None:
-        from channels.media_decode import AudioDecoder
+        from channels.media_decode import AudioDecoder, MediaLimits
 
         clock, sent = Clock(), 0
         try:
-            async with local_media(self.settings, ref) as path, AudioDecoder(path, ref.label, sample_rate=SAMPLE_RATE, channels=1) as decoder:
+            async with (
+                local_media(self.settings, ref) as path,
+                AudioDecoder(path, ref.label, sample_rate=SAMPLE_RATE, channels=1, limits=MediaLimits.of(self.settings)) as decoder,
+            ):
                 async for block in decoder.blocks(BLOCK):
                     if realtime:
                         await clock.at(sent / SAMPLE_RATE)

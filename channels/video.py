@@ -12,7 +12,7 @@ from pydantic import Field, model_validator
 
 from channels.base import Binary, Channel, ParamsModel, StreamContext
 from channels.media import MAX_START_MS, local_media, media_ref
-from channels.media_decode import VideoDecoder
+from channels.media_decode import MediaLimits, VideoDecoder
 from channels.pacing import Clock
 
 log = logging.getLogger(__name__)
@@ -74,7 +74,7 @@ class VideoChannel(Channel):
         ref = media_ref(self.settings, params.source, params.video_url, "video_url")
         async with (
             local_media(self.settings, ref) as path,
-            VideoDecoder(path, ref.label, fps=params.fps, width=params.width, start_ms=params.start_ms) as video,
+            VideoDecoder(path, ref.label, fps=params.fps, width=params.width, start_ms=params.start_ms, limits=MediaLimits.of(self.settings)) as video,
         ):
             info = video.info
             yield {

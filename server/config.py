@@ -17,6 +17,8 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLES = ROOT / "samples"
+# FFmpeg demuxers that open further files or URLs named inside the source (playlists, lists, patterns): never allowed.
+NESTING_FORMATS = frozenset({"hls", "applehttp", "concat", "dash", "imf", "image2", "sdp", "rtp", "rtsp", "mpegtsraw", "tee"})
 
 
 class Settings(BaseSettings):
@@ -202,6 +204,39 @@ class Settings(BaseSettings):
                 f"workers={self.workers} needs redis_url (STREAMPLEX_REDIS_URL): workers are separate processes, a client's reconnect may reach any of them, and they share their state only through Redis"
             )
         return self
+
+    media_url_disk_budget: int = Field(
+        1_073_741_824,
+        ge=1,
+        description="Bytes that all media URLs being fetched or decoded may hold on disk at once (temporary files), per server process. A download that alone exceeds it ends with `bad_source`; one that does not fit beside the others, with `unavailable` (try again later). Each file is removed when its stream ends, cancelled or not.",
+    )
+    media_formats: str = Field(
+        "wav,w64,aiff,caf,mp3,flac,ogg,aac,mov,mp4,m4a,matroska,webm,avi,mpegts",
+        description="Comma-separated FFmpeg demuxers a media source may be in (`ffmpeg -demuxers` names them; `mov` covers mp4/m4a/3gp); a file in another format ends with `bad_source`. Demuxers that open further files or URLs (hls, concat, dash, image2 patterns, sdp, rtsp) are refused here. FFmpeg may only read local files (`protocol_whitelist` `file`).",
+    )
+    media_max_pixels: int = Field(
+        8_847_360,
+        ge=1,
+        description="Largest video frame a media source may have, in pixels (width x height; the default is 4096 x 2160); a larger one ends with `bad_source`.",
+    )
+    media_max_duration: float = Field(
+        14_400.0, gt=0, description="Longest media source in seconds, as declared by the file and as decoded; a longer one ends with `bad_source`."
+    )
+    media_max_frames: int = Field(
+        1_000_000,
+        ge=1,
+        description="Most frames (video pictures or audio frames) a media source may hold, as declared and as decoded; past it the stream ends with `bad_source`.",
+    )
+
+    @field_validator("media_formats")
+    @classmethod
+    def _media_formats(cls, value: str) -> str:
+        names = [part.strip() for part in value.split(",") if part.strip()]
+        if not names or not all(name.replace("_", "").isalnum() for name in names):
+            raise ValueError("give FFmpeg demuxer names, comma-separated")
+        if nesting := sorted(NESTING_FORMATS.intersection(names)):
+            raise ValueError(f"{', '.join(nesting)} open further files or URLs and cannot be allowed")
+        return ",".join(names)
 
     @field_validator("media_url_allow")
     @classmethod

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import os
 import struct
 import threading
@@ -11,6 +12,7 @@ from functools import partial
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+import av
 import numpy as np
 
 from server.config import SAMPLES
@@ -49,6 +51,64 @@ def broken_files(folder: Path) -> dict[str, Path]:
     for name, data in files.items():
         (folder / name).write_bytes(data)
     return {name: folder / name for name in files}
+
+
+class _Unseekable(io.RawIOBase):
+    """A sink FFmpeg cannot seek back in: a muxer then leaves out the duration and frame count (as a live recording does)."""
+
+    def __init__(self) -> None:
+        self.data = bytearray()
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, b: bytes) -> int:  # type: ignore[override]
+        self.data += b
+        return len(b)
+
+
+def write_video(path: Path, width: int, height: int, frames: int, fps: int = 25, *, declared: bool = True) -> Path:
+    """An MPEG-4 video of grey frames; `declared` False writes Matroska with no duration or frame count in it."""
+    sink: _Unseekable | str = str(path) if declared else _Unseekable()
+    with av.open(sink, "w", format=None if declared else "matroska") as out:
+        stream = out.add_stream("mpeg4", rate=fps)
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        for i in range(frames):
+            frame = av.VideoFrame.from_ndarray(np.full((height, width, 3), i % 256, np.uint8), format="rgb24")
+            frame.pts = i
+            out.mux(stream.encode(frame))
+        out.mux(stream.encode(None))
+    if isinstance(sink, _Unseekable):
+        path.write_bytes(bytes(sink.data))
+    return path
+
+
+def write_undeclared_audio(path: Path, seconds: float, rate: int = 16000) -> Path:
+    """FLAC in Matroska with no duration in it: how long it is shows only while decoding."""
+    sink = _Unseekable()
+    with av.open(sink, "w", format="matroska") as out:
+        stream = out.add_stream("flac", rate=rate, layout="mono")
+        samples = (np.sin(np.arange(int(seconds * rate)) / 7) * 8000).astype(np.int16)
+        for start in range(0, len(samples), 4096):
+            frame = av.AudioFrame.from_ndarray(samples[None, start : start + 4096].copy(), format="s16", layout="mono")
+            frame.sample_rate, frame.pts = rate, start
+            out.mux(stream.encode(frame))
+        out.mux(stream.encode(None))
+    path.write_bytes(bytes(sink.data))
+    return path
+
+
+def nesting_lists(folder: Path) -> dict[str, Path]:
+    """An HLS playlist (with its MPEG-TS segment, made from the speech sample) and an ffconcat list, both naming a file beside them."""
+    (folder / SPEECH).write_bytes((MEDIA / SPEECH).read_bytes())
+    with av.open(str(MEDIA / SPEECH)) as source, av.open(str(folder / "segment0.ts"), "w") as out:
+        stream = out.add_stream("mp2", rate=22050, layout="mono")
+        for frame in source.decode(audio=0):
+            out.mux(stream.encode(frame))
+        out.mux(stream.encode(None))
+    (folder / "playlist.m3u8").write_text("#EXTM3U\n#EXT-X-TARGETDURATION:8\n#EXTINF:7.2,\nsegment0.ts\n#EXT-X-ENDLIST\n")
+    (folder / "list.ffconcat").write_text(f"ffconcat version 1.0\nfile '{SPEECH}'\n")
+    return {"hls": folder / "playlist.m3u8", "concat": folder / "list.ffconcat"}
 
 
 def read_counter(rgb: np.ndarray) -> int:

@@ -14,7 +14,7 @@ from channels.base import ChannelError
 from channels.media import local_media, media_ref
 from server.config import Settings
 from server.protocol import ErrorCode
-from tests.channels.mediafiles import MEDIA, SPEECH, broken_files, http_server
+from tests.channels.mediafiles import MEDIA, SPEECH, broken_files, http_server, nesting_lists, write_video
 from tests.channels.mediaws import read_stream
 from tests.serverproc import ServerProc, connect, send, start_server
 
@@ -170,13 +170,14 @@ async def test_an_unreachable_url_is_bad_source() -> None:
 
 @pytest.fixture(scope="module")
 def media_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[ServerProc, Path]]:
-    """A real server whose media folder holds broken files, fetching URLs with loopback allow-listed."""
+    """A real server whose media folder holds broken files, lists naming other files and an oversize video, fetching URLs with loopback allow-listed."""
     tmp = tmp_path_factory.mktemp("media")
     folder = tmp / "media"
     folder.mkdir()
     broken_files(folder)
-    (folder / SPEECH).write_bytes((MEDIA / SPEECH).read_bytes())
-    srv = start_server(tmp, media_dir=folder, media_allow_urls="true", media_url_allow="127.0.0.1/32")
+    nesting_lists(folder)
+    write_video(folder / "huge.mp4", 640, 480, 3)
+    srv = start_server(tmp, media_dir=folder, media_allow_urls="true", media_url_allow="127.0.0.1/32", media_max_pixels=320 * 240)
     try:
         yield srv, folder
     finally:
@@ -198,6 +199,7 @@ async def test_over_the_websocket_urls_and_broken_files_get_their_documented_err
                 "garbage": ({"source": "garbage.mp4"}, "end", "bad_source"),
                 "codec": ({"source": "unknown-codec.wav"}, "end", "bad_source"),
                 "http404": ({"video_url": f"{base}/missing.mp4"}, "end", "bad_source"),
+                "huge": ({"source": "huge.mp4"}, "end", "bad_source"),
             }
             for sid, (params, kind, code) in cases.items():
                 await send(ws, op="subscribe", id=sid, channel="video", params={**params, "realtime": False})
@@ -207,5 +209,13 @@ async def test_over_the_websocket_urls_and_broken_files_get_their_documented_err
                 else:
                     assert result.end is not None and result.end["reason"] == "error" and result.end["error"]["code"] == code, result
                     assert str(folder) not in result.end["error"]["message"]
+            assert "media_max_pixels" in result.end["error"]["message"]  # huge.mp4, the last case
+            # Lists that name a local file FFmpeg would open (the audio channel would stream it): refused.
+            lists = {"hls": {"source": "playlist.m3u8"}, "concat": {"source": "list.ffconcat"}, "concat-url": {"audio_url": f"{base}/list.ffconcat"}}
+            for sid, params in lists.items():
+                await send(ws, op="subscribe", id=sid, channel="audio", params={**params, "sample_rate": 8000, "realtime": False})
+                result = await read_stream(ws, sid)
+                assert result.end is not None and result.end["error"]["code"] == "bad_source" and not result.binary, result
+                assert "not a local file in a format this server opens" in result.end["error"]["message"], result
     finally:
         await ws.close()
