@@ -43,7 +43,7 @@ async def test_full_window_equals_transformers_generate() -> None:
     async with engine_with(runner) as engine:
         tokens, finish = await transcribe(engine, runner, TranscriptionRequest(window, "en"))
     assert finish == "stop"
-    features = runner.features(audio, sampling_rate=SAMPLE_RATE, return_tensors="pt").input_features
+    features = runner.features(audio, sampling_rate=SAMPLE_RATE, return_tensors="pt").input_features.to(runner.device)
     with torch.inference_mode():
         expected = runner.model.generate(features, language="en", task="transcribe", return_timestamps=True)[0].tolist()
     assert tokens == [t for t in expected if t != runner.vocab.eot]
