@@ -22,13 +22,16 @@ import asyncio
 import contextlib
 import hashlib
 import logging
+import struct
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
+from pydantic import BaseModel, ConfigDict, Field
 from redis.exceptions import RedisError
 
+from server.protocol import MAX_ID_BYTES, parse_server_binary
 from server.redis_broker import Malformed, RedisBroker
 
 log = logging.getLogger(__name__)
@@ -56,6 +59,15 @@ class StreamSpec:
     """What a stream was opened with: enough to open it again on another node."""
 
     channel: str
+    params: dict[str, Any]
+
+
+class _SpecModel(BaseModel):
+    """A stream's `s:{id}` field as a node writes it; checked before use (Redis is not trusted)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    channel: str = Field(min_length=1, max_length=128)
     params: dict[str, Any]
 
 
@@ -288,11 +300,11 @@ class SessionStore:
             return None
         if not raw or b"id" not in raw:
             return None
-        record = SessionRecord(raw[b"id"].decode(), raw.get(b"label", b"").decode(), raw.get(b"owner", b"").decode())
-        for name, value in raw.items():
-            if name.startswith(b"s:"):
-                spec = orjson.loads(value)
-                record.streams[name[2:].decode()] = StreamSpec(spec["channel"], spec["params"])
+        try:
+            record = _record(raw)
+        except ValueError as exc:  # pydantic's ValidationError, UnicodeDecodeError and Malformed are ValueErrors
+            log.warning("session record %s in Redis is malformed (%s); taken as absent", self._sess_key(digest(token)), str(exc).splitlines()[0][:200])
+            return None
         return record
 
     async def claim(self, token: str, record: SessionRecord) -> bool:
@@ -329,13 +341,11 @@ class SessionStore:
             return None
         entries = []
         for entry_id, fields in rows:
-            seq = int(entry_id.split(b"-")[0])
-            if b"e" in fields:
-                entries.append(Entry(seq, fields[b"e"].decode(), end=True))
-            elif b"b" in fields:
-                entries.append(Entry(seq, fields[b"b"]))
-            else:
-                entries.append(Entry(seq, fields[b"c"].decode()))
+            try:
+                entries.append(_entry(stream_id, entry_id, fields))
+            except ValueError as exc:
+                # Dropped: the stream then has a gap there, handled as any (replay stops, the stream restarts or ends).
+                log.warning("dropped a malformed replay entry %r of session %s stream %s (%s)", entry_id[:40], session_id, stream_id, str(exc)[:200])
         return entries
 
     def _handover_requested(self, message: Any) -> None:
@@ -356,6 +366,40 @@ class SessionStore:
                 await self._let_go(keys=[self._sess_key(key)], args=[self.node])
         except (RedisError, OSError, TimeoutError) as exc:
             self.broker.mark_down(exc)
+
+
+def _record(raw: dict[bytes, bytes]) -> SessionRecord:
+    """A session's hash as read from Redis, checked; raise ValueError when it is not what a node writes."""
+    record = SessionRecord(raw[b"id"].decode(), raw.get(b"label", b"").decode(), raw.get(b"owner", b"").decode())
+    if not record.id or len(record.id) > MAX_ID_BYTES:
+        raise Malformed("no session id")
+    for name, value in raw.items():
+        if name.startswith(b"s:"):
+            stream_id = name[2:].decode()
+            if not stream_id or len(stream_id.encode()) > MAX_ID_BYTES:
+                raise Malformed(f"stream id {stream_id[:40]!r}")
+            spec = _SpecModel.model_validate_json(value)
+            record.streams[stream_id] = StreamSpec(spec.channel, spec.params)
+    return record
+
+
+def _entry(stream_id: str, entry_id: bytes, fields: dict[bytes, bytes]) -> Entry:
+    """One replay entry as read from Redis, checked against its stream and seq; raise ValueError when it is not what a node writes."""
+    try:
+        seq = int(entry_id.split(b"-")[0])
+        if b"b" in fields:
+            frame_id, frame_seq, _ = parse_server_binary(fields[b"b"])
+            if frame_id != stream_id or frame_seq != seq & 0xFFFFFFFF:
+                raise Malformed(f"a binary frame of stream {frame_id!r} seq {frame_seq}")
+            return Entry(seq, fields[b"b"])
+        end = b"e" in fields
+        text = fields[b"e" if end else b"c"].decode()
+        frame = orjson.loads(text)
+    except (KeyError, IndexError, struct.error) as exc:
+        raise Malformed(f"{type(exc).__name__}: {exc}") from None
+    if not isinstance(frame, dict) or frame.get("op") != ("end" if end else "chunk") or frame.get("id") != stream_id or (not end and frame.get("seq") != seq):
+        raise Malformed("not this stream's frame at this seq")
+    return Entry(seq, text, end=end)
 
 
 def _flat(streams: dict[str, bytes]) -> list[Any]:

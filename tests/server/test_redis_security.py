@@ -5,15 +5,18 @@ from __future__ import annotations
 
 import asyncio
 import shutil
+import signal
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import orjson
 import pytest
 import trustme
 import websockets
 
+from server.session_store import digest
 from tests.redisproc import RedisProc
 from tests.server.test_redis import _wait_for_node_records
 from tests.serverproc import ServerProc, connect, free_port, recv, send, start_server
@@ -22,8 +25,9 @@ pytestmark = pytest.mark.skipif(shutil.which("redis-server") is None, reason="re
 
 ADMIN_PASSWORD = "admin-secret-1"
 NODE_PASSWORD = "node-secret-2"
-# What a node needs (docs/deploy.md): its prefix's keys and channels, pub/sub, scripts (which read TIME), sorted sets and strings.
-NODE_ACL = f"on >{NODE_PASSWORD} resetchannels ~sp-acl:* &sp-acl:* +@connection +@pubsub +@scripting +@sortedset +@string +@keyspace +time".split()
+# What a node needs (docs/deploy.md): its prefix's keys and channels, pub/sub, scripts (which read TIME), sorted sets,
+# strings, hashes and streams (session records and replay).
+NODE_ACL = f"on >{NODE_PASSWORD} resetchannels ~sp-acl:* &sp-acl:* +@connection +@pubsub +@scripting +@sortedset +@string +@hash +@stream +@keyspace +time".split()
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +73,11 @@ async def test_nodes_share_through_an_acl_user_and_a_wrong_password_is_refused(t
             with pytest.raises(websockets.ConnectionClosed) as info:
                 await recv(third)
         assert info.value.rcvd is not None and info.value.rcvd.code == 4008
-        assert "unusable answer" not in a.log() + b.log(), "the ACL must allow every command the node sends"
+        for text in ("unusable answer", "NOPERM", "no permissions"):
+            assert text not in a.log() + b.log(), f"the ACL must allow every command the node sends ({text})"
+        admin = acl_redis.client()
+        assert any(admin.scan_iter("sp-acl:sess:*")), "session records are written under the ACL user"
+        admin.close()
         await held.close()
         await ws.close()
 
@@ -234,3 +242,73 @@ async def test_malformed_messages_from_redis_are_dropped_and_streams_go_on(tmp: 
     finally:
         publisher.close()
         srv.stop()
+
+
+async def test_malformed_session_records_and_replay_entries_are_dropped(tmp: Path, plain_redis: RedisProc) -> None:
+    """A session record or replay entry written into Redis by hand: the entry is dropped (the stream regenerates
+    from there), the record is taken as absent (resume_failed); the node goes on serving."""
+    records = [{"i": i} for i in range(120)]
+    params = {"records": records, "chunk_size": 4, "interval_ms": 20}
+    a = start_server(tmp, node="sess-a", redis_url=plain_redis.url, redis_prefix="sp-sess", resume_window=20)
+    b = start_server(tmp, node="sess-b", redis_url=plain_redis.url, redis_prefix="sp-sess", resume_window=20)
+    r = plain_redis.client()
+    try:
+        sessions = []
+        for _ in range(2):
+            ws = await connect(a)
+            await send(ws, op="subscribe", id="d", channel="data", params=params)
+            seqs = []
+            while len(seqs) < 8:
+                frame = await recv(ws)
+                if frame["op"] == "chunk":
+                    seqs.append(frame["seq"])
+            sessions.append((ws, ws.ready["resume"]["token"], seqs[-1]))  # type: ignore[attr-defined]
+        a.stop(signal.SIGKILL)
+        (_, first, _), (_, second, _) = sessions
+        # First session: its replay entries 3 and 5 rewritten as frames of no stream and not JSON.
+        (replay_key,) = [k for k in r.scan_iter("sp-sess:replay:*:d") if r.xrange(k, "3-1", "3-1") and _owner_of(r, k, first)]
+        entries = r.xrange(replay_key)
+        r.delete(replay_key)
+        for entry_id, fields in entries:
+            seq = int(entry_id.split(b"-")[0])
+            if seq == 3:
+                fields = {b"c": orjson.dumps({"op": "chunk", "id": "other", "seq": 3, "data": "forged"})}
+            elif seq == 5:
+                fields = {b"c": b"\xff not json"}
+            r.xadd(replay_key, fields, id=entry_id)
+        ws = await connect(b)
+        await send(ws, op="resume", token=first, streams={"d": 1})
+        resumed = await recv(ws)
+        assert resumed["op"] == "resumed" and resumed["streams"]["d"]["replayed"] == 1, resumed  # entry 2, then the gap at 3
+        got: dict[int, str] = {}
+        while True:
+            frame = await recv(ws)
+            assert frame["id"] == "d", frame
+            if frame["op"] == "end":
+                break
+            got[frame["seq"]] = frame["data"]
+        assert frame["reason"] == "complete" and sorted(got) == list(range(2, 30)), "the stream regenerated past the dropped entries"
+        assert "forged" not in "".join(got.values())
+        assert "dropped a malformed replay entry" in b.log()
+        await ws.close()
+
+        # Second session: its record's stream spec is not JSON.
+        (sess_key,) = [k for k in r.scan_iter("sp-sess:sess:*") if r.hget(k, "id") and k.decode().endswith(digest(second))]
+        r.hset(sess_key, "s:d", b"{not json")
+        ws = await connect(b)
+        await send(ws, op="resume", token=second, streams={"d": 1})
+        assert (await recv(ws))["code"] == "resume_failed"
+        await send(ws, op="ping")
+        assert (await recv(ws))["op"] == "pong"
+        await ws.close()
+        assert "is malformed" in b.log() and "Traceback" not in b.log()
+    finally:
+        r.close()
+        a.stop()
+        b.stop()
+
+
+def _owner_of(r: Any, replay_key: bytes, token: str) -> bool:
+    """Whether a replay stream belongs to the session of `token` (its key holds the session id)."""
+    session_id = r.hget(f"sp-sess:sess:{digest(token)}", "id").decode()
+    return replay_key.decode().startswith(f"sp-sess:replay:{session_id}:")
