@@ -27,7 +27,9 @@ ADMIN_PASSWORD = "admin-secret-1"
 NODE_PASSWORD = "node-secret-2"
 # What a node needs (docs/deploy.md): its prefix's keys and channels, pub/sub, scripts (which read TIME), sorted sets,
 # strings, hashes and streams (session records and replay).
-NODE_ACL = f"on >{NODE_PASSWORD} resetchannels ~sp-acl:* &sp-acl:* +@connection +@pubsub +@scripting +@sortedset +@string +@hash +@stream +@keyspace +time".split()
+NODE_ACL = (
+    f"on >{NODE_PASSWORD} resetchannels ~sp-acl:* &sp-acl:* +@connection +@pubsub +@scripting +@sortedset +@string +@hash +@stream +@keyspace +time".split()
+)
 
 
 @pytest.fixture(scope="module")
