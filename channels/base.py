@@ -128,6 +128,8 @@ class StreamContext:
     """Where a lossy stream may hand chunks at once instead of yielding them (no task switch per chunk); None where the caller only iterates."""
     start: int = 0
     """Chunks the client already has (a stream going on after its node died): a `restartable` channel skips them."""
+    tenant: str = ""
+    """The API key's non-secret label: what per-tenant state (the chat prefix cache) is partitioned by."""
 
     async def pushed(self) -> AsyncIterator[Any]:
         """Yield pushed items (JSON values or bytes) until the client ends its input."""

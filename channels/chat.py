@@ -149,7 +149,7 @@ class ChatChannel(Channel):
         pushes = ctx.pushed()
         for turn in itertools.count():
             reply: list[str] = []
-            async for chunk in self._reply(params, conversation, turn, reply):
+            async for chunk in self._reply(params, conversation, turn, reply, ctx.tenant):
                 yield chunk
             conversation.append({"role": "assistant", "content": "".join(reply)})
             if not params.keep_open and ctx.inbox.empty():
@@ -159,15 +159,15 @@ class ChatChannel(Channel):
                 return
             conversation.append({"role": "user", "content": pushed_turn(item)})
 
-    async def _reply(self, params: ChatParams, conversation: list[dict[str, str]], turn: int, reply: list[str]) -> AsyncIterator[Any]:
-        """Generate one assistant turn, appending its text to `reply`."""
+    async def _reply(self, params: ChatParams, conversation: list[dict[str, str]], turn: int, reply: list[str], tenant: str) -> AsyncIterator[Any]:
+        """Generate one assistant turn, appending its text to `reply`; the prompt meets only `tenant`'s cached prefixes."""
         assert self.engine is not None
         try:
             runner = cast("CausalLMRunner", self.engine.runner("chat", params.model))
             prompt = runner.encode_chat(conversation)
             if len(prompt) >= runner.context_length:
                 raise EngineError("invalid", f"the conversation is {len(prompt)} tokens; the model's context is {runner.context_length}")
-            request = GenerationRequest(prompt, min(params.max_tokens, runner.context_length - len(prompt)), params.sampling())
+            request = GenerationRequest(prompt, min(params.max_tokens, runner.context_length - len(prompt)), params.sampling(), tenant=tenant)
             stream = self.engine.submit(runner.name, len(prompt), request.max_new, request)
         except EngineError as exc:
             code = ErrorCode.INVALID_PARAMS if exc.code == "invalid" else ErrorCode.UNAVAILABLE

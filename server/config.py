@@ -282,7 +282,7 @@ class Settings(BaseSettings):
     engine_prefix_cache_tokens: int = Field(
         2048,
         ge=0,
-        description="Prompt tokens whose keys and values the chat runner keeps after prefill, so that a later prompt starting the same way (the chat template's system prompt, a conversation's earlier turns) skips them; 0 turns the cache off.",
+        description="Prompt tokens whose keys and values the chat runner keeps after prefill, so that a later prompt of the same API key starting the same way (the chat template's system prompt, a conversation's earlier turns) skips them (never another key's: no cross-tenant timing signal); the bound is shared by all keys; 0 turns the cache off.",
     )
     engine_kv_cache_mb: int = Field(
         2048,

@@ -241,7 +241,7 @@ class HttpStreams:
         inbox: asyncio.Queue[Any] = asyncio.Queue(self.settings.push_queue + 1)
         if not raw_body:
             inbox.put_nowait(END_OF_INPUT)
-        ctx = StreamContext(f"http-{id(request):x}", inbox)
+        ctx = StreamContext(f"http-{id(request):x}", inbox, tenant=principal.label)
         fmt = negotiate(request.headers.get("accept", ""), channel)
         stream = _Stream(self.runtime, channel, params, ctx, request if raw_body else None)
         log.info("HTTP stream %s of %s from %s (%s, %s)", ctx.stream_id, name, address, principal.label, fmt)

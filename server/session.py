@@ -285,7 +285,7 @@ class Session:
         log.info("session %s stream %s (%s) ended: %s", self.id, stream.id, stream.channel.name, reason)
 
     async def _produce(self, stream: Stream) -> None:
-        ctx = StreamContext(stream.id, stream.inbox, stream.offer if stream.lane is not None else None, stream.start)
+        ctx = StreamContext(stream.id, stream.inbox, stream.offer if stream.lane is not None else None, stream.start, tenant=self.principal.label)
         reason, error = EndReason.COMPLETE, None
         try:
             async with contextlib.aclosing(stream.channel.stream(stream.params, ctx)) as chunks:

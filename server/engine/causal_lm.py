@@ -8,10 +8,11 @@ routes each part to its block. When a prompt is done its first token is sampled 
 are copied into the batch, which it leaves (freeing the row) as soon as it finishes or is cancelled.
 
 Prefix cache: the keys and values of recent prompts are kept (`PrefixCache`, bounded in tokens). A new
-prompt that starts with the same tokens as a kept one (every chat prompt starts with the template's
-system prompt; a conversation's next turn starts with the previous prompt) is seeded with them and only
-its remaining tokens go through the model. Causal attention makes the kept columns exactly what
-prefilling those tokens again would give.
+prompt that starts with the same tokens as a kept one of the same tenant (API key) (every chat prompt
+starts with the template's system prompt; a conversation's next turn starts with the previous prompt)
+is seeded with them and only its remaining tokens go through the model. Causal attention makes the kept
+columns exactly what prefilling those tokens again would give. A prompt never uses another tenant's
+entries: a shorter time to first token would tell one tenant that another sent the same prefix.
 """
 
 from __future__ import annotations
@@ -62,27 +63,33 @@ class _Seq:
 
 
 class PrefixCache:
-    """Keys and values of recent prompts, least recently used out first, at most `max_tokens` tokens in all."""
+    """Keys and values of recent prompts by tenant, least recently used out first, at most `max_tokens` tokens in all.
+
+    A prompt is matched only against its own tenant's entries. The bound is shared, so one tenant's traffic may
+    evict another's entries: that says how busy others are, never what they sent.
+    """
 
     def __init__(self, max_tokens: int) -> None:
         self.max_tokens = max_tokens
         self.tokens = 0
         self.hits = 0
         self.saved = 0
-        self._entries: OrderedDict[tuple[int, ...], torch.Tensor] = OrderedDict()
+        self._entries: OrderedDict[tuple[str, tuple[int, ...]], torch.Tensor] = OrderedDict()
 
-    def longest(self, prompt: list[int]) -> tuple[int, torch.Tensor | None]:
-        """The longest kept prefix of `prompt`, leaving at least its last token to compute: (length, keys and values)."""
+    def longest(self, prompt: list[int], tenant: str = "") -> tuple[int, torch.Tensor | None]:
+        """The longest prefix of `prompt` that `tenant` has kept, leaving at least its last token to compute: (length, keys and values)."""
         best, found = 0, None
         limit = len(prompt) - 1
-        for key in self._entries:
+        for owner, key in self._entries:
+            if owner != tenant:
+                continue
             n = 0
             for a, b in zip(key, prompt[:limit], strict=False):
                 if a != b:
                     break
                 n += 1
             if n > best:
-                best, found = n, key
+                best, found = n, (owner, key)
         if found is None:
             return 0, None
         self._entries.move_to_end(found)
@@ -90,15 +97,15 @@ class PrefixCache:
         self.saved += best
         return best, self._entries[found][:, :, :best]
 
-    def add(self, prompt: list[int], kv: torch.Tensor) -> None:
-        """Keep a prompt's keys and values (evicting the least recently used ones past the bound)."""
-        key = tuple(prompt)
-        if len(key) > self.max_tokens or key in self._entries:
+    def add(self, prompt: list[int], kv: torch.Tensor, tenant: str = "") -> None:
+        """Keep a prompt's keys and values for `tenant` (evicting the least recently used entries past the bound)."""
+        key = (tenant, tuple(prompt))
+        if len(prompt) > self.max_tokens or key in self._entries:
             return
         self._entries[key] = kv
-        self.tokens += len(key)
+        self.tokens += len(prompt)
         while self.tokens > self.max_tokens:
-            old, _ = self._entries.popitem(last=False)
+            (_, old), _ = self._entries.popitem(last=False)
             self.tokens -= len(old)
 
     def clear(self) -> None:
@@ -251,7 +258,7 @@ class CausalLMRunner(Runner):
         """Give a prompt its own block, seeded from the prefix cache when a kept prompt starts the same way;
         a whole prompt with nothing cached gets none: it is packed with the others instead."""
         prompt = seq.request.prompt
-        cached, kv = self.prefixes.longest(prompt) if self.prefixes.max_tokens else (0, None)
+        cached, kv = self.prefixes.longest(prompt, seq.request.tenant) if self.prefixes.max_tokens else (0, None)
         if kv is None and packable:
             return
         seq.prefill = self._new_block()
@@ -293,7 +300,7 @@ class CausalLMRunner(Runner):
             result = self._emit(seq_id, seq, token)
             if source is not None:
                 if self.prefixes.max_tokens:
-                    self.prefixes.add(seq.request.prompt, source[0].columns(0, source[1], source[2]))
+                    self.prefixes.add(seq.request.prompt, source[0].columns(0, source[1], source[2]), seq.request.tenant)
                 seq.prefill = None
                 if result.done is None:
                     assert self._batch is not None

@@ -21,9 +21,12 @@ class SamplingParams:
 
 @dataclass(frozen=True, slots=True)
 class GenerationRequest:
-    """One generation: the prompt's token ids, at most `max_new` new tokens, extra stop token ids."""
+    """One generation: the prompt's token ids, at most `max_new` new tokens, extra stop token ids, and its tenant:
+    the API key (its label) whose part of the prefix cache the prompt may use and fill, so that no tenant's time to
+    first token depends on another's prompts."""
 
     prompt: list[int]
     max_new: int
     sampling: SamplingParams = SamplingParams()
     stop_ids: frozenset[int] = field(default_factory=frozenset)
+    tenant: str = ""

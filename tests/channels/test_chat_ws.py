@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import secrets
 from collections.abc import Iterator
 
 import orjson
 import pytest
+import websockets
 
-from tests.serverproc import ServerProc, connect, recv, send, start_server
+from tests.serverproc import KEY, PLAIN, ServerProc, connect, recv, send, start_server
 
 
 @pytest.fixture(scope="module")
@@ -105,3 +107,29 @@ async def test_chat_cut_mid_answer_resumes_without_loss(chat_server: ServerProc)
     await ws.close()
     assert sorted(got) == list(range(len(got)))
     assert await deltas(got) == await deltas(whole) and len(await deltas(whole)) > 20
+
+
+def _prefix_hits(server: ServerProc) -> float:
+    """The chat runner's prefix-cache hits, from /metrics."""
+    lines = [line for line in server.get("/metrics")[1].decode().splitlines() if line.startswith("streamplex_engine_") and "_prefix_cache_hits " in line]
+    assert len(lines) == 1, lines
+    return float(lines[0].rsplit(" ", 1)[1])
+
+
+async def test_a_second_keys_identical_prompt_gets_no_cache_hit(chat_server: ServerProc) -> None:
+    """No cross-tenant timing signal: the prefix cache is per API key, so another key's prompt never speeds up yours."""
+    question = f"Spell the word {secrets.token_hex(4)} backwards."  # new to the cache, whatever ran before
+
+    async def ask(key: str) -> float:
+        before = _prefix_hits(chat_server)
+        async with websockets.connect(chat_server.url, additional_headers={"X-API-Key": key}) as ws:
+            assert (await recv(ws))["op"] == "ready"
+            await send(ws, op="subscribe", id="c", channel="chat", params={"message": question, "max_tokens": 4, "temperature": 0})
+            while not ((frame := await recv(ws, timeout=60))["op"] == "end" and frame["id"] == "c"):
+                pass
+            assert frame["reason"] == "complete", frame
+        return _prefix_hits(chat_server) - before
+
+    await ask(KEY)  # may hit the key's own earlier prompts (the template's system prompt)
+    assert await ask(PLAIN) == 0, "another key's identical prompt must not be served from the cache"
+    assert await ask(KEY) == 1 and await ask(PLAIN) == 1, "a key's own repeated prompt is"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 from collections.abc import Callable
 
 import pytest
@@ -140,3 +141,35 @@ async def test_prefix_cache_skips_shared_prompt_tokens_and_changes_no_output(run
         assert cached == plain
     finally:
         runner.prefixes.max_tokens = bound
+
+
+async def test_the_prefix_cache_is_per_tenant(runner: CausalLMRunner) -> None:
+    ids = prompt(runner, "Name three rivers in Europe.")
+
+    def run(tenant: str) -> Stream:
+        return engine.submit(runner.name, len(ids), 6, GenerationRequest(ids, 6, GREEDY, tenant=tenant))
+
+    runner.prefixes.clear()
+    async with engine_with(runner, max_batch=8, step_tokens=264, prefill_chunk=256) as engine:
+        outs: dict[str, list[int]] = {"a": [], "b": [], "a again": [], "b again": []}
+        hits = [runner.prefixes.hits]
+        for name in outs:
+            await collect(run(name.split()[0]), outs[name])
+            hits.append(runner.prefixes.hits)
+    # a: nothing kept; b: the identical prompt, kept for a only, gets no hit; then each hits its own.
+    assert [after - before for before, after in itertools.pairwise(hits)] == [0, 0, 1, 1]
+    assert len({tuple(out) for out in outs.values()}) == 1, "cached or not, the same tokens"
+
+
+def test_prefix_cache_entries_are_matched_within_their_tenant_only() -> None:
+    from server.engine.causal_lm import PrefixCache
+
+    cache = PrefixCache(8)
+    kv = torch.zeros(2, 1, 4, 1)
+    cache.add([1, 2, 3, 4], kv, "a")
+    assert cache.longest([1, 2, 3, 4, 5], "b") == (0, None) and cache.hits == 0
+    length, found = cache.longest([1, 2, 3, 4, 5], "a")
+    assert length == 4 and found is not None and cache.hits == 1
+    cache.add([1, 2, 3, 4], kv, "b")  # the same tokens for another tenant: a separate entry
+    cache.add([9, 9], kv, "c")  # 10 tokens kept > 8: a's (least recently used first) goes
+    assert cache.tokens == 6 and cache.longest([1, 2, 3, 4, 5], "a") == (0, None)
