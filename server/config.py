@@ -128,7 +128,7 @@ class Settings(BaseSettings):
     )
     redis_password: str = Field(
         "",
-        description="Password for Redis (`requirepass`, or the ACL user's), unless `redis_url` holds one; keeps the secret out of the URL. Empty: none.",
+        description="Password for Redis (`requirepass`, or the ACL user's), unless `redis_url` holds one; keeps the secret out of the URL. Set it in the environment, not as a flag (flags show in the process list). Empty: none.",
     )
     redis_tls_ca_file: Path | None = Field(
         None,
