@@ -200,6 +200,9 @@ class Runtime:
                 why = f"its channel is {channel.status().state} here"
             log.warning("session %s stream %s (%s) cannot go on on this node: %s", session.id, sid, name, why)
             return EndReason.RESUME_GAP if gap else EndReason.PRODUCER_LOST
+        if not session.principal.may_use(name, channel.admin):  # the record is Redis's word, and scopes may differ by node
+            log.warning("session %s stream %s (%s) cannot go on on this node: its API key may not use that channel", session.id, sid, name)
+            return EndReason.PRODUCER_LOST
         try:
             params = channel.parse(raw)
         except ChannelError as exc:

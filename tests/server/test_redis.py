@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import shutil
+import signal
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,8 +15,9 @@ import orjson
 import pytest
 import websockets
 
+from server.session_store import digest
 from tests.redisproc import RedisProc
-from tests.serverproc import ServerProc, connect, free_port, recv, send, start_server
+from tests.serverproc import PLAIN, ServerProc, connect, free_port, recv, send, start_server
 
 pytestmark = pytest.mark.skipif(shutil.which("redis-server") is None, reason="redis-server is not installed (scripts/packages/apt-test.txt)")
 
@@ -206,3 +208,32 @@ async def test_unreachable_redis_at_start_serves_node_locally_with_local_limits(
         await ws.close()
     finally:
         srv.stop()
+
+
+async def test_a_taken_over_session_never_opens_a_channel_its_key_may_not_use(tmp, redis_server: RedisProc) -> None:
+    """A session record in Redis naming an admin channel (written by hand, or by a node with other scopes) does not
+    give a plain key that channel when another node takes the session over."""
+    a, b = _pair(tmp, redis_server, "sp-scope", resume_window=20)
+    r = redis_server.client()
+    try:
+        ws = await websockets.connect(a.url, additional_headers={"X-API-Key": PLAIN})
+        token = (await recv(ws))["resume"]["token"]
+        await send(ws, op="subscribe", id="d", channel="data", params={"records": [{"i": i} for i in range(500)], "chunk_size": 1, "interval_ms": 20})
+        seqs = [f["seq"] for f in [await recv(ws) for _ in range(6)] if f["op"] == "chunk"]
+        a.stop(signal.SIGKILL)
+        (sess_key,) = [k for k in r.scan_iter("sp-scope:sess:*") if k.decode().endswith(digest(token))]
+        r.hset(sess_key, "s:d", orjson.dumps({"channel": "logs", "params": {"lines": 50}}))
+        async with websockets.connect(b.url, additional_headers={"X-API-Key": PLAIN}) as again:
+            assert (await recv(again))["op"] == "ready"
+            await send(again, op="resume", token=token, streams={"d": seqs[-1]})
+            assert (await recv(again))["op"] == "resumed"
+            frames = []
+            while not (frames and frames[-1]["op"] == "end"):
+                frames.append(await recv(again))
+            assert frames[-1]["reason"] == "producer_lost", frames
+            assert not [f for f in frames if f["op"] == "chunk" and "logger" in str(f.get("data"))], "log records reached a plain key"
+        assert "its API key may not use that channel" in b.log()
+    finally:
+        r.close()
+        a.stop()
+        b.stop()
