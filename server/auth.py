@@ -32,6 +32,13 @@ class Principal:
         return ADMIN in self.scopes or channel in self.scopes
 
 
+def refusal(channel: str, admin: bool) -> str:
+    """Why a key may not use `channel`, for the `forbidden` error."""
+    if admin:
+        return f"channel {channel!r} shows other clients' data: it needs a key scoped `admin` (or naming {channel!r})"
+    return f"this API key may not use channel {channel!r}"
+
+
 def _digest(key: str) -> bytes:
     return hashlib.sha256(key.encode("utf-8")).digest()
 

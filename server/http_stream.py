@@ -23,7 +23,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from channels.base import END_OF_INPUT, Binary, Channel, ChannelError, Gap, Shared, StreamContext
-from server.auth import Principal
+from server.auth import Principal, refusal
 from server.protocol import ErrorCode
 from server.ratelimit import TokenBucket
 from server.runtime import Runtime
@@ -165,7 +165,7 @@ class HttpStreams:
         if channel is None:
             return error_response(404, str(ErrorCode.UNKNOWN_CHANNEL), f"unknown channel {name!r}; available: {sorted(self.runtime.channels)}")
         if not principal.may_use(name, channel.admin):
-            return error_response(403, str(ErrorCode.FORBIDDEN), f"this API key may not use channel {name!r}")
+            return error_response(403, str(ErrorCode.FORBIDDEN), refusal(name, channel.admin))
         status = channel.status()
         if status.state != "available":
             return error_response(
@@ -178,9 +178,9 @@ class HttpStreams:
                 429, str(ErrorCode.RATE_LIMITED), f"over this API key's {key_limits.rate:g} ops/s (burst {self.settings.key_burst})", retry_after=wait
             )
         slot = f"http-{secrets.token_hex(8)}"
-        if refusal := await self._admit(principal.label, slot):
-            log.warning("refused an HTTP stream of %s from %s: %s", name, address, refusal.body.decode())
-            return refusal
+        if refused := await self._admit(principal.label, slot):
+            log.warning("refused an HTTP stream of %s from %s: %s", name, address, refused.body.decode())
+            return refused
         try:
             response = await self._open(request, channel, principal, address)
         except BaseException:

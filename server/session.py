@@ -17,7 +17,7 @@ from typing import Any, Protocol
 import orjson
 
 from channels.base import END_OF_INPUT, Binary, Channel, ChannelError, Gap, Shared, StreamContext
-from server.auth import Principal
+from server.auth import Principal, refusal
 from server.config import Settings
 from server.outbox import Lane, Outbox, OutboxOverflow, Payload
 from server.protocol import EndReason, ErrorCode, ProtocolError, Subscribe, chunk_prefix, encode, encode_binary, encode_chunk, end_frame
@@ -136,7 +136,7 @@ class Session:
         if channel is None:
             raise ProtocolError(ErrorCode.UNKNOWN_CHANNEL, f"unknown channel {op.channel!r}; available: {sorted(self.channels)}", id=op.id)
         if not self.principal.may_use(op.channel, channel.admin):
-            raise ProtocolError(ErrorCode.FORBIDDEN, f"this API key may not use channel {op.channel!r}", id=op.id)
+            raise ProtocolError(ErrorCode.FORBIDDEN, refusal(op.channel, channel.admin), id=op.id)
         status = channel.status()
         if status.state != "available":
             raise ProtocolError(

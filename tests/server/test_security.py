@@ -115,7 +115,7 @@ async def test_the_logs_channel_needs_an_admin_grant(tmp: Path) -> None:
                 reply = await recv(ws)
                 assert (reply["op"] == "subscribed") == (key != "sk-plain"), (key, reply)
                 if key == "sk-plain":
-                    assert reply["code"] == "forbidden"
+                    assert reply["code"] == "forbidden" and "scoped `admin`" in reply["message"], reply
                 else:
                     _, end = await collect(ws, "l")
                     assert end["reason"] == "complete"
