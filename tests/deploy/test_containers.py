@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import re
 import shutil
 import subprocess
@@ -88,3 +89,20 @@ def test_compose_redis_requires_a_password_and_only_the_servers_reach_it() -> No
     on_backend = {name for name, s in services.items() if "backend" in s.get("networks", ())}
     assert on_backend == {"redis", "cpu-1", "cpu-2", "gpu-1", "gpu-2"}, "nginx must not reach Redis"
     assert "STREAMPLEX_WORKERS" in services["cpu-1"]["environment"]
+
+
+def test_the_shipped_configs_trust_exactly_the_proxy_in_front() -> None:
+    """compose trusts nginx's fixed address alone; the image trusts no one; uvicorn's FORWARDED_ALLOW_IPS is gone."""
+    compose = yaml.safe_load(COMPOSE.read_text())
+    nginx = compose["services"]["nginx"]["networks"]["default"]["ipv4_address"]
+    (subnet,) = [c["subnet"] for c in compose["networks"]["default"]["ipam"]["config"]]
+    assert ipaddress.ip_address(nginx) in ipaddress.ip_network(subnet)
+    servers = [s for s in compose["services"].values() if s.get("profiles")]
+    assert servers and all(s["environment"]["STREAMPLEX_TRUSTED_PROXIES"] == nginx for s in servers)
+    for path in (COMPOSE, DOCKERFILE, ROOT / "deploy/gke/base/kustomization.yaml"):
+        assert "FORWARDED_ALLOW_IPS" not in path.read_text(), path
+    assert "STREAMPLEX_TRUSTED_PROXIES" not in DOCKERFILE.read_text().split("# No proxy is trusted")[0], "the image trusts no proxy"
+    conf = (ROOT / "deploy/nginx/streamplex.conf").read_text()
+    assert re.search(r"^\s*proxy_set_header X-Forwarded-For\s+\$remote_addr;", conf, re.M) and not re.search(
+        r"^\s*proxy_set_header X-Forwarded-For\s+\$proxy_add", conf, re.M
+    )
