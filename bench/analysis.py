@@ -105,8 +105,9 @@ async def concurrent(server: ServerProc, docs: list[str]) -> tuple[float, list[d
 
 
 def embedding_figures(server: ServerProc) -> tuple[float, float]:
-    steps = server.metric("streamplex_engine_embedding_all_minilm_l6_v2_steps_total")
-    items = server.metric("streamplex_engine_embedding_all_minilm_l6_v2_items_total")
+    labels = 'model="all-minilm-l6-v2",runner="embedding"'
+    steps = server.metric("streamplex_engine_steps_total", labels)
+    items = server.metric("streamplex_engine_items_total", labels)
     return steps, items
 
 
@@ -119,10 +120,7 @@ async def main() -> None:
         server = start_server(Path(tmp), embedding_model="all-minilm-l6-v2")
         try:
             for _ in range(1200):
-                if (
-                    server.metric("streamplex_engine_embedding_all_minilm_l6_v2_items_total")
-                    or "embedding_all_minilm_l6_v2_items_total" in server.get("/metrics")[1].decode()
-                ):
+                if orjson.loads(server.get("/ready")[1])["channels"]["analysis"] == "available":
                     break
                 await asyncio.sleep(0.1)
             warm = await connect(server)

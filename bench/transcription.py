@@ -312,7 +312,7 @@ def costs(model: str, threads: int, rounds: int, seconds: float) -> list[dict[st
 def step_seconds(server: Any) -> float:
     """The transcription runner's total step seconds, from /metrics."""
     for line in server.get("/metrics")[1].decode().splitlines():
-        if "transcription" in line and "step_seconds_total" in line and not line.startswith("#"):
+        if line.startswith("streamplex_engine_step_seconds_sum{") and 'runner="transcription"' in line:
             return float(line.rsplit(" ", 1)[1])
     return 0.0
 

@@ -10,7 +10,7 @@
 /** The protocol's error codes (the `code` of `error` frames and of `end` errors). */
 export const ERROR_CODES = Object.freeze([
   "bad_request", "unknown_op", "unknown_channel", "invalid_params", "duplicate_id", "unknown_id",
-  "rate_limited", "forbidden", "too_many_streams", "unavailable", "bad_source", "internal",
+  "rate_limited", "forbidden", "too_many_streams", "unavailable", "overloaded", "bad_source", "internal",
 ]);
 
 /** Close codes after which reconnecting with the same key cannot help. */
@@ -86,6 +86,8 @@ export class Subscription {
     this.id = id;
     this.resume = resume;
     this.restarts = 0;
+    this.retries = 0; // subscribes sent again after a retryable refusal
+    this.retryWaitedMs = 0;
     this.lastSeq = -1;
     this.reason = null;
     this.onChunk = onChunk;
@@ -184,8 +186,12 @@ export class Subscription {
  * `state` (detail: "connecting" | "open" | "reconnecting" | "closed"), `warning` (detail: a refused frame without a stream).
  */
 export class Client extends EventTarget {
-  constructor(url, { apiKey, reconnect = true, backoff = [500, 30000], maxRetries = Infinity, heartbeatMs = 15000, heartbeatTimeoutMs = 10000, WebSocketImpl = globalThis.WebSocket } = {}) {
+  constructor(url, { apiKey, reconnect = true, backoff = [500, 30000], maxRetries = Infinity, retry = {}, heartbeatMs = 15000, heartbeatTimeoutMs = 10000, WebSocketImpl = globalThis.WebSocket } = {}) {
     super();
+    // Refused subscribes with these codes and a `retry_after` are sent again after it, up to maxAttempts per
+    // stream and maxWaitMs of waiting in all (`retry: false` turns this off).
+    this.retry = retry === false ? null : { codes: ["unavailable", "overloaded", "rate_limited"], maxAttempts: 5, maxWaitMs: 60000, ...retry };
+    this._retryTimers = new Set();
     this.url = url;
     this.apiKey = apiKey;
     this.reconnect = reconnect;
@@ -314,6 +320,7 @@ export class Client extends EventTarget {
         break;
       case "error": {
         const error = StreamplexError.fromFrame(frame);
+        if (sub && sub._awaitingSubscribed && this._retryLater(sub, error)) break;
         if (sub && sub._awaitingSubscribed) {
           this._subs.delete(sub.id);
           sub._finish(error, "error");
@@ -338,11 +345,41 @@ export class Client extends EventTarget {
       sub._awaitingSubscribed = true; // subscribed again once reconnected
       return;
     }
+    if (frame.reason === "error") {
+      const error = new StreamplexError(frame.error.code, frame.error.message, { id: sub.id, retryAfter: frame.error.retry_after ?? null });
+      if (sub.lastSeq < 0 && this._retryLater(sub, error)) return; // refused before its first chunk: nothing to start over
+      this._subs.delete(sub.id);
+      sub._finish(error, "error");
+      return;
+    }
     this._subs.delete(sub.id);
-    if (frame.reason === "error") sub._finish(new StreamplexError(frame.error.code, frame.error.message, { id: sub.id }), "error");
-    else if (frame.reason === "shutdown") sub._finish(new StreamplexError("shutdown", "the server shut down", { id: sub.id }), "shutdown");
+    if (frame.reason === "shutdown") sub._finish(new StreamplexError("shutdown", "the server shut down", { id: sub.id }), "shutdown");
     else if (frame.reason === "resume_gap") sub._finish(new StreamplexError("resume_gap", "chunks were lost while the connection was down", { id: sub.id }), "resume_gap");
     else sub._finish(null, frame.reason);
+  }
+
+  /** Subscribe `sub` again after the error's `retryAfter` when the retry policy allows it; false when the error stands. */
+  _retryLater(sub, error) {
+    const policy = this.retry;
+    if (!policy || error.retryAfter == null || !policy.codes.includes(error.code)) return false;
+    const waitMs = error.retryAfter * 1000;
+    if (sub.retries >= policy.maxAttempts || sub.retryWaitedMs + waitMs > policy.maxWaitMs) return false;
+    sub.retries += 1;
+    sub.retryWaitedMs += waitMs;
+    sub._awaitingSubscribed = true;
+    const timer = setTimeout(() => {
+      this._retryTimers.delete(timer);
+      if (this._subs.get(sub.id) !== sub || sub.ended) return;
+      try {
+        this._send({ op: "subscribe", id: sub.id, channel: sub.channel, params: sub.params });
+      } catch (sendError) {
+        if (!this._ws) return; // disconnected: the reconnect subscribes it again
+        this._subs.delete(sub.id);
+        sub._finish(sendError, "error");
+      }
+    }, waitMs);
+    this._retryTimers.add(timer);
+    return true;
   }
 
   _onClose(ws, error) {
@@ -469,6 +506,8 @@ export class Client extends EventTarget {
   close() {
     this._closing = true;
     clearInterval(this._heartbeat);
+    for (const timer of this._retryTimers) clearTimeout(timer);
+    this._retryTimers.clear();
     if (this._ws) this._ws.close(1000, "client closed");
     else this._failAll(new ConnectionClosedError(1000, "client closed"));
   }

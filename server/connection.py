@@ -28,6 +28,7 @@ from server.protocol import (
     decode_binary,
     decode_text,
     encode,
+    frame_id,
 )
 from server.ratelimit import TokenBucket
 from server.runtime import Runtime
@@ -334,7 +335,7 @@ class Connection:
                             if per_key
                             else f"{self.settings.rate:g} ops/s (burst {self.settings.burst})"
                         )
-                        raise ProtocolError(ErrorCode.RATE_LIMITED, f"over {limit}", retry_after=wait)
+                        raise ProtocolError(ErrorCode.RATE_LIMITED, f"over {limit}", id=frame_id(message), retry_after=wait)
                     strikes = 0
                     await self._dispatch(session, message)
                 except ProtocolError as exc:

@@ -14,9 +14,10 @@ Without hooks (a detached session, or a consumer of its own) frames queue and `g
 from __future__ import annotations
 
 import asyncio
+import time
 from collections import deque
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, Protocol
 
 Payload = str | bytes
 
@@ -86,21 +87,26 @@ class Lane:
         self.depth = depth
         self.render = render
         self.on_drop = on_drop
-        self.pending: deque[Any] | None = None  # made when the outbox is full
+        self.pending: deque[tuple[float, Any]] | None = None  # (monotonic time queued, item), made when the outbox is full
         self.dropped = 0  # not yet reported to the client (its next chunk says so and resets it)
         self.scheduled = False  # in the outbox's queue
 
 
-Entry = tuple[Payload, int] | Lane | Pending
+Entry = tuple[Payload, int, float] | Lane | Pending  # a queued frame: (payload, size, monotonic time queued)
+
+
+class DelaySink(Protocol):
+    def observe(self, seconds: float) -> None: ...
 
 
 class Outbox:
     """Bounded FIFO of outgoing frames with per-stream lossy lanes."""
 
-    __slots__ = ("_bytes", "_empty", "_nonempty", "_queue", "_room", "direct", "draining", "max_bytes", "wake")
+    __slots__ = ("_bytes", "_empty", "_nonempty", "_queue", "_room", "delays", "direct", "draining", "max_bytes", "wake")
 
-    def __init__(self, max_bytes: int) -> None:
+    def __init__(self, max_bytes: int, delays: DelaySink | None = None) -> None:
         self.max_bytes = max_bytes
+        self.delays = delays  # told how long each queued frame waited (frames sent at once are not reported)
         self._queue: deque[Entry] | None = None  # made when a frame first has to wait
         self._bytes = 0
         self.direct: Direct | None = None
@@ -141,7 +147,7 @@ class Outbox:
         self._bytes += size
         if self._bytes >= self.max_bytes:
             self._room.clear()
-        self._enqueue((payload, size))
+        self._enqueue((payload, size, time.monotonic()))
 
     def _enqueue(self, entry: Entry) -> None:
         if self._queue is None:
@@ -177,7 +183,7 @@ class Outbox:
             pending.popleft()
             lane.dropped += 1
             lane.on_drop(1)
-        pending.append(item)
+        pending.append((time.monotonic(), item))
         if not lane.scheduled:
             lane.scheduled = True
             self._enqueue(lane)
@@ -215,14 +221,18 @@ class Outbox:
                 if not pending:
                     entry.scheduled = False
                     continue
-                item = pending.popleft()
+                queued, item = pending.popleft()
                 if pending:
                     queue.append(entry)
                 else:
                     entry.pending = None
                     entry.scheduled = False
+                if self.delays is not None:
+                    self.delays.observe(time.monotonic() - queued)
                 return entry.render(item)
-            payload, size = entry
+            payload, size, queued = entry
+            if self.delays is not None:
+                self.delays.observe(time.monotonic() - queued)
             self._bytes -= size
             if self._bytes < self.max_bytes:
                 self._room.set()

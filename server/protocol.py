@@ -5,6 +5,7 @@ Pure: no I/O. docs/protocol.md is the reference this module implements.
 
 from __future__ import annotations
 
+import contextlib
 import struct
 from enum import IntEnum, StrEnum
 from typing import Annotated, Any, Literal
@@ -156,6 +157,21 @@ def decode_text(text: str) -> ClientOp:
         return model.model_validate(obj)  # type: ignore[return-value]
     except ValidationError as exc:
         raise ProtocolError(ErrorCode.BAD_REQUEST, f"malformed {op!r} frame", id=frame_id, details=validation_details(exc)) from None
+
+
+def frame_id(message: str | bytes) -> str | None:
+    """The stream id a client frame names, if it can be read (for refusing it without processing it), else None."""
+    if isinstance(message, bytes):
+        n = message[0] if message else 0
+        with contextlib.suppress(UnicodeDecodeError):
+            return message[1 : 1 + n].decode("utf-8") if 0 < n < len(message) else None
+        return None
+    try:
+        obj = orjson.loads(message)
+    except orjson.JSONDecodeError:
+        return None
+    value = obj.get("id") if isinstance(obj, dict) else None
+    return value if isinstance(value, str) else None
 
 
 def validation_details(exc: ValidationError) -> list[dict[str, Any]]:

@@ -5,7 +5,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import sys
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
+
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from channels import discover
 from channels.base import Channel, ChannelError, Services
@@ -14,6 +17,7 @@ from server.broker import MemoryBroker
 from server.cluster import ClusterHub
 from server.config import Settings
 from server.engine import build_engine
+from server.engine.metrics import families as engine_families
 from server.hub import Hub
 from server.keylimits import KeyLimits
 from server.logbuffer import RingLogHandler, check_record
@@ -37,7 +41,7 @@ class Runtime:
         self.settings = settings
         self.keys, self.generated_key = KeyStore.from_settings(settings)
         self.throttle = AuthThrottle(settings.auth_fail_limit, settings.auth_fail_window)
-        self.telemetry = Telemetry(self.gauges, settings.node)
+        self.telemetry = Telemetry(settings.node)
         self.broker: MemoryBroker
         if settings.redis_url:
             self.broker = RedisBroker(settings.redis_url, settings.node, settings.redis_prefix, options=redis_options(settings))
@@ -60,6 +64,7 @@ class Runtime:
         self.engine = build_engine(settings)
         self.services = Services(settings=settings, feeds=self.hub, logs=self.logs, stats=self.telemetry.stats.snapshot, engine=self.engine)
         self.channels: dict[str, Channel] = {name: cls(self.services) for name, cls in discover().items()}
+        self.telemetry.register(self.collect)
         self.connections: set[Connection] = set()
         self.detached: dict[str, tuple[Session, asyncio.TimerHandle]] = {}  # by resume token
         self.draining = False
@@ -67,26 +72,30 @@ class Runtime:
         self.drain_started = asyncio.Event()  # HTTP streams end with reason `shutdown` when it is set
         self._expiring: set[asyncio.Task[None]] = set()
 
-    def gauges(self) -> dict[str, float]:
-        """Extra gauges for /metrics: outbox bytes, asyncio tasks, engine streams and the engine's per-runner figures."""
-        engine = self.engine.metrics()
-        out: dict[str, float] = {
-            "outbox_bytes": float(sum(c.outbox_bytes() for c in self.connections)),
-            "tasks": float(len(asyncio.all_tasks())),
-            "engine_streams": float(engine["streams"]),
-            # All channels together: the per-pod figure the Kubernetes HPA scales on (deploy/gke/base/hpa.yaml).
-            "streams_active": float(sum(self.telemetry.stats.streams.values())),
-        }
+    def collect(self) -> Iterator[Metric]:
+        """Scrape-time families of the runtime and the engine: outbox bytes, asyncio tasks, Redis, the engine's figures and histograms."""
+        yield GaugeMetricFamily(
+            "streamplex_outbox_bytes", "Bytes of frames waiting in the connections' outboxes.", value=sum(c.outbox_bytes() for c in self.connections)
+        )
+        yield GaugeMetricFamily("streamplex_tasks", "asyncio tasks alive.", value=len(asyncio.all_tasks()))
         if isinstance(self.broker, RedisBroker):
-            out["redis_up"] = float(self.broker.up)
-            out["redis_outbound_dropped"] = float(self.broker.outbound_dropped)
-            out["redis_malformed_dropped"] = float(self.broker.malformed_dropped)
+            yield GaugeMetricFamily("streamplex_redis_up", "1 while the Redis connection works.", value=float(self.broker.up))
+            yield CounterMetricFamily(
+                "streamplex_redis_outbound_dropped",
+                "Feed messages for other nodes dropped because the outbound queue to Redis was full.",
+                value=self.broker.outbound_dropped,
+            )
+            yield CounterMetricFamily(
+                "streamplex_redis_malformed_dropped",
+                "Messages from Redis dropped: malformed, invalid, or failing to be handled.",
+                value=self.broker.malformed_dropped,
+            )
         if self.store is not None:
-            out["redis_session_writes_dropped"] = float(self.store.dropped)
-        for runner, figures in engine["runners"].items():
-            slug = "".join(ch if ch.isalnum() else "_" for ch in runner)
-            out.update({f"engine_{slug}_{k}": float(v) for k, v in figures.items() if isinstance(v, int | float)})
-        return out
+            yield CounterMetricFamily(
+                "streamplex_redis_session_writes_dropped", "Session and replay writes to Redis dropped while it was unreachable.", value=self.store.dropped
+            )
+        yield from engine_families(self.engine.metrics())
+        yield from self.engine.histograms.collect()
 
     async def start(self) -> None:
         """Start channels and live log publishing; announce the generated key once."""

@@ -121,7 +121,7 @@ class Session:
         self.principal = principal
         self.stats = stats
         self.streams: dict[str, Stream] = {}
-        self.outbox = Outbox(settings.outbox_bytes)
+        self.outbox = Outbox(settings.outbox_bytes, stats.send_delay)
         self.ended: dict[str, Stream] = {}  # recently ended streams, for a resume that missed their last frames
 
     def reply(self, frame: dict[str, Any]) -> None:

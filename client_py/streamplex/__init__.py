@@ -5,7 +5,7 @@ async with streamplex.connect("ws://127.0.0.1:8000/ws", api_key=KEY) as client:
         print(chunk.data)
 """
 
-from streamplex.client import Chunk, Client, Subscription, connect
+from streamplex.client import Chunk, Client, Retry, Subscription, connect
 from streamplex.errors import (
     AuthenticationError,
     AuthThrottled,
@@ -16,6 +16,7 @@ from streamplex.errors import (
     Forbidden,
     InternalError,
     InvalidParams,
+    Overloaded,
     ProtocolError,
     RateLimited,
     StreamEnded,
@@ -40,8 +41,10 @@ __all__ = [
     "Forbidden",
     "InternalError",
     "InvalidParams",
+    "Overloaded",
     "ProtocolError",
     "RateLimited",
+    "Retry",
     "StreamEnded",
     "StreamplexError",
     "Subscription",

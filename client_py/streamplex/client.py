@@ -10,7 +10,7 @@ import random
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
@@ -58,6 +58,23 @@ class _End:
 _END = _End()
 
 
+@dataclass(frozen=True, slots=True)
+class Retry:
+    """Which refusals of a `subscribe` the client retries by itself, waiting the server's `retry_after` first.
+
+    Only an error that carries `retry_after` is retried (without it, e.g. a channel with no model, waiting cannot
+    help); a stream that already delivered chunks is not started over. After `max_attempts` retries of one
+    stream, or once its waits would pass `max_wait` seconds in all, the error is raised as usual.
+    """
+
+    codes: frozenset[str] = field(default=frozenset({"unavailable", "overloaded", "rate_limited"}))
+    max_attempts: int = 5
+    max_wait: float = 60.0
+
+    def allows(self, error: ProtocolError, attempts: int, waited: float) -> bool:
+        return error.code in self.codes and error.retry_after is not None and attempts < self.max_attempts and waited + error.retry_after <= self.max_wait
+
+
 class _Bucket:
     """Client-side pacing so the server's token bucket (`rate`, `burst` from `ready`) never refuses a frame."""
 
@@ -92,6 +109,8 @@ class Subscription:
         self.id = id
         self.resume = resume
         self.restarts = 0
+        self.retries = 0  # subscribes sent again after a retryable refusal
+        self.retry_waited = 0.0
         self.last_seq = -1
         self.reason: str | None = None
         self.push_errors: deque[ProtocolError] = deque(maxlen=32)
@@ -213,6 +232,7 @@ class Client:
         backoff: tuple[float, float] = (0.5, 30.0),
         open_timeout: float = 10.0,
         queue_size: int = 256,
+        retry: Retry | None = Retry(),
         **ws_options: Any,
     ) -> None:
         self.urls = [url] if isinstance(url, str) else list(url)
@@ -225,6 +245,7 @@ class Client:
         self.backoff = backoff
         self.open_timeout = open_timeout
         self.queue_size = queue_size
+        self.retry = retry
         self.ws_options = ws_options
         self.ready: dict[str, Any] = {}
         self.reconnects = 0
@@ -238,6 +259,7 @@ class Client:
         self._pongs: deque[asyncio.Future[None]] = deque()
         self._ids = itertools.count(1)
         self._supervisor: asyncio.Task[None] | None = None
+        self._retrying: set[asyncio.Task[None]] = set()
         self._closing = False
 
     @property
@@ -266,6 +288,8 @@ class Client:
             self._supervisor.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._supervisor
+        for task in list(self._retrying):
+            task.cancel()
         self._fail_all(ConnectionClosed(1000, "closed by the client"))
 
     def subscribe(self, channel: str, /, *, id: str | None = None, resume: bool = True, **params: Any) -> Subscription:
@@ -443,6 +467,8 @@ class Client:
         elif op == "error":
             error = protocol_error(frame)
             if sub is not None:
+                if sub._awaiting_subscribed and self._retry_later(sub, error):
+                    return
                 if sub._awaiting_subscribed:
                     del self._subs[sub.id]
                 sub._refused(error)
@@ -461,10 +487,15 @@ class Client:
         if reason == "shutdown" and sub.resume and self.reconnect:
             sub._awaiting_subscribed = True  # resubscribed once the client has reconnected
             return
-        del self._subs[sub.id]
         if reason == "error":
-            sub._finish(protocol_error({**frame.get("error", {}), "id": sub.id}), "error")
-        elif reason == "shutdown":
+            error = protocol_error({**frame.get("error", {}), "id": sub.id})
+            if sub.last_seq < 0 and self._retry_later(sub, error):  # refused before its first chunk: nothing to start over
+                return
+            del self._subs[sub.id]
+            sub._finish(error, "error")
+            return
+        del self._subs[sub.id]
+        if reason == "shutdown":
             sub._finish(StreamEnded(sub.id, "the server shut down"), "shutdown")
         elif reason == "resume_gap":
             sub._finish(StreamEnded(sub.id, "chunks were lost while the connection was down (resume_gap)"), "resume_gap")
@@ -472,6 +503,29 @@ class Client:
             sub._finish(StreamEnded(sub.id, "its server node died and the stream cannot go on elsewhere (producer_lost)"), "producer_lost")
         else:
             sub._finish(None, reason)
+
+    def _retry_later(self, sub: Subscription, error: ProtocolError) -> bool:
+        """Subscribe `sub` again after `retry_after` when the retry policy allows it; False when the error stands."""
+        if self.retry is None or not self.retry.allows(error, sub.retries, sub.retry_waited) or error.retry_after is None:
+            return False
+        sub.retries += 1
+        sub.retry_waited += error.retry_after
+        sub._awaiting_subscribed = True
+        log.info("stream %s: %s; subscribing again in %.3g s (retry %d)", sub.id, error, error.retry_after, sub.retries)
+        task = asyncio.create_task(self._subscribe_again(sub, error.retry_after), name=f"streamplex-retry:{sub.id}")
+        self._retrying.add(task)
+        task.add_done_callback(self._retrying.discard)
+        return True
+
+    async def _subscribe_again(self, sub: Subscription, delay: float) -> None:
+        await asyncio.sleep(delay)
+        if self._subs.get(sub.id) is not sub or sub._left:
+            return
+        try:
+            await self._send_op({"op": "subscribe", "id": sub.id, "channel": sub.channel, "params": sub.params})
+        except StreamplexError as exc:
+            self._subs.pop(sub.id, None)
+            sub._finish(exc)
 
     async def _open_stream(self, sub: Subscription) -> None:
         if sub.id in self._subs:

@@ -66,6 +66,10 @@ class Unavailable(ProtocolError):
     code = "unavailable"
 
 
+class Overloaded(ProtocolError):
+    code = "overloaded"
+
+
 class BadSource(ProtocolError):
     code = "bad_source"
 
@@ -87,6 +91,7 @@ ERRORS: dict[str, type[ProtocolError]] = {
         Forbidden,
         TooManyStreams,
         Unavailable,
+        Overloaded,
         BadSource,
         InternalError,
     )

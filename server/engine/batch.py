@@ -9,6 +9,7 @@ once the last of them is done. No torch here.
 from __future__ import annotations
 
 import asyncio
+import time
 from abc import ABC, abstractmethod
 from collections import deque
 from collections.abc import Sequence
@@ -50,6 +51,8 @@ class Job:
 
     def __init__(self, items: Sequence[Any]) -> None:
         self.items = list(items)
+        self.submitted = time.perf_counter()
+        self.started = False  # an engine step has taken one of its items
         self.results: list[Any] = [None] * len(self.items)
         self.left = len(self.items)
         self.cancelled = False

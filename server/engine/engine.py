@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from server.engine.batch import BatchRunner, ItemQueue, Job
-from server.engine.metrics import StepStats
+from server.engine.metrics import Histograms, StepStats
 from server.engine.runner import Runner, RunnerSpec
 from server.engine.scheduler import AdmissionError, Output, RoundRobin, Scheduler, Seq
 
@@ -69,10 +69,12 @@ class Stream:
         self.engine = engine
         self.id = seq_id
         self.runner = runner
+        self._stats = engine.stats[runner]
         self.prompt_tokens = prompt_tokens
         self.completion_tokens = 0
         self.submitted = time.perf_counter()
         self.first_token: float | None = None
+        self._last_token = 0.0
         self.finished: float | None = None
         self.finish_reason: str | None = None
         self.position: int | None = None
@@ -85,7 +87,12 @@ class Stream:
         if token is not None:
             self._pending.tokens.append(token)
             self.completion_tokens += 1
-            self.first_token = self.first_token or now
+            if self.first_token is None:
+                self.first_token = now
+                self._stats.first_token.observe(now - self.submitted)
+            else:
+                self._stats.inter_token.observe(now - self._last_token)
+            self._last_token = now
         if queued is not None:
             self._pending.queued = queued
         if finish is not None:
@@ -134,7 +141,8 @@ class Engine:
         self.schedulers: dict[str, Scheduler] = {}
         self.queues: dict[str, ItemQueue] = {}
         self._jobs_in_step: list[Job] = []
-        self.stats = {name: StepStats() for name in names}
+        self.histograms = Histograms()
+        self.stats = {s.name: StepStats(s.family, s.model, self.histograms) for s in specs}
         self.errors: dict[str, str] = {}
         self._streams: dict[int, Stream] = {}
         self._ids = itertools.count(1)
@@ -328,6 +336,9 @@ class Engine:
             plan = scheduler.plan()
             self._report_positions(scheduler)
             started = time.perf_counter()
+            for seq_id in plan.admit:
+                if (stream := self._streams.get(seq_id)) is not None:
+                    self.stats[name].queue_wait.observe(started - stream.submitted)
             try:
                 outputs = await loop.run_in_executor(self._executor, runner.execute, plan)
             except Exception:
@@ -352,6 +363,10 @@ class Engine:
         batch = queue.take()
         self._jobs_in_step = list(dict.fromkeys(job for job, _ in batch))
         started = time.perf_counter()
+        for job in self._jobs_in_step:
+            if not job.started:
+                job.started = True
+                self.stats[name].queue_wait.observe(started - job.submitted)
         try:
             results = await asyncio.get_running_loop().run_in_executor(self._executor, runner.run, [job.items[i] for job, i in batch])
             if len(results) != len(batch):

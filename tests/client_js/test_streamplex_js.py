@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import json
 import subprocess
+from pathlib import Path
 
-from tests.serverproc import ROOT, ServerProc
+from tests.serverproc import ROOT, ServerProc, start_server
 
 
 def test_streamplex_js_against_the_server(server: ServerProc) -> None:
@@ -26,3 +27,20 @@ def test_streamplex_js_against_the_server(server: ServerProc) -> None:
     assert report["reconnect"] == {"intact": True, "restarts": 0, "reconnects": 1, "resumes": 1, "state": "open"}
     assert report["ping_ms"] < 5000 and report["state_after_heartbeats"] == "open"
     assert report["wrong_key"] == {"isAuth": True, "closeCode": 4001}
+
+
+def test_streamplex_js_retries_refused_subscribes_after_retry_after(tmp_path: Path) -> None:
+    server = start_server(tmp_path, key_rate=2, key_burst=1)  # a second subscribe right after the first is refused (rate_limited)
+    try:
+        done = subprocess.run(
+            ["node", str(ROOT / "tests" / "client_js" / "retry.mjs"), server.url, server.key], capture_output=True, text=True, timeout=120, cwd=ROOT
+        )
+    finally:
+        server.stop()
+    assert done.returncode == 0, done.stderr[-4000:]
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    assert report["retried"]["complete"] and report["retried"]["retries"] >= 2 and report["retried"]["ms"] >= 500
+    text = "Refused at first, sent again after retry_after, complete in the end."
+    for refused in report["refused"]:  # retry off, no attempts allowed, too little total wait allowed
+        assert refused["typed"] and refused["code"] == "rate_limited" and refused["retryAfter"] > 0 and refused["retries"] == 0, refused
+        assert refused["first"] == text

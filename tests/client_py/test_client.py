@@ -22,7 +22,7 @@ async def _eventually(check, timeout: float = 10.0) -> None:
 
 
 async def test_many_streams_share_one_socket(server: ServerProc) -> None:
-    opened = server.metric("streamplex_connections_total")
+    opened = server.metric("streamplex_connections_accepted_total")
     async with streamplex.connect(server.url, api_key=server.key) as client:
         assert {"text", "data", "metrics"} <= set(client.channels)
 
@@ -42,7 +42,7 @@ async def test_many_streams_share_one_socket(server: ServerProc) -> None:
         assert [c.seq for c in chars] == list(range(len(chars)))
         assert all("cpu" in s.data and not s.binary for s in samples)
         assert await client.ping() < 5
-    assert server.metric("streamplex_connections_total") == opened + 1
+    assert server.metric("streamplex_connections_accepted_total") == opened + 1
 
 
 async def test_leaving_the_loop_unsubscribes(server: ServerProc) -> None:
@@ -144,3 +144,41 @@ def test_sync_facade(server: ServerProc) -> None:
             assert "cpu" in chunk.data
             break
         assert client.ping() < 5
+
+
+@pytest.fixture(scope="module")
+def rate_limited_server(tmp_path_factory: pytest.TempPathFactory):
+    """A server whose API key may send 2 ops per second, bursts of 1: a second subscribe right after the first is refused."""
+    srv = start_server(tmp_path_factory.mktemp("keyrate"), key_rate=2, key_burst=1)
+    yield srv
+    srv.stop()
+
+
+async def test_rate_limited_subscribes_are_retried_after_retry_after(rate_limited_server: ServerProc) -> None:
+    refused_before = rate_limited_server.metric("streamplex_rate_limited_total")
+    async with streamplex.connect(rate_limited_server.url, api_key=rate_limited_server.key) as client:
+        subs = [client.subscribe("text", text=TEXT, unit="words", chunk_size=4) for _ in range(3)]
+        started = time.monotonic()
+
+        async def read(sub: streamplex.Subscription) -> list[str]:
+            return [c.data async for c in sub]
+
+        results = await asyncio.gather(*map(read, subs))
+        took = time.monotonic() - started
+    assert all("".join(words) == TEXT for words in results)
+    assert sum(sub.retries for sub in subs) >= 2 and all(sub.retry_waited <= 60 for sub in subs)
+    assert rate_limited_server.metric("streamplex_rate_limited_total") - refused_before >= 2
+    assert took >= 0.5, "the retries waited for the key's bucket (2 ops/s), as retry_after said"
+
+
+async def test_retry_is_capped_and_can_be_turned_off(rate_limited_server: ServerProc) -> None:
+    for retry in (None, streamplex.Retry(max_attempts=0), streamplex.Retry(max_wait=0.01)):
+        await asyncio.sleep(1.1)  # the key's bucket refills between rounds
+        async with streamplex.connect(rate_limited_server.url, api_key=rate_limited_server.key, retry=retry) as client:
+            first = client.subscribe("text", text=TEXT, unit="words")
+            second = client.subscribe("text", text=TEXT, unit="words")
+            await first.open()
+            with pytest.raises(streamplex.RateLimited) as refused:
+                await second.open()
+            assert refused.value.retry_after is not None and refused.value.retry_after > 0 and second.retries == 0, retry
+            assert [c.data async for c in first], retry

@@ -229,7 +229,7 @@ async def test_redis_restarted_mid_run_nodes_reconnect_and_sessions_resume_again
     await asyncio.sleep(1.0)  # node A's next heartbeat writes its sessions' records again
     # ... once it is back, node A has written the session again: it outlives A's death, and nothing is lost
     # (the chunks sent during the outage are regenerated: text and data restart at a position).
-    assert a.metric("streamplex_redis_session_writes_dropped") > 0, "node A could not write while Redis was away"
+    assert a.metric("streamplex_redis_session_writes_dropped_total") > 0, "node A could not write while Redis was away"
     assert not reader.ends, "the streams must still be running"
     a.stop(signal.SIGKILL)
     with pytest.raises(websockets.ConnectionClosed):

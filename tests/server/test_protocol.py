@@ -16,6 +16,7 @@ from server.protocol import (
     decode_binary,
     decode_text,
     encode_binary,
+    frame_id,
     parse_server_binary,
 )
 
@@ -89,3 +90,10 @@ def test_any_binary_decodes_or_raises_protocol_error(data: bytes) -> None:
         assert exc.code == ErrorCode.BAD_REQUEST
     else:
         assert 1 + len(stream_id.encode()) + len(payload) == len(data)
+
+
+def test_frame_id_names_the_stream_of_a_refused_frame() -> None:
+    assert frame_id('{"op":"subscribe","id":"t1","channel":"text"}') == "t1"
+    assert frame_id(b"\x02s1payload") == "s1"
+    for unreadable in ('{"op":"ping"}', '{"id": 5}', "[1]", "not json", b"", b"\x09s1", b"\x02\xff\xfe!"):
+        assert frame_id(unreadable) is None, unreadable

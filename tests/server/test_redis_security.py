@@ -218,10 +218,10 @@ async def test_malformed_messages_from_redis_are_dropped_and_streams_go_on(tmp: 
         assert seen["m"]["cpu"]["percent"] == 50.0 and seen["m"]["interval_s"] == 1.0
         assert "sp-bad:feed:logs" in warnings[0]
         deadline = time.monotonic() + 10
-        while srv.metric("streamplex_redis_malformed_dropped") < sent:
-            assert time.monotonic() < deadline, f"{srv.metric('streamplex_redis_malformed_dropped')} of {sent} counted"
+        while srv.metric("streamplex_redis_malformed_dropped_total") < sent:
+            assert time.monotonic() < deadline, f"{srv.metric('streamplex_redis_malformed_dropped_total')} of {sent} counted"
             await asyncio.sleep(0.2)
-        assert srv.metric("streamplex_redis_malformed_dropped") == sent
+        assert srv.metric("streamplex_redis_malformed_dropped_total") == sent
         assert srv.log().count("dropped a malformed message on Redis channel sp-bad:feed:logs") == 1, "one warning per channel per interval"
 
         # Keys of the per-key limits overwritten by hand: the limits fall back to the node's count, Redis stays in use.
