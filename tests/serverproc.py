@@ -80,9 +80,10 @@ class ServerProc:
         return self.proc.returncode
 
 
-def start_server(tmp: Path, **settings: Any) -> ServerProc:
-    """Start a server with STREAMPLEX_* settings (chat, transcription and embedding models off unless given) and wait until /ready."""
-    port = free_port()
+def start_server(tmp: Path, port: int | None = None, **settings: Any) -> ServerProc:
+    """Start a server with STREAMPLEX_* settings (chat, transcription and embedding models off unless given) on `port` (default: a
+    free one) and wait until /ready."""
+    port = port or free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("STREAMPLEX_")}
     env.update(
         {
