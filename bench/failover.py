@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import re
 import signal
 import statistics
 import sys
@@ -64,6 +65,7 @@ class Tally:
     resume_failed: int = 0
     reconnect_failures: int = 0
     ends: Counter[str] = field(default_factory=Counter)
+    connect_errors: Counter[str] = field(default_factory=Counter)
     resume_times: list[float] = field(default_factory=list)
 
 
@@ -135,8 +137,8 @@ class Client:
                 if ready.get("op") == "ready":
                     return ws, ready
                 await ws.close()
-            except (OSError, TimeoutError, websockets.WebSocketException):
-                pass
+            except (OSError, TimeoutError, websockets.WebSocketException) as exc:
+                self.tally.connect_errors[type(exc).__name__ + (f" {exc.response.status_code}" if isinstance(exc, websockets.InvalidStatus) else "")] += 1
             self.tally.reconnect_failures += 1
             if time.monotonic() > deadline:
                 raise RuntimeError(f"client {self.n}: no connection through nginx for 30 s")
@@ -153,9 +155,9 @@ class Client:
         self.last_seq = -1
 
     async def _subscribe(self, ws: websockets.ClientConnection) -> None:
-        self.tally.streams += 1
         params = {"records": [{"i": i} for i in range(self.args.records)], "chunk_size": 1, "interval_ms": self.args.interval_ms}
         await ws.send(orjson.dumps({"op": "subscribe", "id": self.sid, "channel": "data", "params": params}).decode())
+        self.tally.streams += 1
 
     async def _resume(self, ws: websockets.ClientConnection, ready: dict[str, Any]) -> bool:
         """Resume the dropped session on this new connection; False when the stream could not go on."""
@@ -252,14 +254,17 @@ async def _clients(url: str, args: argparse.Namespace, seconds: float, kills: li
 
 
 async def _killer(cluster: Cluster, every: float, until: float, kills: list[float], log: list[str]) -> None:
-    turn = 0
+    """SIGKILL the nodes in turn at every/2, every/2 + every, ... and start each again at once."""
     t0 = time.monotonic()
-    while True:
-        await asyncio.sleep(every / 2 if turn == 0 else every)
-        if time.monotonic() >= until:
+    for turn in range(len(NODES) * 1000):
+        at = t0 + every / 2 + turn * every
+        if at >= until:
             return
+        await asyncio.sleep(at - time.monotonic())
         name = NODES[turn % len(NODES)]
-        turn += 1
+        if name not in cluster.nodes:  # still starting after its previous kill
+            log.append(f"  {at - t0:5.1f} s  {name} not back yet: no kill")
+            continue
         kills.append(time.monotonic())
         cluster.kill(name)
         log.append(f"  {kills[-1] - t0:5.1f} s  SIGKILL {name}")
@@ -270,7 +275,9 @@ async def _killer(cluster: Cluster, every: float, until: float, kills: list[floa
 
 def _print_tally(tally: Tally) -> None:
     print(f"  streams: {tally.streams} started, {tally.complete} complete; ends: {dict(tally.ends)}")
-    print(f"  frames delivered: {tally.frames}; connection drops: {tally.drops}; failed connect attempts: {tally.reconnect_failures}")
+    print(
+        f"  frames delivered: {tally.frames}; connection drops: {tally.drops}; failed connect attempts: {tally.reconnect_failures} {dict(tally.connect_errors)}"
+    )
     print(f"  resumes: {tally.resumed} accepted, {tally.resume_failed} refused (resume_failed)")
     print(f"  LOST records: {tally.lost}   DUPLICATED: {tally.duplicated}   out of order: {tally.out_of_order}   (goal: 0 and 0)")
     times = tally.resume_times
@@ -291,6 +298,7 @@ async def main() -> None:
     parser.add_argument("--interval-ms", type=int, default=100, help="milliseconds between a stream's records")
     parser.add_argument("--cpu-seconds", type=float, default=20.0, help="seconds of each CPU phase (1, 2, 3 nodes); 0 skips them")
     parser.add_argument("--resume-window", type=float, default=30.0, help="the nodes' resume_window")
+    parser.add_argument("--nginx-log", help="copy nginx's logs of the failover phase to this file")
     args = parser.parse_args()
 
     settings = {"redis_prefix": "failover", "resume_window": args.resume_window, "heartbeat_interval": 5}
@@ -309,11 +317,17 @@ async def main() -> None:
                 killer = asyncio.create_task(_killer(cluster, args.kill_every, until, kills, log))
                 tally = await _clients(proxy.ws(), args, args.duration, kills)
                 await killer
+                if args.nginx_log:
+                    Path(args.nginx_log).write_text(proxy.log())
+                errors = Counter(
+                    re.sub(r"^\S+ \S+ \[error\] \d+#\d+: \*\d+ |, client: .*$|\d+", "", line) for line in proxy.log().splitlines() if "[error]" in line
+                )
             print(
                 f"\nphase failover: 3 nodes, one SIGKILLed every {args.kill_every:g} s for {args.duration:g} s ({len(kills)} kills), streams in flight then run to their end"
             )
             print("\n".join(log))
             _print_tally(tally)
+            print(f"  nginx errors: {dict(errors.most_common(5))}")
 
             if args.cpu_seconds > 0:
                 print(f"\nphase cpu: the same clients, no kills, {args.cpu_seconds:g} s per step")

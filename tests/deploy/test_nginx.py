@@ -142,19 +142,29 @@ async def test_a_client_forging_forwarded_headers_meets_the_per_address_http_lim
     assert "198.51.100." not in srv.log()
 
 
-async def test_a_killed_instance_fails_no_new_connection(tmp_path_factory: pytest.TempPathFactory) -> None:
+async def test_killed_and_restarted_instances_fail_no_new_connection(tmp_path_factory: pytest.TempPathFactory) -> None:
     tmp = tmp_path_factory.mktemp("killed")
-    servers = [start_server(tmp, node="left")]
+    servers = {"left": start_server(tmp, node="left")}
     try:
-        servers.append(start_server(tmp, node="right"))
-        with running_nginx(tmp_path_factory.mktemp("nginx-killed"), [s.port for s in servers]) as proxy:
-            assert servers[0].stop(signal.SIGKILL) == -signal.SIGKILL
+        servers["right"] = start_server(tmp, node="right")
+        with running_nginx(tmp_path_factory.mktemp("nginx-killed"), [s.port for s in servers.values()]) as proxy:
+
+            async def nodes_reached(n: int) -> set[str]:
+                sockets = [await _connect(proxy.ws()) for _ in range(n)]
+                await asyncio.gather(*(ws.close() for ws in sockets))
+                return {ws.ready["node"] for ws in sockets}  # type: ignore[attr-defined]
+
             # Each connect that nginx tries on the dead node is refused and retried on the other (proxy_next_upstream).
-            for _ in range(6):
-                ws = await _connect(proxy.ws())
-                assert ws.ready["node"] == "right"  # type: ignore[attr-defined]
-                await ws.close()
+            assert servers["left"].stop(signal.SIGKILL) == -signal.SIGKILL
+            assert await nodes_reached(6) == {"right"}
             assert "connect() failed (111: Connection refused)" in proxy.log()
+            # Restarted on its port, the node that failed a moment ago takes clients at once: with the other node
+            # gone too, every new connection reaches it (a failure mark would have left "no live upstreams": 502).
+            servers["left"] = start_server(tmp, port=servers["left"].port, node="left")
+            held = await _connect(proxy.ws())  # a long-lived socket, as nginx would have let through as its one probe
+            assert servers["right"].stop(signal.SIGKILL) == -signal.SIGKILL
+            assert await nodes_reached(6) == {"left"}
+            await held.close()
     finally:
-        for server in servers:
+        for server in servers.values():
             server.stop()
