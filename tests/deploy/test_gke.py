@@ -164,13 +164,11 @@ def test_redis_requires_its_secret_and_admits_only_the_server_pods(overlay) -> N
     assert redis_env == {"REDIS_PASSWORD": from_secret, "REDISCLI_AUTH": from_secret}, "the server and the readiness probe's redis-cli authenticate"
 
     (server,) = _server(docs)["spec"]["template"]["spec"]["containers"]
-    names = [e["name"] for e in server["env"]]
     env = {e["name"]: e for e in server["env"]}
-    assert env["REDIS_PASSWORD"]["valueFrom"] == from_secret
-    assert env["STREAMPLEX_REDIS_URL"]["value"] == "redis://:$(REDIS_PASSWORD)@streamplex-redis:6379/0"
-    assert names.index("REDIS_PASSWORD") < names.index("STREAMPLEX_REDIS_URL"), "$(VAR) expands only from variables defined before it"
+    assert env["STREAMPLEX_REDIS_PASSWORD"]["valueFrom"] == from_secret, "the secret stays out of the URL and the ConfigMap"
     config = next(doc for (kind, _), doc in docs.items() if kind == "ConfigMap")
-    assert "STREAMPLEX_REDIS_URL" not in config["data"], "one place sets the URL: the Deployment's env, beside the password it carries"
+    assert config["data"]["STREAMPLEX_REDIS_URL"] == "redis://streamplex-redis:6379/0"
+    assert not any("PASSWORD" in name for name in config["data"])
     service = docs["Service", "streamplex-redis"]
     assert service["spec"]["ports"][0]["port"] == 6379 and service["spec"]["selector"] == redis_pod["metadata"]["labels"]
 

@@ -102,7 +102,9 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisProc
 def workers(tmp_path_factory: pytest.TempPathFactory, redis_server: RedisProc) -> Iterator[Workers]:
     port = free_port()
     log_path = tmp_path_factory.mktemp("workers") / "workers.log"
-    env = _env(redis_url=redis_server.url, redis_prefix="sp-workers", node=NODE, heartbeat_interval="5", shutdown_timeout="5")
+    # The password in the environment (as compose.yaml and the GKE manifests give it), which the workers inherit.
+    redis_url = f"redis://127.0.0.1:{redis_server.port}/0"
+    env = _env(redis_url=redis_url, redis_password=redis_server.password, redis_prefix="sp-workers", node=NODE, heartbeat_interval="5", shutdown_timeout="5")
     cmd = [sys.executable, "-m", "server", "--workers", "2", "--port", str(port)]
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log_path.open("wb"), stderr=subprocess.STDOUT)
     server = Workers(proc, port, log_path)
