@@ -1,10 +1,15 @@
 """Load: N connections over the real protocol with a realistic channel mix, churn and slow readers.
 
-Each connection holds one profile, chosen in a fixed rotation by its index:
-- `text` (40%): a document as words, 4 per chunk, one chunk every `--interval-ms`;
-- `data` (25%): NDJSON records, 5 per chunk, one chunk every `--interval-ms`;
-- `metrics` (25%): the shared metrics sampler, one sample a second;
-- `logs` (10%): the server's own log records, live;
+Each connection holds one profile, chosen in a fixed rotation by its index. With `--mix inline` (the
+default, issue 15's mix):
+- `text` (45%): 40 KB of inline text as words, 4 per chunk, one chunk every `--interval-ms`;
+- `data` (20%): 3000 inline records as NDJSON, 5 per chunk, one chunk every `--interval-ms`;
+- `metrics` (33%): the shared metrics sampler, one sample a second;
+- `logs` (2%): the server's own log records, live.
+`--variants` inline texts and record sets are spread over the connections (1: every stream sends the
+same; `--conns`: each its own). With `--mix files` the streams read a document and a dataset from the
+server's folders instead, 40% text, 25% data, 25% metrics, 10% logs. With `--mix metrics` every
+connection holds a 1 Hz metrics stream (no slow readers, no churn unless asked).
 - `chat` (with `--chat`, 2% of the connections instead of text): a short reply, asked again when it ends.
 A share of the connections (`--slow-share`) are slow readers: a fast text stream (no pacing) plus
 metrics, read one frame every 250 ms, so the server must pause their lossless producer and drop their
@@ -18,7 +23,10 @@ after `--warmup` seconds a window of `--duration` seconds is measured:
   not drift), so arrival - n * interval, less its minimum over the stream, is that frame's delay; a
   metrics frame carries its sample time, so arrival - sample time is its delay (one clock, one machine);
 - server RSS, asyncio tasks, connections, open streams and server frames/s over time (from /metrics
-  and psutil), sampled every `--every` seconds.
+  and psutil), sampled every `--every` seconds; peak RSS and its growth per connection;
+- `/health` latency: one GET every 250 ms from the start to the end of the window (10 s timeout);
+- subscriptions refused with `overloaded`: the client waits `retry_after` and subscribes again, as the
+  SDKs do; the share refused at least once is reported.
 Example: `python bench/load.py --conns 1000 --duration 20`.
 """
 
@@ -33,6 +41,7 @@ import random
 import resource
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
 from collections import Counter
@@ -49,6 +58,59 @@ ROOT = Path(__file__).resolve().parent.parent
 MiB = 1 << 20
 ROTATION = ["text", "metrics", "data", "text", "metrics", "text", "data", "logs", "text", "metrics"]
 DOCUMENT_FILE, DATASET_FILE = "load.txt", "load.jsonl"
+INLINE_SHARES = {"text": 45, "data": 20, "metrics": 33, "logs": 2}
+WORDS = [
+    "the",
+    "quick",
+    "brown",
+    "fox",
+    "jumps",
+    "over",
+    "lazy",
+    "dog",
+    "while",
+    "streams",
+    "keep",
+    "flowing",
+    "past",
+    "every",
+    "node",
+    "of",
+    "this",
+    "small",
+    "cluster",
+]
+
+
+def spread(shares: dict[str, int]) -> list[str]:
+    """A rotation of 100 profiles with each kind spread evenly through it (largest remainder first)."""
+    out: list[str] = []
+    given = dict.fromkeys(shares, 0)
+    for i in range(1, 101):
+        kind = max(shares, key=lambda k: shares[k] * i / 100 - given[k])
+        given[kind] += 1
+        out.append(kind)
+    return out
+
+
+INLINE_ROTATION = spread(INLINE_SHARES)
+
+
+def inline_text(variant: int) -> str:
+    """About 40 KB of words, different for each variant."""
+    rng = random.Random(variant)
+    words: list[str] = []
+    size = 0
+    while size < 40_000:
+        word = rng.choice(WORDS)
+        words.append(word)
+        size += len(word) + 1
+    return " ".join(words)
+
+
+def inline_records(variant: int) -> list[dict[str, Any]]:
+    """3000 small records, different for each variant."""
+    return [{"i": i, "name": f"record {i}", "v": variant, "ok": i % 3 == 0} for i in range(3000)]
 
 
 def write_sources(docs: Path, data: Path) -> None:
@@ -66,21 +128,28 @@ def pct(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, max(0, round(q / 100 * len(ordered)) - 1))]
 
 
-def profile(index: int, slow_share: float, chat: bool) -> str:
+def profile(index: int, slow_share: float, chat: bool, mix: str = "files") -> str:
     """The profile of connection `index`: the rotation, with slow readers and chats spread through it."""
     if slow_share and index % max(1, round(1 / slow_share)) == 1:
         return "slow"
     if chat and index % 50 == 7:
         return "chat"
-    return ROTATION[index % len(ROTATION)]
+    if mix == "metrics":
+        return "metrics"
+    rotation = INLINE_ROTATION if mix == "inline" else ROTATION
+    return rotation[index % len(rotation)]
 
 
-def subscriptions(kind: str, interval_ms: int) -> list[dict[str, Any]]:
-    """The subscribe ops a connection of `kind` sends."""
+def subscriptions(kind: str, interval_ms: int, mix: str = "files", variant: int = 0) -> list[dict[str, Any]]:
+    """The subscribe ops a connection of `kind` sends (texts and records of inline `variant`)."""
 
     def sub(stream_id: str, channel: str, params: dict[str, Any]) -> dict[str, Any]:
         return {"op": "subscribe", "id": stream_id, "channel": channel, "params": params}
 
+    if mix == "inline" and kind == "text":
+        return [sub("t", "text", {"text": inline_text(variant), "unit": "words", "chunk_size": 4, "interval_ms": interval_ms})]
+    if mix == "inline" and kind == "data":
+        return [sub("d", "data", {"records": inline_records(variant), "chunk_size": 5, "interval_ms": interval_ms})]
     return {
         "text": [sub("t", "text", {"document": DOCUMENT_FILE, "unit": "words", "chunk_size": 4, "interval_ms": interval_ms})],
         "data": [sub("d", "data", {"dataset": DATASET_FILE, "chunk_size": 5, "interval_ms": interval_ms})],
@@ -102,6 +171,8 @@ class Job:
     churn: float
     chat: bool
     seed: int
+    mix: str = "files"
+    variants: int = 1
 
 
 class Client:
@@ -109,7 +180,8 @@ class Client:
 
     def __init__(self, job: Job, index: int, result: dict[str, Any]) -> None:
         self.job = job
-        self.kind = profile(index, job.slow_share, job.chat)
+        self.index = index
+        self.kind = profile(index, job.slow_share, job.chat, job.mix)
         self.result = result
         self.ws: websockets.ClientConnection | None = None
         self.task: asyncio.Task[None] | None = None
@@ -128,8 +200,11 @@ class Client:
 
     async def run(self) -> None:
         assert self.ws is not None
-        for op in subscriptions(self.kind, self.job.interval_ms):
-            await self.ws.send(orjson.dumps(op).decode())
+        ops = {op["id"]: orjson.dumps(op).decode() for op in subscriptions(self.kind, self.job.interval_ms, self.job.mix, self.index % self.job.variants)}
+        for op in ops.values():
+            await self.ws.send(op)
+        self.result["subscriptions"] += len(ops)
+        refused: set[str] = set()
         paced = self.kind in ("text", "data")
         interval = self.job.interval_ms / 1000
         try:
@@ -150,6 +225,11 @@ class Client:
                         await asyncio.sleep(0.25)
                 elif op == "error":
                     self.result["errors"][frame["code"]] += 1
+                    if frame["code"] == "overloaded" and frame.get("id") in ops:  # wait as told, then again (as the SDKs do)
+                        if frame["id"] not in refused:
+                            refused.add(frame["id"])
+                            self.result["refused_subscriptions"] += 1
+                        asyncio.get_running_loop().call_later(frame.get("retry_after") or 1.0, self.resend, ops[frame["id"]])
                 elif op == "end":
                     self.result["ends"][frame["reason"] if frame["reason"] != "error" else frame["error"]["code"]] += 1
                     if self.kind == "chat" and frame["reason"] == "complete":
@@ -159,6 +239,11 @@ class Client:
                 self.result["closed_by_server"][str(exc.rcvd.code) if exc.rcvd else "no close frame"] += 1
         finally:
             self.flush_latencies(interval)
+
+    def resend(self, op: str) -> None:
+        if self.ws is not None and not self.leaving:
+            task = asyncio.ensure_future(self.ws.send(op))
+            task.add_done_callback(lambda t: t.cancelled() or t.exception())
 
     def flush_latencies(self, interval: float) -> None:
         """Schedule-based delays of the paced frames that arrived in the window."""
@@ -193,6 +278,8 @@ async def _worker(job: Job, pipe: Connection) -> None:
         "metrics_latency": [],
         "churned": 0,
         "failed_connects": 0,
+        "subscriptions": 0,
+        "refused_subscriptions": 0,
     }
     semaphore = asyncio.Semaphore(50)
     clients = [Client(job, job.first + i, result) for i in range(job.conns)]
@@ -298,6 +385,28 @@ def server_sample(server: Any, ps: psutil.Process, t0: float, last: dict[str, fl
     }
 
 
+class HealthProbe(threading.Thread):
+    """GETs a path every `every` seconds until stopped, keeping each answer's latency (the timeout when none came)."""
+
+    def __init__(self, url: str, every: float = 0.25, timeout: float = 10.0) -> None:
+        super().__init__(daemon=True)
+        self.url, self.every, self.timeout = url, every, timeout
+        self.latencies: list[float] = []
+        self.failures = 0
+        self.stopped = threading.Event()
+
+    def run(self) -> None:
+        while not self.stopped.is_set():
+            start = time.monotonic()
+            try:
+                with urllib.request.urlopen(self.url, timeout=self.timeout) as resp:
+                    resp.read()
+            except (OSError, TimeoutError):
+                self.failures += 1
+            self.latencies.append(time.monotonic() - start)
+            self.stopped.wait(max(0.0, self.every - (time.monotonic() - start)))
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
@@ -309,10 +418,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     (tmp / "data").mkdir()
     write_sources(tmp / "docs", tmp / "data")
     settings: dict[str, Any] = {"heartbeat_interval": 20, "documents_dir": tmp / "docs", "data_dir": tmp / "data"}
+    settings.update(dict(item.split("=", 1) for item in args.setting))
     if args.chat:
         settings["chat_model"] = "smollm2-135m-instruct"
     server = start_server(tmp, **settings)
     procs: list[tuple[Any, Connection]] = []
+    health = HealthProbe(server.http + "/health")
     try:
         if args.chat:
             while orjson.loads(server.get("/ready")[1])["channels"]["chat"] == "loading":
@@ -321,12 +432,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         t0 = time.monotonic()
         last: dict[str, float] = {}
         timeline = [server_sample(server, ps, t0, last)]
+        health.start()
         ctx = mp.get_context("spawn")
         first = 0
         for i in range(args.workers):
             share = args.conns // args.workers + (i < args.conns % args.workers)
             parent, child = ctx.Pipe()
-            job = Job(server.url, server.key, first, share, args.interval_ms, args.slow_share, args.churn, args.chat, args.seed + i)
+            job = Job(server.url, server.key, first, share, args.interval_ms, args.slow_share, args.churn, args.chat, args.seed + i, args.mix, args.variants)
             proc = ctx.Process(target=worker, args=(job, child), daemon=True)
             proc.start()
             procs.append((proc, parent))
@@ -342,6 +454,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             time.sleep(min(args.every, max(0.0, t_end - time.monotonic())))
             timeline.append(server_sample(server, ps, t0, last, clients_cpu(procs)))
         results = [_expect(pipe, "result", 120 + args.conns / 20) for _, pipe in procs]
+        health.stopped.set()
         left = time.monotonic()
         while True:  # every client is gone: how long until the server holds nothing?
             timeline.append(server_sample(server, ps, t0, last, clients_cpu(procs)))
@@ -351,6 +464,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         drained_s = time.monotonic() - left
         log = server.log()
     finally:
+        health.stopped.set()
         for proc, _ in procs:
             proc.join(30)
             if proc.is_alive():
@@ -366,8 +480,20 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             totals[k].update(r[k])
         paced += r["paced_latency"]
         metric_lat += r["metrics_latency"]
+    peak = max(s["rss_mib"] for s in timeline)
+    subscribed = sum(r["subscriptions"] for r in results)
     return {
+        "mix": args.mix,
+        "variants": args.variants,
         "conns": args.conns,
+        "rss_start_mib": round(timeline[0]["rss_mib"], 1),
+        "rss_peak_mib": round(peak, 1),
+        "rss_kib_per_conn": round((peak - timeline[0]["rss_mib"]) * 1024 / max(1, connected), 1),
+        "health_ms": {q: round(1000 * pct(health.latencies, q), 1) for q in (50, 99, 100)},
+        "health_probes": len(health.latencies),
+        "health_failures": health.failures,
+        "subscriptions": subscribed,
+        "refused_subscriptions": sum(r["refused_subscriptions"] for r in results),
         "connected": connected,
         "connect_s": round(connect_s, 1),
         "workers": args.workers,
@@ -398,8 +524,13 @@ def report(result: dict[str, Any]) -> str:
             f"| {s['t']:.0f} | {s['rss_mib']:.0f} | {s['tasks']:.0f} | {s['connections']:.0f} | {s['streams']:.0f} | {s['outbox_mib']:.2f} | {s['frames_out_per_s']:.0f} | {s['cpu_pct']:.0f} | {s['clients_cpu_pct']:.0f} |"
         )
     lat, mlat = result["paced_latency_ms"], result["metrics_latency_ms"]
+    health = result["health_ms"]
     lines += [
         "",
+        f"mix {result['mix']} ({result['variants']} inline variant(s)); server RSS {result['rss_start_mib']} MiB at start, peak {result['rss_peak_mib']} MiB: "
+        f"{result['rss_kib_per_conn']} KiB per connection",
+        f"/health ms: p50 {health[50]}, p99 {health[99]}, max {health[100]} over {result['health_probes']} probes ({result['health_failures']} failed or timed out)",
+        f"subscriptions refused with overloaded at least once: {result['refused_subscriptions']} of {result['subscriptions']}",
         f"{result['connected']} connections from {result['workers']} client processes (connected in {result['connect_s']} s); window {result['window_s']} s",
         f"delivered frames/s: {result['frames_per_s']} (by profile: {result['frames_per_s_by_profile']})",
         f"paced text/data latency ms: p50 {lat[50]}, p90 {lat[90]}, p99 {lat[99]}, p99.9 {lat[99.9]} over {result['paced_frames']} frames",
@@ -419,14 +550,21 @@ def main() -> None:
     parser.add_argument("--duration", type=float, default=20.0, help="measurement window, seconds")
     parser.add_argument("--warmup", type=float, default=5.0, help="seconds between subscribing and the window")
     parser.add_argument("--interval-ms", type=int, default=200, help="pace of the text and data streams")
-    parser.add_argument("--slow-share", type=float, default=0.05, help="share of slow-reading connections")
-    parser.add_argument("--churn", type=float, default=0.01, help="share of the other connections replaced every second")
+    parser.add_argument("--slow-share", type=float, help="share of slow-reading connections (default 0.05 with mix files, else 0)")
+    parser.add_argument("--churn", type=float, help="share of the other connections replaced every second (default 0.01 with mix files, else 0)")
     parser.add_argument("--chat", action="store_true", help="2%% of the connections chat (loads the bundled chat model)")
     parser.add_argument("--drain", type=float, default=120.0, help="seconds to wait, after the clients left, for the server to hold no connection or stream")
     parser.add_argument("--every", type=float, default=5.0, help="seconds between server samples")
+    parser.add_argument("--mix", choices=["inline", "files", "metrics"], default="inline", help="the streams' profiles (see above)")
+    parser.add_argument("--variants", type=int, default=1, help="distinct inline texts and record sets (mix inline)")
+    parser.add_argument("--setting", action="append", default=[], metavar="NAME=VALUE", help="a server setting (repeatable), e.g. connection_memory=1048576")
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--json", type=Path, help="also write the result here")
     args = parser.parse_args()
+    if args.slow_share is None:
+        args.slow_share = 0.05 if args.mix == "files" else 0.0
+    if args.churn is None:
+        args.churn = 0.01 if args.mix == "files" else 0.0
     result = run(args)
     print(report(result))
     if args.json:

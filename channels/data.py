@@ -13,9 +13,10 @@ from pathlib import Path
 from typing import Any, Literal
 
 import orjson
-from pydantic import Field, model_validator
+from pydantic import Field, PrivateAttr, model_validator
 
 from channels.base import Channel, ChannelError, ParamsModel, StreamContext
+from channels.content import Records, shared_records
 from channels.files import check_whole, resolve_inside
 from channels.pacing import Pacer
 from server.protocol import ErrorCode
@@ -33,11 +34,18 @@ class DataParams(ParamsModel):
     chunk_size: int = Field(100, ge=1, le=10000, description="Records per chunk.")
     columns: list[str] | None = Field(None, min_length=1, description="CSV columns (default: the CSV header, or the keys of the records).")
     interval_ms: int = Field(0, ge=0, le=60000, description="Pause between chunks; 0 streams as fast as the client reads.")
+    _inline: Records | None = PrivateAttr(None)  # the inline records, encoded once and shared (`records` and `data` are then None)
+    _not_object: int | None = PrivateAttr(None)  # the index of the first inline record that is not an object
 
     @model_validator(mode="after")
     def _one_source(self) -> DataParams:
         if sum(x is not None for x in (self.records, self.data, self.dataset)) != 1:
             raise ValueError("give exactly one of `records`, `data` or `dataset`")
+        if self.dataset is None:
+            records = self.records if self.records is not None else [self.data]
+            self._not_object = next((i for i, r in enumerate(records) if not isinstance(r, dict)), None)
+            self._inline = shared_records(records)
+            self.records = self.data = None
         return self
 
 
@@ -165,19 +173,21 @@ class DataChannel(Channel):
                     "dataset must be a .csv or .jsonl file",
                     [{"field": "dataset", "message": "unsupported file type", "type": "value_error"}],
                 )
-        elif params.format in ("csv", "xml"):
-            records = params.records if params.records is not None else [params.data]
-            for i, record in enumerate(records):
-                if not isinstance(record, dict):
-                    raise ChannelError(
-                        ErrorCode.INVALID_PARAMS,
-                        f"{params.format} needs objects as records",
-                        [{"field": f"records.{i}", "message": "not an object", "type": "dict_type"}],
-                    )
+        elif params.format in ("csv", "xml") and (i := params._not_object) is not None:
+            raise ChannelError(
+                ErrorCode.INVALID_PARAMS,
+                f"{params.format} needs objects as records",
+                [{"field": f"records.{i}", "message": "not an object", "type": "dict_type"}],
+            )
 
     async def stream(self, params: DataParams, ctx: StreamContext) -> AsyncIterator[str]:
         pace = Pacer(params.interval_ms)
         skip = ctx.start  # chunks the client has already (the stream goes on after its node died): made, not sent
+        if params._inline is not None:
+            async for chunk in _inline_chunks(params._inline, params, skip):
+                await pace.wait()
+                yield chunk
+            return
         async with _records(params, self.settings.data_dir) as (columns, batches):
             writer = Writer(params.format, columns)
             pieces = [writer.head()]
@@ -197,14 +207,29 @@ class DataChannel(Channel):
                 yield "".join(pieces)
 
 
+async def _inline_chunks(records: Records, params: DataParams, skip: int = 0) -> AsyncIterator[str]:
+    """Inline records in chunks from the `skip`-th, cut from their shared encoding (NDJSON and JSON) or decoded one by one (CSV, XML)."""
+    writer = Writer(params.format, params.columns or list(records.columns))
+    head, count, size = writer.head(), len(records), params.chunk_size
+    writer.count = min(count, skip * size)  # record numbers in CSV and XML errors
+    for start in range(skip * size, count, size):
+        stop = min(count, start + size)
+        if params.format == "ndjson":
+            body = records.ndjson(start, stop)
+        elif params.format == "json":
+            body = ("," if start else "") + records.json_items(start, stop)
+        else:
+            body = "".join(writer.record(records.record(i)) for i in range(start, stop))
+        last = stop == count and stop % size != 0  # a full last chunk leaves the tail to a chunk of its own
+        yield (head if start == 0 else "") + body + (writer.tail() if last else "")
+    rest = (head if count == 0 else "") + writer.tail()
+    if count % size == 0 and rest and skip <= count // size:
+        yield rest
+
+
 @contextlib.asynccontextmanager
 async def _records(params: DataParams, data_dir: Path) -> AsyncIterator[tuple[list[str], AsyncIterator[list[Any]]]]:
-    """The CSV columns to use and the records in batches, from inline params or a dataset file."""
-    if params.dataset is None:
-        records = params.records if params.records is not None else [params.data]
-        columns = params.columns or list(dict.fromkeys(k for r in records if isinstance(r, dict) for k in r))
-        yield columns, _slices(records)
-        return
+    """The CSV columns to use and the records in batches, from a dataset file."""
     path = resolve_inside(data_dir, params.dataset, "dataset")
     try:
         handle = await asyncio.to_thread(open, path, encoding="utf-8", newline="")
@@ -225,11 +250,6 @@ async def _records(params: DataParams, data_dir: Path) -> AsyncIterator[tuple[li
         yield columns, _dataset_batches(first, rows, path.name, lambda: check_whole(handle, size, path.name))
     finally:
         await asyncio.to_thread(handle.close)
-
-
-async def _slices(records: list[Any]) -> AsyncIterator[list[Any]]:
-    for i in range(0, len(records), READ_BATCH):
-        yield records[i : i + READ_BATCH]
 
 
 async def _read(rows: Iterator[Any], name: str) -> list[Any]:

@@ -24,7 +24,6 @@ from typing import Any, Self, TypeVar
 
 import av
 import numpy as np
-import torchaudio
 from numpy.lib.stride_tricks import sliding_window_view
 
 from channels.base import ChannelError
@@ -45,6 +44,8 @@ class StreamingResampler:
     """
 
     def __init__(self, orig_freq: int, new_freq: int) -> None:
+        import torchaudio  # here, in the decoder's thread: a node whose streams never resample never loads torch
+
         self.identity = orig_freq == new_freq
         transform = torchaudio.transforms.Resample(orig_freq, new_freq)
         kernel = getattr(transform, "kernel", None)  # absent when the rates are equal

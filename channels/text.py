@@ -6,9 +6,10 @@ import re
 from collections.abc import AsyncIterator, Iterator
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, PrivateAttr, model_validator
 
 from channels.base import Channel, ParamsModel, StreamContext
+from channels.content import Text, shared_text
 from channels.files import read_text_blocks, resolve_inside
 from channels.pacing import Pacer
 
@@ -26,28 +27,50 @@ class TextParams(ParamsModel):
     unit: Literal["chars", "words", "sentences", "bytes"] = Field("chars", description="What `chunk_size` counts.")
     chunk_size: int = Field(10, ge=1, le=65536, description="Units per chunk.")
     interval_ms: int = Field(0, ge=0, le=60000, description="Pause between chunks; 0 streams as fast as the client reads.")
+    _shared: Text | None = PrivateAttr(None)  # keeps the interned text alive while this stream holds it
 
     @model_validator(mode="after")
     def _one_source(self) -> TextParams:
         if (self.text is None) == (self.document is None):
             raise ValueError("give exactly one of `text` or `document`")
+        if self.text is not None:  # identical inline texts are held once
+            self._shared = shared_text(self.text)
+            self.text = self._shared.value
         return self
 
 
-def split_units(text: str, unit: str, final: bool) -> tuple[list[str], str]:
-    """Split `text` into complete chars, words or sentences plus the unfinished remainder (empty when `final`)."""
-    if unit == "chars":
-        return list(text), ""
-    pattern = _WORD if unit == "words" else _SENTENCE
-    units = [m.group(0) for m in pattern.finditer(text) if m.group(0)]
-    consumed = sum(map(len, units))
-    rest = text[consumed:]
-    if not final and units and consumed == len(text):
-        rest = units.pop()
-    if final and rest:
-        units.append(rest)
-        rest = ""
-    return units, rest
+class Units:
+    """Splits text arriving in blocks into chars, words or sentences, one at a time (no list of the block's units)."""
+
+    def __init__(self, unit: str) -> None:
+        self.unit = unit
+        self.rest = ""  # the unfinished unit at the end of the last block
+
+    def feed(self, block: str, final: bool = False) -> Iterator[str]:
+        """The complete units of `rest + block`; with `final`, the remainder too."""
+        text, self.rest = self.rest + block, ""
+        if self.unit == "chars":
+            yield from text
+            return
+        pattern = _WORD if self.unit == "words" else _SENTENCE
+        last: str | None = None
+        consumed = 0
+        for match in pattern.finditer(text):
+            if match.end() > match.start():
+                if last is not None:
+                    yield last
+                last, consumed = match.group(0), match.end()
+        tail = text[consumed:]
+        if last is not None:
+            if final or tail:
+                yield last
+            else:  # the block ends where the unit does: it may go on in the next block
+                self.rest = last
+        if tail:
+            if final:
+                yield tail
+            else:
+                self.rest = tail
 
 
 def utf8_pieces(text: str, size: int) -> Iterator[str]:
@@ -94,18 +117,21 @@ class TextChannel(Channel):
             if carry:
                 yield carry
             return
+        units = Units(params.unit)
         pending: list[str] = []
-        rest = ""
         async for block in self._blocks(params):
-            units, rest = split_units(rest + block, params.unit, final=False)
-            pending.extend(units)
-            while len(pending) >= params.chunk_size:
-                yield "".join(pending[: params.chunk_size])
-                del pending[: params.chunk_size]
-        units, _ = split_units(rest, params.unit, final=True)
-        pending.extend(units)
-        for i in range(0, len(pending), params.chunk_size):
-            yield "".join(pending[i : i + params.chunk_size])
+            for unit in units.feed(block):
+                pending.append(unit)
+                if len(pending) == params.chunk_size:
+                    yield "".join(pending)
+                    pending.clear()
+        for unit in units.feed("", final=True):
+            pending.append(unit)
+            if len(pending) == params.chunk_size:
+                yield "".join(pending)
+                pending.clear()
+        if pending:
+            yield "".join(pending)
 
     async def stream(self, params: TextParams, ctx: StreamContext) -> AsyncIterator[str]:
         pace = Pacer(params.interval_ms)

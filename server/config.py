@@ -82,18 +82,52 @@ class Settings(BaseSettings):
     outbox_bytes: int = Field(
         1_048_576, ge=4096, description="Bytes of outgoing frames buffered per connection; lossless streams wait when it is full, lossy ones start to drop."
     )
+    connection_memory: int = Field(
+        2_097_152,
+        ge=8192,
+        description="Bytes one connection may hold in buffers, counted together: its streams' params (their subscribe messages), pushed input not yet taken, outgoing frames and replay buffers. A subscribe past it is refused with `over_budget`, a push with `rate_limited`; replay buffers give back their oldest frames. Must exceed `outbox_bytes`, which it reserves for the outbox.",
+    )
+    overload_lag: float = Field(
+        0.25,
+        ge=0,
+        description="Event-loop lag in seconds (the worst of the last second) past which new subscriptions are refused with `overloaded` (0: never for lag). Streams already admitted go on.",
+    )
+    overload_memory: int = Field(
+        0,
+        ge=0,
+        description="Server RSS in bytes past which new subscriptions are refused with `overloaded`; 0: 80% of the memory the process may use (its cgroup's limit, else the machine's RAM).",
+    )
+    overload_retry_after: float = Field(
+        2.0,
+        gt=0,
+        description="Seconds an `overloaded` refusal tells the client to wait (`retry_after`), spread by ±50% so that refused clients do not come back together.",
+    )
+    subscribe_rate: float = Field(
+        400.0,
+        gt=0,
+        description="Subscriptions the server admits per second, all connections together; a text message of more than 64 KiB (a subscribe with large params) counts once per started 64 KiB and takes its turn before it is decoded. A burst beyond waits its turn (the connection's later ops wait behind it).",
+    )
+    subscribe_burst: int = Field(100, ge=1, description="Subscriptions admitted at once before `subscribe_rate` paces them.")
+    subscribe_max_wait: float = Field(
+        30.0, ge=0, description="Seconds a subscribe may wait for its turn under `subscribe_rate`; one that would wait longer is refused with `overloaded`."
+    )
     resume_window: float = Field(
         30.0, ge=0, description="Seconds a dropped connection's session waits for the client to resume it (`resume` op); 0 disables resuming."
     )
     resume_max_sessions: int = Field(
         1000,
         ge=1,
-        description="Dropped sessions kept waiting for a resume at once, server-wide; past it the longest-waiting one ends (each holds its outbox and its streams' replay buffers).",
+        description="Dropped sessions kept waiting for a resume at once, server-wide; past it the longest-waiting one ends (each holds its outbox, its streams and their replay buffers: at most `connection_memory` in buffers).",
     )
     resume_buffer_bytes: int = Field(
         1_048_576,
         ge=0,
-        description="Bytes of recent frames each lossless stream keeps for replay on resume; a resume that needs older ones ends the stream with `resume_gap`.",
+        description="Bytes of recent frames each lossless stream keeps for replay on resume, within its connection's `connection_memory`; a resume that needs older ones ends the stream with `resume_gap`.",
+    )
+    resume_buffer_age: float = Field(
+        60.0,
+        gt=0,
+        description="Seconds a sent frame stays in its stream's replay buffer: a client has received it by then, or its connection is dead and reaped (the heartbeat takes `heartbeat_interval` + `heartbeat_timeout`, 40 s by default), so a resume never needs it. Keeps a long paced stream's buffer small.",
     )
     resume_handover_timeout: float = Field(
         2.0,
@@ -237,6 +271,12 @@ class Settings(BaseSettings):
         if nesting := sorted(NESTING_FORMATS.intersection(names)):
             raise ValueError(f"{', '.join(nesting)} open further files or URLs and cannot be allowed")
         return ",".join(names)
+
+    @model_validator(mode="after")
+    def _budget_covers_outbox(self) -> Settings:
+        if self.connection_memory <= self.outbox_bytes:
+            raise ValueError(f"connection_memory ({self.connection_memory}) must exceed outbox_bytes ({self.outbox_bytes}), which it reserves for the outbox")
+        return self
 
     @field_validator("media_url_allow")
     @classmethod

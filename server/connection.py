@@ -32,9 +32,11 @@ from server.protocol import (
 )
 from server.ratelimit import TokenBucket
 from server.runtime import Runtime
-from server.session import Session
+from server.session import Session, parse
 
 log = logging.getLogger(__name__)
+
+OFFLOAD_BYTES = 65536  # a larger message is decoded and its params validated in the runtime's parser thread, off the event loop
 
 
 class Disconnected(Exception):
@@ -348,14 +350,19 @@ class Connection:
     async def _dispatch(self, session: Session, message: str | bytes) -> None:
         if isinstance(message, bytes):
             stream_id, payload = decode_binary(message)
-            session.push(stream_id, payload)
+            session.push(stream_id, payload, size=len(message))
             return
-        op = decode_text(message)
+        size = len(message)
+        if size > OFFLOAD_BYTES:  # its turn first, then decoded off the loop (see server/admission.py)
+            late = await self.runtime.admission.wait_turn(size)
+            op = await asyncio.get_running_loop().run_in_executor(self.runtime.parser, decode_text, message)
+        else:
+            late, op = None, decode_text(message)
         match op:
             case Subscribe():
-                session.subscribe(op)
+                await self._subscribe(session, op, size, late)
             case Push():
-                session.push(op.id, op.data, op.end)
+                session.push(op.id, op.data, op.end, size=len(message))
             case Unsubscribe():
                 await session.unsubscribe(op.id)
             case Ping():
@@ -364,6 +371,17 @@ class Connection:
                 await self._resume(op)
             case Auth():
                 raise ProtocolError(ErrorCode.BAD_REQUEST, "already authenticated")
+
+    async def _subscribe(self, session: Session, op: Subscribe, size: int, late: float | None) -> None:
+        """Check the subscribe and pass the server's admission gate (a large one took its turn already), validate its params (off the loop when large) and open it."""
+        channel = session.check(op, size)
+        admission = self.runtime.admission
+        big = size > OFFLOAD_BYTES
+        if not big:
+            late = await admission.wait_turn(size)
+        admission.check(op.id, late)
+        params = await asyncio.get_running_loop().run_in_executor(self.runtime.parser, parse, channel, op) if big else None
+        session.subscribe(op, size, params)
 
     async def _write(self, outbox: Outbox) -> None:
         """Send what waits in the outbox, then end (the direct path takes over again); on a disconnect, end the connection."""

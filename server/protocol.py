@@ -30,6 +30,8 @@ class ErrorCode(StrEnum):
     FORBIDDEN = "forbidden"
     TOO_MANY_STREAMS = "too_many_streams"
     UNAVAILABLE = "unavailable"
+    OVERLOADED = "overloaded"
+    OVER_BUDGET = "over_budget"
     BAD_SOURCE = "bad_source"
     RESUME_FAILED = "resume_failed"
     INTERNAL = "internal"

@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import sys
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from channels import discover
 from channels.base import Channel, ChannelError, Services
+from server.admission import Admission, LoopMonitor
 from server.auth import AuthThrottle, KeyStore, Principal
 from server.broker import MemoryBroker
 from server.cluster import ClusterHub
@@ -42,6 +45,12 @@ class Runtime:
         self.keys, self.generated_key = KeyStore.from_settings(settings)
         self.throttle = AuthThrottle(settings.auth_fail_limit, settings.auth_fail_window)
         self.telemetry = Telemetry(settings.node)
+        self.monitor = LoopMonitor(self.telemetry.loop_lag.observe)
+        self.admission = Admission(settings, self.monitor)
+        self._monitoring: asyncio.Task[None] | None = None
+        # Large subscribes are decoded and validated here, one at a time: off the loop, and never several
+        # threads at once contending with the loop for the GIL.
+        self.parser = ThreadPoolExecutor(1, thread_name_prefix="params")
         self.broker: MemoryBroker
         if settings.redis_url:
             self.broker = RedisBroker(settings.redis_url, settings.node, settings.redis_prefix, options=redis_options(settings))
@@ -78,6 +87,10 @@ class Runtime:
             "streamplex_outbox_bytes", "Bytes of frames waiting in the connections' outboxes.", value=sum(c.outbox_bytes() for c in self.connections)
         )
         yield GaugeMetricFamily("streamplex_tasks", "asyncio tasks alive.", value=len(asyncio.all_tasks()))
+        yield GaugeMetricFamily("streamplex_event_loop_lag_recent_seconds", "The worst event-loop lag of the last second.", value=self.monitor.lag)
+        yield GaugeMetricFamily(
+            "streamplex_overload_memory_threshold_bytes", "RSS past which new subscriptions are refused with overloaded.", value=self.admission.memory_threshold
+        )
         if isinstance(self.broker, RedisBroker):
             yield GaugeMetricFamily("streamplex_redis_up", "1 while the Redis connection works.", value=float(self.broker.up))
             yield CounterMetricFamily(
@@ -99,6 +112,7 @@ class Runtime:
 
     async def start(self) -> None:
         """Start channels and live log publishing; announce the generated key once."""
+        self._monitoring = asyncio.create_task(self.monitor.run(), name="loop-monitor")
         self.logs.attach(asyncio.get_running_loop(), self.broker.publish)
         if self.store is not None:
             await self.store.start()  # before the broker listens: it registers the handover channel
@@ -115,6 +129,10 @@ class Runtime:
                 self.generated_key,
                 extra={"secret": True},
             )
+        # What start-up made (modules, schemas, channels) lives as long as the process: kept out of the
+        # cyclic collector's full passes, which would otherwise walk it all every time (pauses of 100+ ms).
+        gc.collect()
+        gc.freeze()
         self.started = True
         log.info("streamplex ready on node %s with channels: %s", self.settings.node, ", ".join(self.channels))
 
@@ -266,6 +284,9 @@ class Runtime:
     async def stop(self) -> None:
         """Stop channels and producers."""
         self.started = False
+        if self._monitoring is not None:
+            self._monitoring.cancel()
+            await asyncio.gather(self._monitoring, return_exceptions=True)
         await self.hub.close()
         await self.key_limits.stop()
         await self.http_limits.stop()
@@ -277,6 +298,7 @@ class Runtime:
         for channel in self.channels.values():
             await channel.stop()
         self.logs.detach()
+        self.parser.shutdown(wait=False, cancel_futures=True)
 
     def channel_table(self, principal: Principal | None = None) -> list[dict[str, Any]]:
         """Each channel's name, status and kind, as `ready` and /channels report them: only those `principal` may use, when given."""

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import secrets
 from collections import deque
@@ -18,12 +19,15 @@ import orjson
 
 from channels.base import END_OF_INPUT, Binary, Channel, ChannelError, Gap, Shared, StreamContext
 from server.auth import Principal, refusal
+from server.budget import Budget
 from server.config import Settings
 from server.outbox import Lane, Outbox, OutboxOverflow, Payload
 from server.protocol import EndReason, ErrorCode, ProtocolError, Subscribe, chunk_prefix, encode, encode_binary, encode_chunk, end_frame
 from server.telemetry import Stats
 
 log = logging.getLogger(__name__)
+
+ENTRY_BYTES = 64  # what a replay entry costs beside its frame's bytes (the str object and its slot), charged with it
 
 
 class Journal(Protocol):
@@ -36,6 +40,31 @@ class Journal(Protocol):
     def ended(self, session_id: str, stream_id: str, next_seq: int, payload: str) -> None: ...
 
 
+class Inbox(asyncio.Queue[Any]):
+    """A stream's pushed input, its bytes counted in the connection's budget until the channel takes them."""
+
+    def __init__(self, maxsize: int, budget: Budget) -> None:
+        super().__init__(maxsize)
+        self._budget = budget
+        self._sizes: deque[int] = deque()
+
+    def put_sized(self, item: Any, size: int) -> None:
+        """Queue `item`, charging `size` bytes (raises asyncio.QueueFull like put_nowait)."""
+        self.put_nowait(item)
+        self._sizes.append(size)
+        self._budget.inbox += size
+
+    def _get(self) -> Any:
+        item = super()._get()  # type: ignore[misc]
+        self._budget.inbox -= self._sizes.popleft()
+        return item
+
+    def release(self) -> None:
+        """Give back what is still queued (its stream ended)."""
+        self._budget.inbox -= sum(self._sizes)
+        self._sizes.clear()
+
+
 @dataclass(eq=False, slots=True)
 class Stream:
     """One subscription: its channel, params, next seq, producer task and pushed-input queue."""
@@ -43,37 +72,74 @@ class Stream:
     id: str
     channel: Channel
     params: Any
-    inbox: asyncio.Queue[Any]
+    inbox: Inbox
     outbox: Outbox = field(repr=False)
+    budget: Budget = field(repr=False)
+    params_bytes: int = 0
     seq: int = 0
     lane: Lane | None = None
     task: asyncio.Task[None] | None = field(default=None, repr=False)
     prefix: str = field(init=False, repr=False)
-    replay: deque[tuple[int, Payload]] | None = field(default=None, repr=False)  # made on the first `record`
+    replay: deque[Payload] | None = field(default=None, repr=False)  # made on the first `record`; seqs contiguous, up to replay_next
+    replay_times: deque[float] | None = field(default=None, repr=False)  # when each replay frame was sent
+    replay_next: int = 0
     replay_bytes: int = 0
     end_payload: Payload | None = field(default=None, repr=False)
-    raw: dict[str, Any] = field(default_factory=dict, repr=False)  # the subscribe params as sent, to open it again elsewhere
+    raw: dict[str, Any] = field(default_factory=dict, repr=False)  # the subscribe params as sent, to open it again elsewhere (only with a journal)
     start: int = 0  # chunks the client had when this node took the stream over (see StreamContext.start)
 
     def __post_init__(self) -> None:
         self.prefix = chunk_prefix(self.id)
 
-    def record(self, seq: int, payload: Payload, limit: int) -> None:
-        """Keep a sent chunk frame for replay on resume: the newest ones, up to `limit` bytes."""
-        if self.replay is None:
-            self.replay = deque()
-        self.replay.append((seq, payload))
-        self.replay_bytes += len(payload)
-        while self.replay_bytes > limit and self.replay:
-            self.replay_bytes -= len(self.replay.popleft()[1])
+    def record(self, seq: int, payload: Payload, limit: int, now: float, max_age: float) -> None:
+        """Keep a sent chunk frame for replay on resume: the newest ones, up to `limit` bytes and `max_age` seconds (charged to the budget)."""
+        if self.replay is None or self.replay_times is None or seq != self.replay_next:
+            self.forget()  # (a gap: what a restored stream was handed does not join up)
+            self.replay, self.replay_times = deque(), deque()
+        self.replay.append(payload)
+        self.replay_times.append(now)
+        self.replay_next = seq + 1
+        size = len(payload) + ENTRY_BYTES
+        self.replay_bytes += size
+        self.budget.replay += size
+        replay, times, freed = self.replay, self.replay_times, 0
+        while times[0] < now - max_age:  # the newest frame (just appended) is never stale
+            freed += len(replay.popleft()) + ENTRY_BYTES
+            times.popleft()
+        self.replay_bytes -= freed
+        self.budget.replay -= freed
+        if self.replay_bytes > limit:
+            self.evict(self.replay_bytes - limit)
+
+    @property
+    def first_kept(self) -> int:
+        """The seq of the oldest frame in the replay buffer (`replay_next` when it is empty)."""
+        return self.replay_next - len(self.replay or ())
+
+    def evict(self, wanted: int) -> int:
+        """Drop the oldest replay frames until `wanted` bytes are freed (or none is left); the bytes freed."""
+        freed = 0
+        replay, times = self.replay, self.replay_times
+        while replay and times and freed < wanted:
+            freed += len(replay.popleft()) + ENTRY_BYTES
+            times.popleft()
+        self.replay_bytes -= freed
+        self.budget.replay -= freed
+        return freed
+
+    def forget(self) -> None:
+        """Drop the whole replay buffer."""
+        self.evict(self.replay_bytes)
+        self.replay = self.replay_times = None
 
     def missed(self, last_seq: int) -> list[Payload] | None:
         """The chunk frames after `last_seq` (from the replay buffer), or None when some of them are no longer held."""
         if self.channel.lossy or last_seq + 1 >= self.seq:
             return []
-        if not self.replay or self.replay[0][0] > last_seq + 1:
+        first = self.first_kept if self.replay else self.seq
+        if first > last_seq + 1:
             return None
-        return [payload for seq, payload in self.replay if seq > last_seq]
+        return list(itertools.islice(self.replay or (), last_seq + 1 - first, None))
 
     def offer(self, item: Any) -> None:
         """Queue a lossy stream's chunk (or count a Gap) without waiting: it is dropped later if the client falls behind."""
@@ -102,7 +168,7 @@ class Stream:
 class Session:
     """Streams of one client, multiplexed onto one outbox."""
 
-    __slots__ = ("channels", "ended", "id", "journal", "outbox", "principal", "settings", "stats", "streams", "token")
+    __slots__ = ("budget", "channels", "ended", "id", "journal", "outbox", "principal", "settings", "stats", "streams", "token")
 
     def __init__(
         self,
@@ -122,14 +188,15 @@ class Session:
         self.stats = stats
         self.streams: dict[str, Stream] = {}
         self.outbox = Outbox(settings.outbox_bytes, stats.send_delay)
+        self.budget = Budget(settings.connection_memory, self.outbox)
         self.ended: dict[str, Stream] = {}  # recently ended streams, for a resume that missed their last frames
 
     def reply(self, frame: dict[str, Any]) -> None:
         """Queue a control frame (may raise OutboxOverflow)."""
         self.outbox.put_control(encode(frame))
 
-    def subscribe(self, op: Subscribe) -> None:
-        """Open a stream, or raise ProtocolError saying why not."""
+    def check(self, op: Subscribe, size: int = 0) -> Channel:
+        """The channel `op` names if a stream may open on it now (params not yet validated), or raise ProtocolError saying why not."""
         if op.id in self.streams:
             raise ProtocolError(ErrorCode.DUPLICATE_ID, f"stream id {op.id!r} is already open", id=op.id)
         channel = self.channels.get(op.channel)
@@ -147,11 +214,21 @@ class Session:
             )
         if len(self.streams) >= self.settings.max_streams:
             raise ProtocolError(ErrorCode.TOO_MANY_STREAMS, f"at most {self.settings.max_streams} streams per connection", id=op.id)
-        try:
-            params = channel.parse(op.params)
-        except ChannelError as exc:
-            raise ProtocolError(exc.code, exc.message, id=op.id, details=exc.details) from None
-        stream = self._new_stream(op.id, channel, params, op.params)
+        if not self.budget.fits(size):
+            raise ProtocolError(
+                ErrorCode.OVER_BUDGET,
+                f"this connection's streams would hold more than its {self.settings.connection_memory} bytes (connection_memory); "
+                "end some streams or send smaller params",
+                id=op.id,
+            )
+        return channel
+
+    def subscribe(self, op: Subscribe, size: int = 0, params: Any = None) -> None:
+        """Open a stream (`size`: the subscribe message's bytes, charged to the budget; `params`: already parsed), or raise ProtocolError saying why not."""
+        channel = self.check(op, size)
+        if params is None:
+            params = parse(channel, op)
+        stream = self._new_stream(op.id, channel, params, op.params, size)
         self.streams[op.id] = stream
         self.reply({"op": "subscribed", "id": op.id, "channel": op.channel})
         if self.journal is not None:
@@ -159,8 +236,12 @@ class Session:
         self._start(stream)
         log.info("session %s subscribed %s to %s", self.id, op.id, channel.name)
 
-    def _new_stream(self, stream_id: str, channel: Channel, params: Any, raw: dict[str, Any]) -> Stream:
-        stream = Stream(stream_id, channel, params, asyncio.Queue(self.settings.push_queue + 1), self.outbox, raw=raw)
+    def _new_stream(self, stream_id: str, channel: Channel, params: Any, raw: dict[str, Any], size: int) -> Stream:
+        inbox = Inbox(self.settings.push_queue + 1, self.budget)
+        # The params as sent are kept only where another node may have to open the stream again (they can be large).
+        stream = Stream(stream_id, channel, params, inbox, self.outbox, self.budget, size, raw=raw if self.journal is not None else {})
+        self.budget.params += size
+        self._fit_replay()
         if channel.lossy:
             stream.lane = Lane(self.settings.lossy_depth, stream.render, lambda n, name=channel.name: self._dropped(name, n))
         return stream
@@ -175,12 +256,14 @@ class Session:
     ) -> None:
         """Take over a stream from another node: `replayed` are the frames the client gets again; with `end` the
         stream is over, else it goes on (producer started by `start_restored`) at chunk `next_seq`."""
-        stream = self._new_stream(stream_id, channel, params, raw)
+        stream = self._new_stream(stream_id, channel, params, raw, len(orjson.dumps(raw)) if end is None else 0)
         stream.seq = next_seq
         stream.start = 0 if channel.lossy else next_seq
         if self.settings.resume_buffer_bytes > 0:
+            now = asyncio.get_running_loop().time()
             for seq, payload in replayed:
-                stream.record(seq, payload, self.settings.resume_buffer_bytes)
+                stream.record(seq, payload, self.settings.resume_buffer_bytes, now, self.settings.resume_buffer_age)
+            self._fit_replay(stream)
         if end is not None:
             stream.end_payload = end
             self.ended[stream_id] = stream
@@ -198,8 +281,8 @@ class Session:
         """Each open stream's channel and subscribe params, by id."""
         return {s.id: (s.channel.name, s.raw) for s in self.streams.values()}
 
-    def push(self, stream_id: str, data: Any, end: bool = False) -> None:
-        """Hand pushed input (a JSON value or bytes) to a stream, or raise ProtocolError."""
+    def push(self, stream_id: str, data: Any, end: bool = False, size: int = 0) -> None:
+        """Hand pushed input (a JSON value or bytes; `size`: its message's bytes) to a stream, or raise ProtocolError."""
         stream = self.streams.get(stream_id)
         if stream is None:
             raise ProtocolError(ErrorCode.UNKNOWN_ID, f"no open stream {stream_id!r}", id=stream_id)
@@ -210,8 +293,13 @@ class Session:
         items = ([data] if data is not None else []) + ([END_OF_INPUT] if end else [])
         if stream.inbox.qsize() + len(items) > stream.inbox.maxsize:
             raise ProtocolError(ErrorCode.RATE_LIMITED, "the stream's input queue is full; push more slowly", id=stream_id, retry_after=0.1)
+        if not self.budget.fits(size):
+            raise ProtocolError(
+                ErrorCode.RATE_LIMITED, "this connection's memory budget is full of pushed input; push more slowly", id=stream_id, retry_after=0.1
+            )
         for item in items:
-            stream.inbox.put_nowait(item)
+            stream.inbox.put_sized(item, size if item is data else 0)
+        self._fit_replay()
 
     async def resume(self, last_seqs: dict[str, int]) -> tuple[dict[str, Any], list[Payload]]:
         """Reattach after a dropped connection: drop what was queued for the old socket and return, per stream,
@@ -268,6 +356,10 @@ class Session:
             return
         del self.streams[stream.id]
         self.stats.streams[stream.channel.name] -= 1
+        stream.inbox.release()
+        self.budget.params -= stream.params_bytes
+        stream.params_bytes = 0
+        stream.params = None  # an ended stream is kept for a resume's replay only
         if stream.lane is not None:
             self.outbox.discard(stream.lane)
             stream.lane = None  # what the producer still offers is dropped (see `Stream.offer`)
@@ -278,10 +370,12 @@ class Session:
             # Past the hard bound the client is not reading; the writer's watchdog closes it as a slow consumer.
             with contextlib.suppress(OutboxOverflow):
                 self.outbox.put_control(stream.end_payload)
-            if self.settings.resume_window > 0:
-                self.ended[stream.id] = stream
-                if len(self.ended) > self.settings.max_streams:
-                    del self.ended[next(iter(self.ended))]
+        if notify and self.settings.resume_window > 0:  # kept, with its replay buffer, for a resume that missed its last frames
+            self.ended[stream.id] = stream
+            if len(self.ended) > self.settings.max_streams:
+                self.ended.pop(next(iter(self.ended))).forget()
+        else:
+            stream.forget()
         log.info("session %s stream %s (%s) ended: %s", self.id, stream.id, stream.channel.name, reason)
 
     async def _produce(self, stream: Stream) -> None:
@@ -314,6 +408,26 @@ class Session:
         payload = stream.render((seq, item))
         await self.outbox.put(payload)
         if self.settings.resume_window > 0 and self.settings.resume_buffer_bytes > 0:
-            stream.record(seq, payload, self.settings.resume_buffer_bytes)
+            now = asyncio.get_running_loop().time()
+            stream.record(seq, payload, self.settings.resume_buffer_bytes, now, self.settings.resume_buffer_age)
+            self._fit_replay(stream)
             if self.journal is not None:
-                self.journal.chunk(self.id, stream.id, seq, payload, stream.replay[0][0])  # type: ignore[index]
+                self.journal.chunk(self.id, stream.id, seq, payload, stream.first_kept)
+
+    def _fit_replay(self, first: Stream | None = None) -> None:
+        """Trim replay buffers, oldest frames first (of `first`, then of the other streams), until the budget holds."""
+        over = -self.budget.replay_room()
+        if over <= 0:
+            return
+        for stream in [*((first,) if first is not None else ()), *self.streams.values(), *self.ended.values()]:
+            over -= stream.evict(over)
+            if over <= 0:
+                return
+
+
+def parse(channel: Channel, op: Subscribe) -> Any:
+    """`op`'s params validated by its channel, or ProtocolError (may run in a worker thread for large params)."""
+    try:
+        return channel.parse(op.params)
+    except ChannelError as exc:
+        raise ProtocolError(exc.code, exc.message, id=op.id, details=exc.details) from None

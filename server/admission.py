@@ -1,0 +1,117 @@
+"""Admission control: the event loop's lag and the process's memory watched, new subscriptions paced and refused past a threshold.
+
+Streams already admitted are never touched here: under overload the server stops taking on more work
+(`overloaded`, with `retry_after`) instead of making every stream late.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from collections import deque
+from collections.abc import Callable
+from pathlib import Path
+
+import psutil
+
+from server.config import Settings
+from server.protocol import ErrorCode, ProtocolError
+
+log = logging.getLogger(__name__)
+
+TICK = 0.05  # seconds between lag probes
+WINDOW = 1.0  # the lag that counts is the worst over this span
+COST_BYTES = 65536  # a subscribe costs one admission per started 64 KiB of its message
+
+
+def memory_limit() -> int:
+    """The memory this process may use: its cgroup's limit (v2 or v1), else the machine's RAM."""
+    ram = psutil.virtual_memory().total
+    for path in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        try:
+            text = Path(path).read_text().strip()
+        except OSError:
+            continue
+        if text.isdigit():
+            return min(int(text), ram)
+    return ram
+
+
+class LoopMonitor:
+    """Measures how late the event loop runs a timer (its lag) and reads the process's RSS, from one task."""
+
+    def __init__(self, observe: Callable[[float], None] = lambda lag: None, memory_every: float = 0.25) -> None:
+        self.observe = observe
+        self.memory_every = memory_every
+        self.recent: deque[tuple[float, float]] = deque()  # (when, lag) over the last WINDOW seconds
+        self.rss = 0
+        self._process = psutil.Process()
+
+    @property
+    def lag(self) -> float:
+        """The worst lag seen over the last second, in seconds."""
+        return max((lag for _, lag in self.recent), default=0.0)
+
+    async def run(self) -> None:
+        """Probe until cancelled."""
+        loop = asyncio.get_running_loop()
+        next_memory = 0.0
+        while True:
+            start = loop.time()
+            await asyncio.sleep(TICK)
+            now = loop.time()
+            lag = max(0.0, now - start - TICK)
+            self.observe(lag)
+            self.recent.append((now, lag))
+            while self.recent[0][0] < now - WINDOW:
+                self.recent.popleft()
+            if now >= next_memory:
+                self.rss = self._process.memory_info().rss
+                next_memory = now + self.memory_every
+
+
+class Admission:
+    """The gate every new subscription passes: paced server-wide (GCRA), refused while the loop lags or memory runs high.
+
+    A text message over `OFFLOAD_BYTES` takes its turn before it is even decoded (whatever its op), so that
+    a burst of large subscribes never holds its decoded params at once.
+    """
+
+    def __init__(self, settings: Settings, monitor: LoopMonitor) -> None:
+        self.settings = settings
+        self.monitor = monitor
+        self.memory_threshold = settings.overload_memory or int(0.8 * memory_limit())
+        self.interval = 1.0 / settings.subscribe_rate
+        self.tat = 0.0  # the theoretical arrival time of the next subscription (GCRA)
+        self.refused = 0
+
+    async def wait_turn(self, size: int) -> float | None:
+        """Wait for the turn of a message of `size` bytes under `subscribe_rate`; None when it came, else (no wait) the seconds it would have waited past `subscribe_max_wait`."""
+        now = asyncio.get_running_loop().time()
+        cost = self.interval * (1 + max(0, size - 1) // COST_BYTES)
+        tat = max(self.tat, now)
+        wait = tat + cost - self.settings.subscribe_burst * self.interval - now
+        if wait > self.settings.subscribe_max_wait:
+            return wait
+        self.tat = tat + cost
+        if wait > 0:
+            await asyncio.sleep(wait)
+        return None
+
+    def check(self, stream_id: str, late: float | None = None) -> None:
+        """Refuse the subscription `stream_id` with ProtocolError(overloaded) if its turn did not come (`late`), the loop lags or memory runs high."""
+        if late is not None:
+            self._refuse(stream_id, f"{late:.1f} s of subscriptions are queued (subscribe_rate {self.settings.subscribe_rate:g}/s)", late)
+        lag, rss = self.monitor.lag, self.monitor.rss
+        if self.settings.overload_lag and lag > self.settings.overload_lag:
+            self._refuse(stream_id, f"the event loop runs {lag * 1000:.0f} ms late (overload_lag {self.settings.overload_lag * 1000:.0f} ms)")
+        if rss > self.memory_threshold:
+            self._refuse(stream_id, f"the server holds {rss >> 20} MiB (overload_memory {self.memory_threshold >> 20} MiB)")
+
+    def _refuse(self, stream_id: str, why: str, at_least: float = 0.0) -> None:
+        self.refused += 1
+        if self.refused == 1 or self.refused % 1000 == 0:
+            log.warning("refusing new subscriptions: %s (%d refused so far)", why, self.refused)
+        retry_after = max(at_least, self.settings.overload_retry_after * random.uniform(0.5, 1.5))
+        raise ProtocolError(ErrorCode.OVERLOADED, f"the server is overloaded: {why}; try again later", id=stream_id, retry_after=round(retry_after, 3))

@@ -1,0 +1,171 @@
+"""One node under overload (issue 15): refusals are `overloaded` with `retry_after`, /health stays fast,
+RSS stays under the configured threshold, subscriptions are paced, and no admitted lossless stream loses a chunk."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from tests.serverproc import ServerProc, connect, recv, send, start_server
+
+MiB = 1 << 20
+
+
+class HealthProbe(threading.Thread):
+    """GETs /health every 100 ms until stopped, keeping the slowest answer."""
+
+    def __init__(self, server: ServerProc) -> None:
+        super().__init__(daemon=True)
+        self.url = server.http + "/health"
+        self.worst = 0.0
+        self.count = 0
+        self.stopped = threading.Event()
+
+    def run(self) -> None:
+        while not self.stopped.wait(0.1):
+            start = time.monotonic()
+            with urllib.request.urlopen(self.url, timeout=10) as resp:
+                assert resp.status == 200
+            self.worst = max(self.worst, time.monotonic() - start)
+            self.count += 1
+
+
+def records(variant: int, count: int) -> list[dict[str, Any]]:
+    return [{"i": i, "v": variant, "pad": "x" * 20} for i in range(count)]
+
+
+async def data_client(server: ServerProc, variant: int, rss: list[int]) -> dict[str, Any]:
+    """One connection subscribing a paced data stream of its own records (~150 KB); retries an `overloaded` refusal once, after `retry_after`."""
+    want = records(variant, 3000)
+    op = {"op": "subscribe", "id": "d", "channel": "data", "params": {"records": want, "chunk_size": 1000, "interval_ms": 200}}
+    ws = await connect(server, max_size=None)
+    out: dict[str, Any] = {"refusals": [], "chunks": [], "end": None}
+    try:
+        for _attempt in range(2):
+            await send(ws, **op)
+            reply = await recv(ws, 30)
+            if reply["op"] == "subscribed":
+                break
+            assert reply["op"] == "error", reply
+            out["refusals"].append(reply)
+            await asyncio.sleep(reply.get("retry_after") or 0)
+        else:
+            return out
+        while out["end"] is None:
+            frame = await recv(ws, 30)
+            if frame["op"] == "chunk":
+                out["chunks"].append(frame)
+            elif frame["op"] == "end":
+                out["end"] = frame
+        text = "".join(chunk["data"] for chunk in out["chunks"])
+        out["whole"] = [orjson.loads(line) for line in text.splitlines()] == want
+        out["seqs"] = [chunk["seq"] for chunk in out["chunks"]]
+        return out
+    finally:
+        rss.append(server.rss)
+        await ws.close()
+
+
+def test_overload_refuses_with_retry_after_and_keeps_admitted_streams_whole(tmp_path: Path) -> None:
+    probe_server = start_server(tmp_path)
+    base = probe_server.rss
+    probe_server.stop()
+    threshold = base + 64 * MiB
+    budget, frame = 256 * 1024, 256 * 1024
+    settings = {"connection_memory": budget, "outbox_bytes": 64 * 1024, "max_frame_bytes": frame}
+    server = start_server(tmp_path, overload_memory=threshold, subscribe_rate=1000, **settings)
+    health = HealthProbe(server)
+    health.start()
+    rss: list[int] = []
+    try:
+
+        async def run() -> list[dict[str, Any]]:
+            return await asyncio.gather(*(data_client(server, i, rss) for i in range(300)))
+
+        results = asyncio.run(run())
+    finally:
+        health.stopped.set()
+        health.join(15)
+        peak = max([*rss, server.rss])
+        metrics = server.get("/metrics")[1].decode()
+        log = server.log()
+        server.stop()
+    refusals = [r for result in results for r in result["refusals"]]
+    admitted = [result for result in results if result["end"] is not None]
+    assert refusals, "the load should cross the memory threshold"
+    assert admitted, "some subscriptions should be admitted"
+    assert all(r["code"] == "overloaded" and r["id"] == "d" and r["retry_after"] > 0 for r in refusals), refusals[:3]
+    for result in admitted:  # nothing lossless dropped: every record, in order, seq without a gap, ended complete
+        assert result["end"]["reason"] == "complete", result["end"]
+        assert result["whole"] and result["seqs"] == list(range(len(result["seqs"])))
+    # The per-node bound of docs/security.md: per connection its budget plus what the WebSocket layer holds of incoming messages.
+    bound = base + 300 * (budget + 4 * frame)
+    assert peak <= bound, f"peak RSS {peak / MiB:.0f} MiB against a bound of {bound / MiB:.0f} MiB"
+    assert health.count > 0 and health.worst < 2.0, f"/health took up to {health.worst:.2f} s"
+    assert "streamplex_event_loop_lag_seconds_bucket" in metrics
+    assert "refusing new subscriptions" in log and "Traceback" not in log
+
+
+def test_a_burst_of_subscribes_is_paced_and_the_excess_refused(tmp_path: Path) -> None:
+    server = start_server(tmp_path, subscribe_rate=40, subscribe_burst=10, subscribe_max_wait=0.5)
+    try:
+
+        async def one(i: int) -> tuple[float, dict[str, Any]]:
+            ws = await connect(server)
+            try:
+                await send(ws, op="subscribe", id="m", channel="metrics", params={"interval_ms": 1000})
+                reply = await recv(ws, 10)
+                return time.monotonic(), reply
+            finally:
+                await ws.close()
+
+        async def run() -> tuple[float, list[tuple[float, dict[str, Any]]]]:
+            start = time.monotonic()
+            return start, await asyncio.gather(*(one(i) for i in range(60)))
+
+        start, replies = asyncio.run(run())
+    finally:
+        server.stop()
+    admitted = [at - start for at, reply in replies if reply["op"] == "subscribed"]
+    refused = [reply for _, reply in replies if reply["op"] == "error"]
+    # 10 at once, then 40/s for at most 0.5 s: about 30 admitted, the rest refused with the wait they would have had.
+    assert 20 <= len(admitted) <= 40, len(admitted)
+    assert max(admitted) >= 0.3, "subscriptions past the burst should have waited their turn"
+    assert refused and all(r["code"] == "overloaded" and r["retry_after"] > 0.5 for r in refused), refused[:3]
+
+
+async def over_budget(server: ServerProc) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+    ws = await connect(server)
+    try:
+        text = "word " * 7000  # a 35 KB subscribe: two do not fit beside the outbox's reserve
+        await send(ws, op="subscribe", id="a", channel="text", params={"text": text, "interval_ms": 1000})
+        first = await recv(ws)
+        await send(ws, op="subscribe", id="b", channel="text", params={"text": text, "interval_ms": 1000})
+        second = await recv(ws)
+        while second["op"] == "chunk":
+            second = await recv(ws)
+        await send(ws, op="unsubscribe", id="a")
+        while (await recv(ws))["op"] != "end":
+            pass
+        await send(ws, op="subscribe", id="c", channel="text", params={"text": text, "interval_ms": 1000})
+        third = await recv(ws)
+        return first, second, third
+    finally:
+        await ws.close()
+
+
+def test_params_count_in_the_connection_budget(tmp_path: Path) -> None:
+    server = start_server(tmp_path, connection_memory=80_000, outbox_bytes=16384)
+    try:
+        first, second, third = asyncio.run(over_budget(server))
+    finally:
+        server.stop()
+    assert first["op"] == "subscribed"
+    assert second["op"] == "error" and second["code"] == "over_budget" and "connection_memory" in second["message"]
+    assert third["op"] == "subscribed", "the ended stream's params should have been given back"
