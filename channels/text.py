@@ -110,10 +110,12 @@ class TextChannel(Channel):
         if params.unit == "bytes":
             carry = ""
             async for block in self._blocks(params):
-                pieces = list(utf8_pieces(carry + block, params.chunk_size))
-                carry = pieces.pop() if pieces else ""
-                for piece in pieces:
-                    yield piece
+                last: str | None = None  # held back: it may end inside a character the next block completes
+                for piece in utf8_pieces(carry + block, params.chunk_size):
+                    if last is not None:
+                        yield last
+                    last = piece
+                carry = last or ""
             if carry:
                 yield carry
             return

@@ -11,7 +11,11 @@ from pathlib import Path
 from typing import Any
 
 import orjson
+import pytest
 
+from server.admission import Admission, LoopMonitor
+from server.config import Settings
+from server.protocol import ErrorCode, ProtocolError
 from tests.serverproc import ServerProc, connect, recv, send, start_server
 
 MiB = 1 << 20
@@ -79,7 +83,8 @@ def test_overload_refuses_with_retry_after_and_keeps_admitted_streams_whole(tmp_
     threshold = base + 64 * MiB
     budget, frame = 256 * 1024, 256 * 1024
     settings = {"connection_memory": budget, "outbox_bytes": 64 * 1024, "max_frame_bytes": frame}
-    server = start_server(tmp_path, overload_memory=threshold, subscribe_rate=1000, **settings)
+    # Refusals here come from memory (the lag threshold is set out of reach, so a busy CI machine does not decide them).
+    server = start_server(tmp_path, overload_memory=threshold, overload_lag=30, subscribe_rate=1000, **settings)
     health = HealthProbe(server)
     health.start()
     rss: list[int] = []
@@ -169,3 +174,22 @@ def test_params_count_in_the_connection_budget(tmp_path: Path) -> None:
     assert first["op"] == "subscribed"
     assert second["op"] == "error" and second["code"] == "over_budget" and "connection_memory" in second["message"]
     assert third["op"] == "subscribed", "the ended stream's params should have been given back"
+
+
+async def test_a_lagging_loop_refuses_new_subscriptions_with_a_spread_retry_after() -> None:
+    settings = Settings(api_keys="k", overload_lag=0.25, overload_retry_after=2.0, overload_memory=1 << 40)
+    monitor = LoopMonitor()
+    admission = Admission(settings, monitor)
+    admission.check("a")  # no lag seen yet
+    now = asyncio.get_running_loop().time()
+    monitor.recent.append((now, 0.4))
+    retry = []
+    for _ in range(20):
+        with pytest.raises(ProtocolError) as info:
+            admission.check("a")
+        assert info.value.code == ErrorCode.OVERLOADED and "400 ms late" in info.value.message and info.value.id == "a"
+        retry.append(info.value.retry_after)
+    assert all(1.0 <= r <= 3.0 for r in retry) and len(set(retry)) > 1  # spread, so refused clients do not return together
+    monitor.recent.clear()
+    monitor.recent.append((now, 0.1))
+    admission.check("a")
