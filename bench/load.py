@@ -407,6 +407,25 @@ class HealthProbe(threading.Thread):
             self.stopped.wait(max(0.0, self.every - (time.monotonic() - start)))
 
 
+def loop_lag(server: Any) -> dict[str, float]:
+    """The server's event-loop lag histogram (`streamplex_event_loop_lag_seconds`): upper bounds of its p50, p99 and max buckets, in ms."""
+    try:
+        with urllib.request.urlopen(server.http + "/metrics", timeout=60) as resp:
+            text = resp.read().decode()
+    except (OSError, TimeoutError):
+        return {}
+    buckets = []
+    for line in text.splitlines():
+        if line.startswith("streamplex_event_loop_lag_seconds_bucket"):
+            bound = line.split('le="', 1)[1].split('"', 1)[0]
+            buckets.append((float(bound), float(line.rsplit(" ", 1)[1])))
+    total = buckets[-1][1] if buckets else 0.0
+    out: dict[str, float] = {"probes": total}
+    for name, q in (("p50", 0.5), ("p99", 0.99), ("max", 1.0)):
+        out[name] = next((1000 * bound for bound, count in buckets if count >= q * total), float("nan"))
+    return out
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
@@ -455,6 +474,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             timeline.append(server_sample(server, ps, t0, last, clients_cpu(procs)))
         results = [_expect(pipe, "result", 120 + args.conns / 20) for _, pipe in procs]
         health.stopped.set()
+        lag = loop_lag(server)
         left = time.monotonic()
         while True:  # every client is gone: how long until the server holds nothing?
             timeline.append(server_sample(server, ps, t0, last, clients_cpu(procs)))
@@ -491,6 +511,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "rss_kib_per_conn": round((peak - timeline[0]["rss_mib"]) * 1024 / max(1, connected), 1),
         "health_ms": {q: round(1000 * pct(health.latencies, q), 1) for q in (50, 99, 100)},
         "health_probes": len(health.latencies),
+        "loop_lag_ms": lag,
         "health_failures": health.failures,
         "subscriptions": subscribed,
         "refused_subscriptions": sum(r["refused_subscriptions"] for r in results),
@@ -530,6 +551,7 @@ def report(result: dict[str, Any]) -> str:
         f"mix {result['mix']} ({result['variants']} inline variant(s)); server RSS {result['rss_start_mib']} MiB at start, peak {result['rss_peak_mib']} MiB: "
         f"{result['rss_kib_per_conn']} KiB per connection",
         f"/health ms: p50 {health[50]}, p99 {health[99]}, max {health[100]} over {result['health_probes']} probes ({result['health_failures']} failed or timed out)",
+        f"server event-loop lag ms (histogram bucket bounds, whole run): {result['loop_lag_ms']}",
         f"subscriptions refused with overloaded at least once: {result['refused_subscriptions']} of {result['subscriptions']}",
         f"{result['connected']} connections from {result['workers']} client processes (connected in {result['connect_s']} s); window {result['window_s']} s",
         f"delivered frames/s: {result['frames_per_s']} (by profile: {result['frames_per_s_by_profile']})",

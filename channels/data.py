@@ -21,7 +21,7 @@ from channels.files import check_whole, resolve_inside
 from channels.pacing import Pacer
 from server.protocol import ErrorCode
 
-READ_BATCH = 1000
+READ_BATCH = 200  # records a dataset stream holds parsed at a time
 _XML_NAME = re.compile(r"^[A-Za-z_][\w.-]*$")
 _XML_ILLEGAL = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ufffe\uffff]")
 

@@ -22,7 +22,7 @@ log = logging.getLogger(__name__)
 
 TICK = 0.05  # seconds between lag probes
 WINDOW = 1.0  # the lag that counts is the worst over this span
-COST_BYTES = 65536  # a subscribe costs one admission per started 64 KiB of its message
+COST_BYTES = 16384  # a subscribe costs one admission per started 16 KiB of its message (its parsing costs about that much more)
 
 
 def memory_limit() -> int:

@@ -103,11 +103,11 @@ class Settings(BaseSettings):
         description="Seconds an `overloaded` refusal tells the client to wait (`retry_after`), spread by ±50% so that refused clients do not come back together.",
     )
     subscribe_rate: float = Field(
-        400.0,
+        1000.0,
         gt=0,
-        description="Subscriptions the server admits per second, all connections together; a text message of more than 64 KiB (a subscribe with large params) counts once per started 64 KiB and takes its turn before it is decoded. A burst beyond waits its turn (the connection's later ops wait behind it).",
+        description="Subscriptions the server admits per second, all connections together; one counts once per started 16 KiB of its message, and a text message of more than 64 KiB (a subscribe with large params) takes its turn before it is decoded. A burst beyond waits its turn (the connection's later ops wait behind it).",
     )
-    subscribe_burst: int = Field(100, ge=1, description="Subscriptions admitted at once before `subscribe_rate` paces them.")
+    subscribe_burst: int = Field(200, ge=1, description="Subscriptions admitted at once before `subscribe_rate` paces them.")
     subscribe_max_wait: float = Field(
         30.0, ge=0, description="Seconds a subscribe may wait for its turn under `subscribe_rate`; one that would wait longer is refused with `overloaded`."
     )
