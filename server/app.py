@@ -19,7 +19,7 @@ from starlette.staticfiles import StaticFiles
 from starlette.types import Receive, Scope, Send
 from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
 
-from server import apidocs
+from server import apidocs, docpages
 from server.auth import Principal
 from server.config import ROOT, Settings
 from server.connection import Connection, Disconnected, watch_slow_consumers
@@ -215,6 +215,7 @@ def create_app(settings: Settings | None = None, log_handler: RingLogHandler | N
             Route(PREFIX + "/{channel}", http_streams.endpoint, methods=["POST"]),
             Route("/openapi.json", openapi),
             Route("/asyncapi.json", asyncapi),
+            *docpages.routes(),
             Route("/", dashboard),
             Mount("/client", StaticFiles(directory=CLIENT_JS)),
         ],
