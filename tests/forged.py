@@ -10,13 +10,21 @@ import websockets
 from websockets.exceptions import ConnectionClosed
 
 
-def forged(i: int) -> dict[str, str]:
-    """Every header a client could use to claim another address: a new documentation address (198.51.100.0/24) each time."""
+def forged(i: int) -> list[tuple[str, str]]:
+    """Every header a client could use to claim another address, a new documentation address (198.51.100.0/24) each
+    time: `X-Forwarded-For` twice (a list, then a line of its own, the way several proxies would write it), in
+    lower case too, `Forwarded`, `X-Real-IP`, `X-Forwarded-Proto`."""
     fake = f"198.51.100.{i % 250 + 1}"
-    return {"X-Forwarded-For": fake, "Forwarded": f"for={fake};proto=https", "X-Real-IP": fake, "X-Forwarded-Proto": "https"}
+    return [
+        ("X-Forwarded-For", f"{fake}, 198.51.100.254"),
+        ("x-forwarded-for", fake),
+        ("Forwarded", f"for={fake};proto=https"),
+        ("X-Real-IP", fake),
+        ("X-Forwarded-Proto", "https"),
+    ]
 
 
-async def failed_auth(url: str, headers: dict[str, str], local: str = "127.0.0.1") -> int:
+async def failed_auth(url: str, headers: dict[str, str] | list[tuple[str, str]], local: str = "127.0.0.1") -> int:
     """Authenticate with a wrong key from `local` with `headers` on the upgrade; the close code the server answers with."""
     async with websockets.connect(url, additional_headers=headers, local_addr=(local, 0)) as ws:
         try:
