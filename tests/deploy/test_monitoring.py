@@ -98,8 +98,9 @@ def query(base: str, expr: str, **params: Any) -> dict[str, Any]:
     try:
         with urllib.request.urlopen(url, timeout=5) as resp:
             return orjson.loads(resp.read())
-    except urllib.error.HTTPError as exc:
-        return orjson.loads(exc.read())
+    except urllib.error.HTTPError as exc:  # a bad query's answer is JSON; "not ready yet" during start-up is plain text
+        body = exc.read()
+        return orjson.loads(body) if body.startswith(b"{") else {"status": "error", "error": body.decode(errors="replace")}
 
 
 async def test_prometheus_scrapes_the_server_and_answers_every_dashboard_query(server: ServerProc, prometheus: str) -> None:
@@ -110,8 +111,8 @@ async def test_prometheus_scrapes_the_server_and_answers_every_dashboard_query(s
     deadline = time.monotonic() + 60
     while True:  # two scrapes at least, so rates have two points
         try:
-            result = query(prometheus, 'count_over_time(up{job="streamplex"}[1m])')["data"]["result"]
-        except OSError:
+            result = query(prometheus, 'count_over_time(up{job="streamplex"}[1m])').get("data", {}).get("result", [])
+        except OSError:  # not listening yet
             result = []
         if result and float(result[0]["value"][1]) >= 3:
             break
