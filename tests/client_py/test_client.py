@@ -182,3 +182,20 @@ async def test_retry_is_capped_and_can_be_turned_off(rate_limited_server: Server
                 await second.open()
             assert refused.value.retry_after is not None and refused.value.retry_after > 0 and second.retries == 0, retry
             assert [c.data async for c in first], retry
+
+
+async def test_overloaded_subscribes_are_retried(tmp_path) -> None:
+    # One subscription admitted per second, none may wait: a second one right after the first is refused `overloaded`.
+    srv = start_server(tmp_path, subscribe_rate=1, subscribe_burst=1, subscribe_max_wait=0, overload_retry_after=0.5)
+    try:
+        async with streamplex.connect(srv.url, api_key=srv.key) as client:
+            subs = [client.subscribe("text", text=TEXT, unit="words") for _ in range(2)]
+            texts = await asyncio.gather(*(_words(sub) for sub in subs))
+        assert texts == [TEXT, TEXT] and sum(sub.retries for sub in subs) >= 1
+        assert srv.metric("streamplex_errors_total", 'code="overloaded"') >= 1
+    finally:
+        srv.stop()
+
+
+async def _words(sub: streamplex.Subscription) -> str:
+    return "".join([c.data async for c in sub])
