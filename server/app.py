@@ -23,9 +23,9 @@ from server import apidocs, docpages
 from server.auth import Principal
 from server.config import ROOT, Settings
 from server.connection import Connection, Disconnected, watch_slow_consumers
-from server.http_stream import PREFIX, HttpStreams, error_response
+from server.http_stream import PREFIX, HttpStreams, check_key, header_key
 from server.logbuffer import RingLogHandler
-from server.protocol import CloseCode, ErrorCode
+from server.protocol import CloseCode
 from server.runtime import Runtime
 from server.wsprotocol import TRY_SEND
 
@@ -62,13 +62,6 @@ class _AsgiTransport:
 
 def _cannot_send(payload: str | bytes, compress: bool = True) -> bool:
     return False
-
-
-def _header_key(headers: Headers) -> str | None:
-    if key := headers.get("x-api-key"):
-        return key
-    scheme, _, token = headers.get("authorization", "").partition(" ")
-    return token.strip() if scheme.lower() == "bearer" and token.strip() else None
 
 
 def trusted_proxies(settings: Settings) -> list[str]:
@@ -115,7 +108,7 @@ class App:
         transport = _AsgiTransport(receive, send, (scope.get("extensions") or {}).get(TRY_SEND))
         self.sockets += 1
         try:
-            await Connection(self.runtime, transport, address, _header_key(Headers(scope=scope))).run()
+            await Connection(self.runtime, transport, address, header_key(Headers(scope=scope))).run()
         finally:
             self.sockets -= 1
 
@@ -149,18 +142,10 @@ def create_app(settings: Settings | None = None, log_handler: RingLogHandler | N
     def keyed(request: Request) -> Principal | Response | None:
         """The principal of the request's key (X-API-Key or bearer), None without one, or the refusal of a bad one
         (counted by the failed-auth throttle, as on /ws and the HTTP streams)."""
-        key = _header_key(request.headers)
+        key = header_key(request.headers)
         if key is None:
             return None
-        address = request.client.host if request.client else "unknown"
-        if wait := runtime.throttle.retry_after(address):
-            return error_response(429, str(ErrorCode.RATE_LIMITED), "too many failed authentications from this address", retry_after=wait)
-        principal = runtime.keys.authenticate(key)
-        if principal is None:
-            runtime.throttle.failed(address)
-            runtime.telemetry.stats.auth_failures += 1
-            return error_response(403, "forbidden", "invalid API key")
-        return principal
+        return check_key(runtime, key, request.client.host if request.client else "unknown")
 
     async def ready(request: Request) -> Response:
         principal = keyed(request)

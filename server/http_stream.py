@@ -18,6 +18,7 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import orjson
+from starlette.datastructures import Headers
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
@@ -69,6 +70,26 @@ async def read_bounded(request: Request, limit: int) -> bytes | None:
         if len(body) > limit:
             return None
     return bytes(body)
+
+
+def header_key(headers: Headers) -> str | None:
+    """The API key a request carries in `X-API-Key` or `Authorization: Bearer`, if any."""
+    if key := headers.get("x-api-key"):
+        return key
+    scheme, _, token = headers.get("authorization", "").partition(" ")
+    return token.strip() if scheme.lower() == "bearer" and token.strip() else None
+
+
+def check_key(runtime: Runtime, key: str, address: str) -> Principal | Response:
+    """The key's principal, or the refusal: 429 while `address` is throttled, 403 for a wrong key (counted by the throttle)."""
+    if wait := runtime.throttle.retry_after(address):
+        return error_response(429, str(ErrorCode.RATE_LIMITED), "too many failed authentications from this address", retry_after=wait)
+    principal = runtime.keys.authenticate(key)
+    if principal is None:
+        runtime.throttle.failed(address)
+        runtime.telemetry.stats.auth_failures += 1
+        return error_response(403, "forbidden", "invalid API key")
+    return principal
 
 
 class AddressLimiter:
@@ -133,20 +154,10 @@ class HttpStreams:
         self._releasing: set[asyncio.Task[None]] = set()
 
     def _authenticate(self, request: Request, address: str) -> Principal | Response:
-        key = request.headers.get("x-api-key")
-        if not key:
-            scheme, _, token = request.headers.get("authorization", "").partition(" ")
-            key = token.strip() if scheme.lower() == "bearer" else ""
+        key = header_key(request.headers)
         if not key:
             return error_response(401, "unauthorized", "send your API key in the X-API-Key header")
-        if wait := self.runtime.throttle.retry_after(address):
-            return error_response(429, str(ErrorCode.RATE_LIMITED), "too many failed authentications from this address", retry_after=wait)
-        principal = self.runtime.keys.authenticate(key)
-        if principal is None:
-            self.runtime.throttle.failed(address)
-            self.runtime.telemetry.stats.auth_failures += 1
-            return error_response(403, "forbidden", "invalid API key")
-        return principal
+        return check_key(self.runtime, key, address)
 
     async def endpoint(self, request: Request) -> Response:
         """Validate, then stream one channel's chunks in the negotiated format."""
