@@ -29,6 +29,7 @@ from server.protocol import (
     decode_text,
     encode,
     frame_id,
+    subscribe_id,
 )
 from server.ratelimit import TokenBucket
 from server.runtime import Runtime
@@ -353,8 +354,11 @@ class Connection:
             session.push(stream_id, payload, size=len(message))
             return
         size = len(message)
-        if size > OFFLOAD_BYTES:  # its turn first, then decoded off the loop (see server/admission.py)
-            late = await self.runtime.admission.wait_turn(size)
+        if size > OFFLOAD_BYTES:  # refused before it is decoded while overloaded, else its turn first, then decoded off the loop
+            admission = self.runtime.admission
+            if (stream_id := subscribe_id(message)) is not None:
+                admission.check(stream_id)
+            late = await admission.wait_turn(size)
             op = await asyncio.get_running_loop().run_in_executor(self.runtime.parser, decode_text, message)
         else:
             late, op = None, decode_text(message)

@@ -176,6 +176,24 @@ def frame_id(message: str | bytes) -> str | None:
     return value if isinstance(value, str) else None
 
 
+def subscribe_id(text: str) -> str | None:
+    """The stream id of a `subscribe` frame whose `op` and `id` come before its `params`, read without decoding the
+    params (so that a large subscribe can be refused cheaply); None when that cannot be told."""
+    end = text.find('"params"')
+    if end < 0:
+        return None
+    head = text[:end].rstrip()
+    if not head.endswith(","):
+        return None
+    try:
+        obj = orjson.loads(head[:-1] + "}")
+    except orjson.JSONDecodeError:
+        return None
+    if not isinstance(obj, dict) or obj.get("op") != "subscribe" or not isinstance(obj.get("id"), str):
+        return None
+    return obj["id"]
+
+
 def validation_details(exc: ValidationError) -> list[dict[str, Any]]:
     """Field-level details of a pydantic error, safe to send to a client."""
     return [

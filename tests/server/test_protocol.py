@@ -18,6 +18,7 @@ from server.protocol import (
     encode_binary,
     frame_id,
     parse_server_binary,
+    subscribe_id,
 )
 
 
@@ -97,3 +98,12 @@ def test_frame_id_names_the_stream_of_a_refused_frame() -> None:
     assert frame_id(b"\x02s1payload") == "s1"
     for unreadable in ('{"op":"ping"}', '{"id": 5}', "[1]", "not json", b"", b"\x09s1", b"\x02\xff\xfe!"):
         assert frame_id(unreadable) is None, unreadable
+
+
+def test_subscribe_id_reads_the_id_before_the_params_only() -> None:
+    big = orjson.dumps({"op": "subscribe", "id": "d", "channel": "data", "params": {"records": [{"id": "inner"}] * 3}}).decode()
+    assert subscribe_id(big) == "d"
+    assert subscribe_id('{"params":{"id":"x"},"op":"subscribe","id":"late"}') is None  # id after params: decode it whole
+    assert subscribe_id('{"op":"push","id":"p","params":{}}') is None
+    assert subscribe_id('{"op":"subscribe","id":"a\\"params\\"","channel":"c","params":{}}') == 'a"params"'
+    assert subscribe_id('{"op":"subscribe","id":7,"params":{}}') is None
