@@ -7,7 +7,10 @@ s16le (any whole number of samples per frame), ended by `{"op":"push","id":...,"
 Every `step_ms` of new audio the stream's buffer (at most 30 s) is transcribed again in the engine, which
 batches the windows of all live streams; the buffer's final words are forced as the start of the
 transcript, so only the words after them are decoded again. LocalAgreement-2 (channels/agreement.py)
-decides which words are final. Chunks:
+decides which words are final. With voice-activity detection (`vad`, on by default; Silero VAD, see
+server/engine/vad.py), only utterances are transcribed: audio outside them is never decoded, and a pause
+of `min_silence_ms` ends the utterance, whose remaining words are made final at once after one last decode
+(not after two agreeing hypotheses). Chunks:
 - `{"type":"language","language":"fr","detected":true}` once the language is known;
 - `{"type":"partial","start":s,"end":s,"text":...}`: the words after the final ones (may still change);
 - `{"type":"final","start":s,"end":s,"text":...}`: words that will not change (times in seconds of audio);
@@ -33,6 +36,7 @@ from channels.media import MediaRef, local_media, media_ref
 from channels.pacing import Clock
 from server.engine import Engine, EngineError
 from server.engine.asr import SAMPLE_RATE, WINDOW_SECONDS, Segment, TranscriptionRequest, repeated_tail
+from server.engine.vad import FRAME, Endpointer, VadUnavailable, silero
 from server.protocol import ErrorCode
 
 if TYPE_CHECKING:
@@ -60,6 +64,13 @@ class TranscriptionParams(ParamsModel):
     model: str | None = Field(None, description="A configured transcription model (default: the first).")
     step_ms: int = Field(1000, ge=200, le=10_000, description="Audio between re-transcriptions of the buffer.")
     realtime: bool = Field(False, description="Read a file source at its real pace (as if live); false reads it as fast as it is transcribed.")
+    vad: bool | None = Field(
+        None,
+        description="Endpoint with voice-activity detection: a pause ends an utterance and makes its words final at once; silence is not decoded. Default: the `asr_vad` setting.",
+    )
+    vad_threshold: float | None = Field(None, gt=0.15, lt=1.0, description="Speech probability at which a 32 ms frame is speech. Default: `asr_vad_threshold`.")
+    min_silence_ms: int | None = Field(None, ge=100, le=10_000, description="Silence that ends an utterance. Default: `asr_vad_min_silence_ms`.")
+    speech_pad_ms: int | None = Field(None, ge=0, le=2_000, description="Audio kept before and after an utterance's voiced frames. Default: `asr_vad_pad_ms`.")
 
     @model_validator(mode="after")
     def _one_source(self) -> TranscriptionParams:
@@ -129,6 +140,7 @@ class TranscriptionChannel(Channel):
 
     def check(self, params: TranscriptionParams) -> None:
         self._runner(params)
+        self._endpointer(params)
         if params.source is not None or params.audio_url is not None:
             media_ref(self.settings, params.source, params.audio_url, "audio_url")
 
@@ -150,8 +162,25 @@ class TranscriptionChannel(Channel):
             raise ChannelError(ErrorCode.INVALID_PARAMS, f"{runner.model_name} is English-only and cannot translate")
         return runner
 
+    def _endpointer(self, params: TranscriptionParams) -> Endpointer | None:
+        """The stream's voice-activity endpointer, or None when `vad` is off."""
+        s = self.settings
+        if not (s.asr_vad if params.vad is None else params.vad):
+            return None
+        try:
+            vad = silero()
+        except VadUnavailable as exc:
+            raise ChannelError(ErrorCode.UNAVAILABLE, f"{exc} (or subscribe with `vad` false)") from None
+        return Endpointer(
+            vad,
+            s.asr_vad_threshold if params.vad_threshold is None else params.vad_threshold,
+            s.asr_vad_min_silence_ms if params.min_silence_ms is None else params.min_silence_ms,
+            s.asr_vad_pad_ms if params.speech_pad_ms is None else params.speech_pad_ms,
+        )
+
     async def stream(self, params: TranscriptionParams, ctx: StreamContext) -> AsyncIterator[Any]:
         runner = self._runner(params)
+        endpointer = self._endpointer(params)
         audio = _Audio()
         if params.source is None and params.audio_url is None:
             feeder = self._feed_pushed(ctx, audio)
@@ -159,7 +188,8 @@ class TranscriptionChannel(Channel):
             feeder = self._feed_file(media_ref(self.settings, params.source, params.audio_url, "audio_url"), params.realtime, audio)
         task = asyncio.create_task(feeder, name=f"transcription-feed-{ctx.stream_id}")
         try:
-            async for chunk in _Transcriber(self.engine, runner, params, ctx.stream_id).run(audio):
+            transcriber = _Transcriber(self.engine, runner, params, ctx.stream_id)
+            async for chunk in transcriber.run(audio) if endpointer is None else transcriber.run_vad(audio, endpointer):
                 yield chunk
         finally:
             task.cancel()
@@ -211,11 +241,12 @@ class _Transcriber:
         self.agreement = LocalAgreement()
         self.last_partial: str | None = None
         self.finals = 0
+        self.windows = 0
 
     async def run(self, audio: _Audio) -> AsyncIterator[Any]:
+        """Without voice-activity detection: every `step_ms` of audio the buffer is transcribed again."""
         step = self.params.step_ms * SAMPLE_RATE // 1000
         started = time.perf_counter()
-        windows = 0
         if self.language is not None:
             yield {"type": "language", "language": self.language, "detected": False}
         while True:
@@ -224,34 +255,116 @@ class _Transcriber:
             if new is None:
                 break
             self.buffer = np.concatenate([self.buffer, new])
-            segments, language = await self._transcribe()
-            windows += 1
-            if self.language is None:
-                self.language = language
-                yield {"type": "language", "language": language, "detected": True}
-            final = self.agreement.update(segments, self.offset)
-            if final:
-                yield self._final(final)
-            cut = self.agreement.cut_point()
-            if cut is not None and cut > self.offset and len(self.buffer) > TRIM_SECONDS * SAMPLE_RATE:
-                self._cut(cut)
-            if len(self.buffer) > FORCE_SECONDS * SAMPLE_RATE:
-                forced = self.agreement.force()
-                if forced:
-                    yield self._final(forced)
-                # still too long (silence, or one endless segment): keep the last few seconds only
-                self._cut(max(self.agreement.committed_until, self.offset + len(self.buffer) / SAMPLE_RATE - KEEP_SECONDS))
-            if self.params.partials:
-                text = text_of(self.agreement.pending)
-                if text != self.last_partial:
-                    self.last_partial = text
-                    yield _segment("partial", self.agreement.pending)
+            chunks, final = await self._advance()
+            for chunk in chunks + self._settle(final):
+                yield chunk
         final = self.agreement.finish(self.offset + speech_end(self.buffer) + TAIL_SECONDS)  # the last hypothesis was made with all the audio
         if final:
             yield self._final(final)
         duration = self.offset + len(self.buffer) / SAMPLE_RATE
-        log.info("transcription %s: %.1f s of audio in %d windows, %.1f s", self.stream_id, duration, windows, time.perf_counter() - started)
-        yield {
+        log.info("transcription %s: %.1f s of audio in %d windows, %.1f s", self.stream_id, duration, self.windows, time.perf_counter() - started)
+        yield self._transcript(duration)
+
+    async def run_vad(self, audio: _Audio, endpointer: Endpointer) -> AsyncIterator[Any]:
+        """With voice-activity detection: only utterances are transcribed (every `step_ms` of one); a pause ends one with a final at once.
+
+        Outside an utterance the buffer keeps only the padding an utterance may start with, and nothing is decoded.
+        """
+        step = self.params.step_ms * SAMPLE_RATE // 1000
+        preroll = endpointer.pad + FRAME
+        started = time.perf_counter()
+        received = 0  # samples of the stream so far: the buffer ends there
+        speaking = False
+        decoded_at = 0.0  # stream time of the buffer's end at its last transcription
+        if self.language is not None:
+            yield {"type": "language", "language": self.language, "detected": False}
+        while True:
+            room = WINDOW_SECONDS * SAMPLE_RATE - len(self.buffer)
+            new = await audio.take(min(FRAME, room), min(step, room))
+            if new is None:
+                break
+            self.buffer = np.concatenate([self.buffer, new])
+            received += len(new)
+            for boundary in endpointer.feed(new):
+                if boundary.kind == "start":
+                    self._cut(boundary.at / SAMPLE_RATE)
+                    speaking, decoded_at = True, self.offset
+                else:
+                    for chunk in await self._end_utterance(boundary.at / SAMPLE_RATE, decoded_at):
+                        yield chunk
+                    speaking = False
+            if not speaking:
+                self._cut((received - preroll) / SAMPLE_RATE)
+                continue
+            if received / SAMPLE_RATE - decoded_at >= step / SAMPLE_RATE or len(self.buffer) >= WINDOW_SECONDS * SAMPLE_RATE:
+                decoded_at = received / SAMPLE_RATE
+                chunks, final = await self._advance()
+                for chunk in chunks + self._settle(final):
+                    yield chunk
+        for boundary in endpointer.finish():
+            for chunk in await self._end_utterance(boundary.at / SAMPLE_RATE, decoded_at):
+                yield chunk
+        duration = received / SAMPLE_RATE
+        stats = endpointer.stats()
+        log.info(
+            "transcription %s: %.1f s of audio (%.0f%% speech by VAD) in %d windows, %.1f s",
+            self.stream_id,
+            duration,
+            100 * stats["speech_frames"] / max(1, stats["frames"]),
+            self.windows,
+            time.perf_counter() - started,
+        )
+        yield self._transcript(duration)
+
+    async def _end_utterance(self, end: float, decoded_at: float) -> list[dict[str, Any]]:
+        """An utterance ended at stream time `end`: transcribe it once more if audio came since, make all its words final; the buffer keeps the audio after it."""
+        split = min(len(self.buffer), max(0, round((end - self.offset) * SAMPLE_RATE)))
+        rest = self.buffer[split:]
+        self.buffer = self.buffer[:split]
+        chunks: list[dict[str, Any]] = []
+        final: list[Word] = []
+        if len(self.buffer) and decoded_at < end - 0.01:
+            chunks, final = await self._advance()
+        final += self.agreement.finish(end)
+        if final:
+            chunks.append(self._final(final))
+        self.buffer, self.offset = rest, end
+        if self.params.partials and self.last_partial:
+            self.last_partial = ""
+            chunks.append(_segment("partial", []))
+        return chunks
+
+    async def _advance(self) -> tuple[list[dict[str, Any]], list[Word]]:
+        """Transcribe the buffer: the language chunk if it was just detected, and the words the new hypothesis makes final."""
+        segments, language = await self._transcribe()
+        self.windows += 1
+        chunks: list[dict[str, Any]] = []
+        if self.language is None:
+            self.language = language
+            chunks.append({"type": "language", "language": language, "detected": True})
+        return chunks, self.agreement.update(segments, self.offset)
+
+    def _settle(self, final: list[Word]) -> list[dict[str, Any]]:
+        """After a hypothesis: the final chunk, the buffer cut behind final segments (or forced short), and a changed partial."""
+        chunks = [self._final(final)] if final else []
+        cut = self.agreement.cut_point()
+        if cut is not None and cut > self.offset and len(self.buffer) > TRIM_SECONDS * SAMPLE_RATE:
+            self._cut(cut)
+        if len(self.buffer) > FORCE_SECONDS * SAMPLE_RATE:
+            forced = self.agreement.force()
+            if forced:
+                chunks.append(self._final(forced))
+            # still too long (silence, or one endless segment): keep the last few seconds only
+            self._cut(max(self.agreement.committed_until, self.offset + len(self.buffer) / SAMPLE_RATE - KEEP_SECONDS))
+        if self.params.partials:
+            text = text_of(self.agreement.pending)
+            if text != self.last_partial:
+                self.last_partial = text
+                chunks.append(_segment("partial", self.agreement.pending))
+        return chunks
+
+    def _transcript(self, duration: float) -> dict[str, Any]:
+        return {
             "type": "transcript",
             "text": text_of(self.agreement.committed),
             "language": self.language,

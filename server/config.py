@@ -307,6 +307,28 @@ class Settings(BaseSettings):
         True,
         description="On CPU, run Whisper's linear layers with fbgemm kernels: int8 in the encoder (one window per call), float16 weights in the decoder, whose activations stay float32 so a window decodes the same alone or batched. About 2x faster, with transcripts within the tests' word error rate; false keeps float32 throughout.",
     )
+    asr_vad: bool = Field(
+        True,
+        description="Endpoint live transcription with voice-activity detection (Silero VAD on onnxruntime, the model from the `faster-whisper` package): a pause ends an utterance and its words are made final at once, and audio outside utterances is never decoded. A stream's `vad` param overrides it.",
+    )
+    asr_vad_threshold: float = Field(
+        0.5,
+        gt=0.15,
+        lt=1.0,
+        description="Speech probability at which a 32 ms frame is speech; a frame is silence below it minus 0.15. A stream's `vad_threshold` overrides it.",
+    )
+    asr_vad_min_silence_ms: int = Field(
+        500,
+        ge=100,
+        le=10_000,
+        description="Silence that ends an utterance: its final segment comes this long after the speech stops (plus one decode). A stream's `min_silence_ms` overrides it.",
+    )
+    asr_vad_pad_ms: int = Field(
+        200,
+        ge=0,
+        le=2_000,
+        description="Audio kept before an utterance's first voiced frame and after its last, so soft word edges are not cut. A stream's `speech_pad_ms` overrides it.",
+    )
     engine_threads: int = Field(0, ge=0, description="CPU threads for model steps (torch intra-op threads); 0 uses one per available core.")
     engine_max_batch: int = Field(32, ge=1, description="Sequences a model decodes together in one step; more wait in its queue with their position shown.")
     engine_step_tokens: int = Field(

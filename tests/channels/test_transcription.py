@@ -61,9 +61,10 @@ def check_segments(chunks: list[dict[str, Any]], duration: float) -> tuple[list[
 
 
 async def test_file_source(asr_server: ServerProc) -> None:
+    """Without voice-activity detection (`vad` false): every step of the file is transcribed."""
     duration = len(speech(" ".join(ENGLISH[:2]))) / SAMPLE_RATE
     ws = await connect(asr_server)
-    await send(ws, op="subscribe", id="f", channel="transcription", params={"source": "english.wav", "language": "en"})
+    await send(ws, op="subscribe", id="f", channel="transcription", params={"source": "english.wav", "language": "en", "vad": False})
     chunks, end = await collect(ws, "f", timeout=120)
     assert end["reason"] == "complete", end
     _, transcript = check_segments(chunks, duration)
@@ -169,6 +170,8 @@ async def test_refusals(asr_server: ServerProc, tmp_path: Path) -> None:
         "outside": ({"source": "../asr/notes.txt"}, "forbidden"),
         "missing": ({"source": "nope.wav"}, "invalid_params"),
         "url": ({"audio_url": "http://127.0.0.1/a.wav"}, "forbidden"),
+        "threshold": ({"vad_threshold": 1.5}, "invalid_params"),
+        "silence": ({"min_silence_ms": 50}, "invalid_params"),
     }
     for sid, (params, _) in cases.items():
         await send(ws, op="subscribe", id=sid, channel="transcription", params=params)

@@ -1,0 +1,113 @@
+"""Endpointing in the transcription channel with the real Whisper base and Silero VAD: a pause brings the utterance's final at once, silence costs no decoding."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import numpy as np
+
+from channels.base import END_OF_INPUT, Services, StreamContext
+from channels.transcription import TranscriptionChannel
+from server.broker import MemoryBroker
+from server.config import Settings
+from server.engine import Engine
+from server.engine.asr import SAMPLE_RATE
+from server.hub import Hub
+from server.logbuffer import RingLogHandler
+from tests.asrmodel import ENGLISH, bundled_whisper, engine_with, speech, wer
+
+
+def pcm(audio: np.ndarray) -> bytes:
+    return (np.clip(audio, -1, 1) * 32767).astype("<i2").tobytes()
+
+
+def silence(seconds: float) -> np.ndarray:
+    return np.zeros(round(seconds * SAMPLE_RATE), dtype=np.float32)
+
+
+def steps(engine: Engine) -> int:
+    return engine.stats[bundled_whisper().name].steps
+
+
+class Live:
+    """One pushed transcription stream on the channel, its chunks collected as they come."""
+
+    def __init__(self, engine: Engine, **params: Any) -> None:
+        settings = Settings(api_keys="k", chat_model="")
+        channel = TranscriptionChannel(Services(settings=settings, feeds=Hub(MemoryBroker()), logs=RingLogHandler(10, "n"), stats=dict, engine=engine))
+        self.queue: asyncio.Queue[Any] = asyncio.Queue()
+        self.chunks: list[dict[str, Any]] = []
+        self.arrived = asyncio.Event()
+        self.task = asyncio.create_task(self._collect(channel, channel.parse({"language": "en", **params})))
+
+    async def _collect(self, channel: TranscriptionChannel, params: Any) -> None:
+        async for chunk in channel.stream(params, StreamContext("s", self.queue)):
+            self.chunks.append(chunk)
+            self.arrived.set()
+
+    def push(self, audio: np.ndarray) -> None:
+        data = pcm(audio)
+        for i in range(0, len(data), SAMPLE_RATE // 5):  # 100 ms frames
+            self.queue.put_nowait(data[i : i + SAMPLE_RATE // 5])
+
+    def finals(self) -> list[dict[str, Any]]:
+        return [c for c in self.chunks if c["type"] == "final"]
+
+    async def final_text(self, reference: str, after: int = 0) -> str:
+        """The text of the finals after the first `after`, once it holds `reference` (at most 2 words of 12 wrong); fails if it never does."""
+        async with asyncio.timeout(180):
+            while wer(reference, text := " ".join(c["text"] for c in self.finals()[after:])) > 0.2:
+                self.arrived.clear()
+                await self.arrived.wait()
+        return text
+
+    async def end(self) -> dict[str, Any]:
+        self.queue.put_nowait(END_OF_INPUT)
+        await asyncio.wait_for(self.task, 180)
+        return self.chunks[-1]
+
+
+async def test_a_pause_brings_the_final_of_the_whole_utterance() -> None:
+    """The stream holds the sentence and 0.8 s of pause, nothing more: the final of every word comes (no second agreeing hypothesis, no end of input)."""
+    async with engine_with(bundled_whisper()) as engine:
+        live = Live(engine, min_silence_ms=500)
+        live.push(np.concatenate([silence(0.6), speech(ENGLISH[0]), silence(0.8)]))
+        first = await live.final_text(ENGLISH[0])
+        finals = live.finals()
+        assert finals[0]["start"] >= 0.3 and finals[-1]["end"] <= 0.6 + len(speech(ENGLISH[0])) / SAMPLE_RATE + 0.4, finals
+        live.push(np.concatenate([speech(ENGLISH[1]), silence(0.8)]))
+        second = await live.final_text(ENGLISH[1], after=len(finals))
+        assert live.finals()[len(finals)]["start"] >= finals[-1]["end"]
+        transcript = await live.end()
+        assert transcript["text"] == f"{first} {second}", live.chunks
+
+
+async def test_silence_costs_no_decoding() -> None:
+    async with engine_with(bundled_whisper()) as engine:
+        before = steps(engine)
+        live = Live(engine)
+        live.push(silence(12.0))
+        transcript = await live.end()
+        assert transcript == {"type": "transcript", "text": "", "language": "en", "duration_s": 12.0, "segments": 0}
+        assert steps(engine) == before, "silence was decoded"
+
+        # after an utterance's final, a long pause decodes nothing either
+        live = Live(engine)
+        live.push(np.concatenate([speech(ENGLISH[2]), silence(0.8)]))
+        await live.final_text(ENGLISH[2])
+        after_final = steps(engine)
+        live.push(silence(10.0))
+        transcript = await live.end()
+        assert steps(engine) == after_final, "the pause after the utterance was decoded"
+        assert wer(ENGLISH[2], transcript["text"]) <= 0.2, transcript
+
+
+async def test_without_vad_the_pause_is_decoded() -> None:
+    """The contrast: `vad` false decodes every step of silence as before."""
+    async with engine_with(bundled_whisper()) as engine:
+        before = steps(engine)
+        live = Live(engine, vad=False)
+        live.push(silence(3.0))
+        await live.end()
+        assert steps(engine) > before

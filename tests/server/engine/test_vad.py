@@ -1,0 +1,55 @@
+"""Silero VAD endpointing on real espeak-ng speech with pauses: utterance boundaries where the speech is, the same for any feeding."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from server.engine.asr import SAMPLE_RATE
+from server.engine.vad import Boundary, Endpointer, silero
+from tests.asrmodel import ENGLISH, speech
+
+
+def silence(seconds: float) -> np.ndarray:
+    return np.zeros(round(seconds * SAMPLE_RATE), dtype=np.float32)
+
+
+def feed(endpointer: Endpointer, audio: np.ndarray, piece: int) -> list[Boundary]:
+    out: list[Boundary] = []
+    for i in range(0, len(audio), piece):
+        out += endpointer.feed(audio[i : i + piece])
+    return out + endpointer.finish()
+
+
+def test_utterances_start_and_end_at_the_speech() -> None:
+    first, second = speech(ENGLISH[0]), speech(ENGLISH[1])
+    audio = np.concatenate([silence(1.0), first, silence(1.2), second, silence(1.0)])
+    boundaries = feed(Endpointer(silero(), min_silence_ms=500, pad_ms=200), audio, SAMPLE_RATE // 10)
+    assert [b.kind for b in boundaries] == ["start", "end", "start", "end"], boundaries
+    start1, end1, start2, end2 = (b.at / SAMPLE_RATE for b in boundaries)
+    second_at = 1.0 + len(first) / SAMPLE_RATE + 1.2
+    # espeak-ng's renderings carry a little silence of their own at both ends
+    assert 0.7 <= start1 <= 1.2 and 1.0 + len(first) / SAMPLE_RATE - 0.5 <= end1 <= second_at - 0.5
+    assert second_at - 0.3 <= start2 <= second_at + 0.2 and end1 <= start2
+    assert second_at + len(second) / SAMPLE_RATE - 0.5 <= end2 <= len(audio) / SAMPLE_RATE
+    # a pause shorter than min_silence_ms does not end the utterance
+    assert [b.kind for b in feed(Endpointer(silero(), min_silence_ms=2000), audio, SAMPLE_RATE)] == ["start", "end"]
+
+
+def test_any_feeding_gives_the_same_boundaries() -> None:
+    audio = np.concatenate([silence(0.5), speech(ENGLISH[2]), silence(0.8)])
+    whole = feed(Endpointer(silero()), audio, len(audio))
+    assert whole and whole == feed(Endpointer(silero()), audio, 333) == feed(Endpointer(silero()), audio, 1600)
+
+
+def test_silence_and_noise_floor_have_no_utterance() -> None:
+    rng = np.random.default_rng(0)
+    quiet = (rng.standard_normal(5 * SAMPLE_RATE) * 0.003).astype(np.float32)
+    endpointer = Endpointer(silero())
+    assert feed(endpointer, np.concatenate([silence(3.0), quiet]), 1600) == []
+    assert endpointer.stats() == {"frames": 8 * SAMPLE_RATE // 512, "speech_frames": 0}
+
+
+def test_an_utterance_open_at_the_end_of_input_ends_there() -> None:
+    audio = np.concatenate([silence(0.3), speech(ENGLISH[3])])
+    boundaries = feed(Endpointer(silero(), pad_ms=200), audio, 1600)
+    assert [b.kind for b in boundaries] == ["start", "end"] and boundaries[-1].at <= len(audio)
