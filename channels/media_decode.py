@@ -128,6 +128,13 @@ class MediaLimits:
             raise _over(label, f"decodes past {self.max_duration_s:g} s", f"{self.max_duration_s:g} s", "media_max_duration")
 
 
+def _origin(stream: Any, container: Any) -> Fraction:
+    """The time of the stream's first frame (a recording or broadcast capture may start far from 0): times are taken from it."""
+    if stream.start_time is not None and stream.time_base:
+        return stream.start_time * stream.time_base
+    return Fraction(container.start_time or 0, av.time_base)
+
+
 def _over(label: str, what: str, limit: str, setting: str) -> ChannelError:
     return ChannelError(ErrorCode.BAD_SOURCE, f"{label}: {what}, over this server's limit of {limit} ({setting})")
 
@@ -275,9 +282,10 @@ class AudioDecoder(_Decoder):
         """Source-rate float32 (channels, n) arrays from `start_ms` on."""
         stream = self.container.streams.audio[0]
         start = self.start_ms / 1000
+        origin = float(_origin(stream, self.container))
         if start > 0:
             try:
-                self.container.seek(int(start * av.time_base), any_frame=False)
+                self.container.seek(int((origin + start) * av.time_base), any_frame=False)
             except av.FFmpegError:
                 self.container.seek(0)
         # PyAV converts the sample format and mixes layouts beyond stereo down; mono and stereo are mapped
@@ -289,9 +297,10 @@ class AudioDecoder(_Decoder):
         for count, frame in enumerate(itertools.chain(self.container.decode(stream), [None]), 1):
             if frame is not None:
                 decoded += frame.samples
-                self.limits.check_progress(self.label, count, max(frame.time or 0.0, start + decoded / self.info.sample_rate))
+                at = frame.time - origin if frame.time is not None else 0.0
+                self.limits.check_progress(self.label, count, max(at, start + decoded / self.info.sample_rate))
             if skip is None and frame is not None:
-                skip = max(0, round((start - (frame.time or 0.0)) * self.info.sample_rate))
+                skip = max(0, round((start - (frame.time - origin if frame.time is not None else 0.0)) * self.info.sample_rate))
             for converted in convert.resample(frame):
                 samples = converted.to_ndarray()
                 if skip:
@@ -391,9 +400,10 @@ class VideoDecoder(_Decoder):
     def _frames(self) -> Generator[TimedFrame, None, None]:
         stream = self.container.streams.video[0]
         start = Fraction(self.start_ms, 1000)
+        origin = _origin(stream, self.container)
         if start > 0:
             try:
-                self.container.seek(int(start * av.time_base))
+                self.container.seek(int((origin + start) * av.time_base))
             except av.FFmpegError:
                 self.container.seek(0)
         # Exact rational times, so a tick that falls on a source frame's timestamp shows that frame.
@@ -416,7 +426,7 @@ class VideoDecoder(_Decoder):
                 index += 1
 
         for count, frame in enumerate(self.container.decode(stream)):
-            time = frame.pts * frame.time_base if frame.pts is not None and frame.time_base else count * default_duration
+            time = frame.pts * frame.time_base - origin if frame.pts is not None and frame.time_base else count * default_duration
             self.limits.check_size(self.label, frame.width, frame.height)
             self.limits.check_progress(self.label, count + 1, float(time))
             if raw is not None:

@@ -67,15 +67,16 @@ class _Unseekable(io.RawIOBase):
         return len(b)
 
 
-def write_video(path: Path, width: int, height: int, frames: int, fps: int = 25, *, declared: bool = True) -> Path:
-    """An MPEG-4 video of grey frames; `declared` False writes Matroska with no duration or frame count in it."""
+def write_video(path: Path, width: int, height: int, frames: int, fps: int = 25, *, declared: bool = True, start_s: int = 0) -> Path:
+    """An MPEG-4 video of grey frames, its first at `start_s` (as in a capture); `declared` False writes Matroska
+    with no duration or frame count in it."""
     sink: _Unseekable | str = str(path) if declared else _Unseekable()
     with av.open(sink, "w", format=None if declared else "matroska") as out:
         stream = out.add_stream("mpeg4", rate=fps)
         stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
         for i in range(frames):
             frame = av.VideoFrame.from_ndarray(np.full((height, width, 3), i % 256, np.uint8), format="rgb24")
-            frame.pts = i
+            frame.pts = start_s * fps + i
             out.mux(stream.encode(frame))
         out.mux(stream.encode(None))
     if isinstance(sink, _Unseekable):
@@ -83,15 +84,15 @@ def write_video(path: Path, width: int, height: int, frames: int, fps: int = 25,
     return path
 
 
-def write_undeclared_audio(path: Path, seconds: float, rate: int = 16000) -> Path:
-    """FLAC in Matroska with no duration in it: how long it is shows only while decoding."""
+def write_undeclared_audio(path: Path, seconds: float, rate: int = 16000, start_s: int = 0) -> Path:
+    """FLAC in Matroska with no duration in it (how long it is shows only while decoding), its first sample at `start_s`."""
     sink = _Unseekable()
     with av.open(sink, "w", format="matroska") as out:
         stream = out.add_stream("flac", rate=rate, layout="mono")
         samples = (np.sin(np.arange(int(seconds * rate)) / 7) * 8000).astype(np.int16)
         for start in range(0, len(samples), 4096):
             frame = av.AudioFrame.from_ndarray(samples[None, start : start + 4096].copy(), format="s16", layout="mono")
-            frame.sample_rate, frame.pts = rate, start
+            frame.sample_rate, frame.pts = rate, start_s * rate + start
             out.mux(stream.encode(frame))
         out.mux(stream.encode(None))
     path.write_bytes(bytes(sink.data))

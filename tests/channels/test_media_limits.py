@@ -127,6 +127,21 @@ async def test_undeclared_length_is_capped_while_decoding(tmp_path: Path) -> Non
         assert sum([b.shape[1] async for b in whole.blocks(1600)]) == 112_000
 
 
+@pytest.mark.parametrize("name", ["capture.mp4", "capture.ts"])
+async def test_a_source_starting_far_from_zero_is_timed_from_its_first_frame(tmp_path: Path, name: str) -> None:
+    """A capture whose first frame is at 20 000 s (over the 4 h cap) lasts 2 s: it streams whole, from its first frame."""
+    path = write_video(tmp_path / name, 64, 48, 50, start_s=20_000)
+    async with VideoDecoder(path, name, fps=25) as video:
+        frames = [f async for f in video.frames()]
+    assert len(frames) == 50 and frames[0].time_s == 0.0 and not any(f.repeat for f in frames)
+    async with VideoDecoder(path, name, fps=25, start_ms=1000) as video:
+        later = [f async for f in video.frames()]
+    assert len(later) == 25 and later[0].time_s == 1.0
+    audio = write_undeclared_audio(tmp_path / "capture.mkv", 2.0, start_s=20_000)
+    async with AudioDecoder(audio, "capture.mkv", sample_rate=16000, start_ms=500) as decoder:
+        assert sum([b.shape[1] async for b in decoder.blocks(1600)]) == 24_000
+
+
 def _downloads() -> set[str]:
     return {p.name for p in Path(tempfile.gettempdir()).glob("streamplex-media-*")}
 
