@@ -63,12 +63,12 @@ def _error_responses(*codes: int) -> dict[str, Any]:
     meaning = {
         400: "Invalid params or body (`invalid_params`, `bad_request`)",
         401: "No API key (`X-API-Key` header)",
-        403: "Wrong API key, or the key may not use this channel",
+        403: "Wrong API key, or the key may not use this channel (an admin channel needs a key scoped `admin`)",
         404: "No such channel",
         413: "A JSON body over `max_frame_bytes`",
         415: "A raw body for a channel that takes no pushed input",
         422: "A media stream ended before any media (`bad_source`)",
-        429: "Over the per-address request limit, or too many failed authentications; see Retry-After",
+        429: "Over the per-address request limit, too many failed authentications, or over the API key's limits (open HTTP streams, connections, op rate); see Retry-After",
         503: "The channel is loading or unavailable, or the server is starting or draining",
     }
     out = {}
