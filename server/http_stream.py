@@ -2,7 +2,8 @@
 
 The same channel code as `/ws`, one stream per request, answered as NDJSON (default), Server-Sent Events
 (`Accept: text/event-stream`) or raw bytes (media channels). Authenticated by `X-API-Key`, limited per
-client address, ended by the server's drain like WebSocket streams.
+client address and by the API key's limits (open HTTP streams, connections, op rate: `KeyLimits`, as the
+socket), ended by the server's drain like WebSocket streams, or by `http_stream_timeout`.
 """
 
 from __future__ import annotations
