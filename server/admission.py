@@ -21,7 +21,7 @@ from server.protocol import ErrorCode, ProtocolError
 log = logging.getLogger(__name__)
 
 TICK = 0.05  # seconds between lag probes
-WINDOW = 1.0  # the lag that counts is the worst over this span
+WINDOW = 1.0  # the lag that counts is the mean of the probes over this span (one pause, e.g. a GC pass, does not refuse a second of subscribes)
 COST_BYTES = 16384  # a subscribe costs one admission per started 16 KiB of its message (its parsing costs about that much more)
 
 
@@ -50,8 +50,9 @@ class LoopMonitor:
 
     @property
     def lag(self) -> float:
-        """The worst lag seen over the last second, in seconds."""
-        return max((lag for _, lag in self.recent), default=0.0)
+        """The mean lag of the last second's probes, in seconds."""
+        recent = self.recent
+        return sum(lag for _, lag in recent) / len(recent) if recent else 0.0
 
     async def run(self) -> None:
         """Probe until cancelled."""
@@ -105,7 +106,7 @@ class Admission:
             self._refuse(stream_id, f"{late:.1f} s of subscriptions are queued (subscribe_rate {self.settings.subscribe_rate:g}/s)", late)
         lag, rss = self.monitor.lag, self.monitor.rss
         if self.settings.overload_lag and lag > self.settings.overload_lag:
-            self._refuse(stream_id, f"the event loop runs {lag * 1000:.0f} ms late (overload_lag {self.settings.overload_lag * 1000:.0f} ms)")
+            self._refuse(stream_id, f"the event loop runs {lag * 1000:.0f} ms late on average (overload_lag {self.settings.overload_lag * 1000:.0f} ms)")
         if rss > self.memory_threshold:
             self._refuse(stream_id, f"the server holds {rss >> 20} MiB (overload_memory {self.memory_threshold >> 20} MiB)")
 

@@ -88,9 +88,9 @@ class Settings(BaseSettings):
         description="Bytes one connection may hold in buffers, counted together: its streams' params (their subscribe messages), pushed input not yet taken, outgoing frames and replay buffers. A subscribe past it is refused with `over_budget`, a push with `rate_limited`; replay buffers give back their oldest frames. Must exceed `outbox_bytes`, which it reserves for the outbox.",
     )
     overload_lag: float = Field(
-        0.25,
+        0.1,
         ge=0,
-        description="Event-loop lag in seconds (the worst of the last second) past which new subscriptions are refused with `overloaded` (0: never for lag). Streams already admitted go on.",
+        description="Event-loop lag in seconds (the mean of the last second's probes, 20 a second) past which new subscriptions are refused with `overloaded` (0: never for lag). Streams already admitted go on.",
     )
     overload_memory: int = Field(
         0,

@@ -87,7 +87,11 @@ class Runtime:
             "streamplex_outbox_bytes", "Bytes of frames waiting in the connections' outboxes.", value=sum(c.outbox_bytes() for c in self.connections)
         )
         yield GaugeMetricFamily("streamplex_tasks", "asyncio tasks alive.", value=len(asyncio.all_tasks()))
-        yield GaugeMetricFamily("streamplex_event_loop_lag_recent_seconds", "The worst event-loop lag of the last second.", value=self.monitor.lag)
+        yield GaugeMetricFamily(
+            "streamplex_event_loop_lag_recent_seconds",
+            "The mean event-loop lag of the last second's probes (what overload_lag is compared with).",
+            value=self.monitor.lag,
+        )
         yield GaugeMetricFamily(
             "streamplex_overload_memory_threshold_bytes", "RSS past which new subscriptions are refused with overloaded.", value=self.admission.memory_threshold
         )
