@@ -73,32 +73,79 @@ class LoopMonitor:
 
 
 class Admission:
-    """The gate every new subscription passes: paced server-wide (GCRA), refused while the loop lags or memory runs high.
+    """The gate every new subscription passes: paced server-wide, refused while the loop lags or memory runs high.
 
-    A text message over `OFFLOAD_BYTES` takes its turn before it is even decoded (whatever its op), so that
-    a burst of large subscribes never holds its decoded params at once.
+    Subscriptions take tokens from a bucket of `subscribe_burst`, refilled at `subscribe_rate` scaled down
+    as the loop's lag nears `overload_lag` (to 5% of it at the threshold), so a burst is admitted as fast
+    as the loop keeps up; those beyond wait in one FIFO queue. A text message over `OFFLOAD_BYTES` takes
+    its turn before it is even decoded (whatever its op), so that a burst of large subscribes never holds
+    its decoded params at once.
     """
 
     def __init__(self, settings: Settings, monitor: LoopMonitor) -> None:
         self.settings = settings
         self.monitor = monitor
         self.memory_threshold = settings.overload_memory or int(0.8 * memory_limit())
-        self.interval = 1.0 / settings.subscribe_rate
-        self.tat = 0.0  # the theoretical arrival time of the next subscription (GCRA)
+        self.tokens = float(settings.subscribe_burst)
+        self.refilled = 0.0
+        self.queue: deque[tuple[int, asyncio.Future[None]]] = deque()
+        self.queued = 0  # tokens the queue needs
+        self.admitter: asyncio.Task[None] | None = None
         self.refused = 0
 
+    def close(self) -> None:
+        """Stop handing out turns (the server stops)."""
+        if self.admitter is not None:
+            self.admitter.cancel()
+
+    def rate(self) -> float:
+        """Subscriptions per second admitted now: `subscribe_rate`, less as the loop's lag nears `overload_lag`."""
+        threshold = self.settings.overload_lag
+        slack = 1.0 - self.monitor.lag / threshold if threshold else 1.0
+        return self.settings.subscribe_rate * min(1.0, max(0.05, slack))
+
+    def _refill(self, now: float) -> float:
+        rate = self.rate()
+        self.tokens = min(float(self.settings.subscribe_burst), self.tokens + (now - self.refilled) * rate)
+        self.refilled = now
+        return rate
+
     async def wait_turn(self, size: int) -> float | None:
-        """Wait for the turn of a message of `size` bytes under `subscribe_rate`; None when it came, else (no wait) the seconds it would have waited past `subscribe_max_wait`."""
-        now = asyncio.get_running_loop().time()
-        cost = self.interval * (1 + max(0, size - 1) // COST_BYTES)
-        tat = max(self.tat, now)
-        wait = tat + cost - self.settings.subscribe_burst * self.interval - now
+        """Wait for the turn of a message of `size` bytes; None when it came, else (at once) the seconds it would wait past `subscribe_max_wait`."""
+        loop = asyncio.get_running_loop()
+        cost = 1 + max(0, size - 1) // COST_BYTES
+        rate = self._refill(loop.time())
+        if not self.queue and self.tokens >= cost:
+            self.tokens -= cost
+            return None
+        wait = (self.queued + cost - self.tokens) / rate
         if wait > self.settings.subscribe_max_wait:
             return wait
-        self.tat = tat + cost
-        if wait > 0:
-            await asyncio.sleep(wait)
+        turn = loop.create_future()
+        self.queue.append((cost, turn))
+        self.queued += cost
+        if self.admitter is None or self.admitter.done():
+            self.admitter = asyncio.create_task(self._admit(), name="admission")
+        await turn
         return None
+
+    async def _admit(self) -> None:
+        """Hand out turns in order as tokens come back, until the queue is empty."""
+        loop = asyncio.get_running_loop()
+        while self.queue:
+            cost, turn = self.queue[0]
+            if turn.cancelled():  # its connection went away while it waited
+                self.queue.popleft()
+                self.queued -= cost
+                continue
+            rate = self._refill(loop.time())
+            if self.tokens >= cost:
+                self.tokens -= cost
+                self.queue.popleft()
+                self.queued -= cost
+                turn.set_result(None)
+                continue
+            await asyncio.sleep(min(0.1, (cost - self.tokens) / rate))  # at most 0.1 s, so a change of lag takes effect
 
     def check(self, stream_id: str, late: float | None = None) -> None:
         """Refuse the subscription `stream_id` with ProtocolError(overloaded) if its turn did not come (`late`), the loop lags or memory runs high."""

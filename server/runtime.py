@@ -288,6 +288,7 @@ class Runtime:
     async def stop(self) -> None:
         """Stop channels and producers."""
         self.started = False
+        self.admission.close()
         if self._monitoring is not None:
             self._monitoring.cancel()
             await asyncio.gather(self._monitoring, return_exceptions=True)
