@@ -154,7 +154,7 @@ async def through_engine(settings: Settings, texts: list[str], max_new: int, arr
     """The streams through the chat channel on an in-process engine (no WebSocket)."""
     from types import SimpleNamespace
 
-    from channels.base import StreamContext
+    from channels.base import StreamContext, plain
     from channels.chat import ChatChannel
     from server.engine import build_engine
 
@@ -170,7 +170,8 @@ async def through_engine(settings: Settings, texts: list[str], max_new: int, arr
             params = chat.parse({"message": text, "max_tokens": max_new})
             start = last = time.perf_counter()
             first, gaps, parts, tokens = 0.0, [], [], 0
-            async for chunk in chat.stream(params, StreamContext(f"s{i}", asyncio.Queue())):
+            async for item in chat.stream(params, StreamContext(f"s{i}", asyncio.Queue())):
+                chunk = plain(item)
                 now = time.perf_counter()
                 if chunk.get("delta"):
                     first = first or now - start

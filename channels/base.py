@@ -10,7 +10,7 @@ import asyncio
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AbstractAsyncContextManager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal, Protocol
 
 import orjson
@@ -43,6 +43,25 @@ class Shared:
         if self._json is None:
             self._json = orjson.dumps(self.data).decode()
         return self._json
+
+
+@dataclass(frozen=True, slots=True)
+class Checkpoint:
+    """A chunk with its producer's position: kept with the chunk in Redis, so that another node can go on from it
+    (a channel with `needs_positions` gets every delivered chunk's position in `StreamContext.positions`)."""
+
+    data: Any
+    position: Any
+
+
+def plain(item: Any) -> Any:
+    """A yielded chunk without its position, if it came as a `Checkpoint`."""
+    return item.data if isinstance(item, Checkpoint) else item
+
+
+class CannotGoOn(Exception):
+    """Raised by `stream()` on another node when it cannot go on from the positions it got: the stream ends with
+    reason `producer_lost`."""
 
 
 class ChannelError(Exception):
@@ -130,6 +149,8 @@ class StreamContext:
     """Chunks the client already has (a stream going on after its node died): a `restartable` channel skips them."""
     tenant: str = ""
     """The API key's non-secret label: what per-tenant state (the chat prefix cache) is partitioned by."""
+    positions: list[Any] = field(default_factory=list)
+    """With `needs_positions`, going on elsewhere: the position of each of the `start` chunks delivered (None where none was recorded)."""
 
     async def pushed(self) -> AsyncIterator[Any]:
         """Yield pushed items (JSON values or bytes) until the client ends its input."""
@@ -178,6 +199,8 @@ class Channel(ABC):
     restartable: ClassVar[bool] = False
     """Its `stream()` yields the same chunks for the same params and honours `StreamContext.start`, so another node
     can go on with a stream whose node died (see docs/protocol.md#resume-across-nodes)."""
+    needs_positions: ClassVar[bool] = False
+    """It yields `Checkpoint`s and, going on elsewhere, needs the positions of every chunk delivered before."""
 
     def __init__(self, services: Services) -> None:
         self.services = services

@@ -5,6 +5,12 @@ Chunks, in order, for each turn:
 - `{"delta": "text"}` as tokens arrive (a delta never ends inside a multi-byte character);
 - a last chunk `{"delta": "...", "finish_reason": "stop" | "length" | "cancelled", "turn": i, "usage": {...}}`.
 
+Each chunk is yielded as a `Checkpoint` carrying the token ids it took and the detokenizer's and stop
+filter's state, so that another node can go on with a reply whose node died: it prefills the prompt
+plus the tokens already sent and decodes on (greedy decoding then gives what an uninterrupted run
+would; sampling goes on from the delivered text with fresh randomness). Only the first reply of a
+stream can go on so; past it (pushed turns are not recorded) the stream ends with `producer_lost`.
+
 Pushing a string, or `{"message": "..."}`, adds the next user turn to the same conversation and
 generates again. With `keep_open` false (the default) the stream ends after the reply, unless turns were
 pushed while it was generating (those are answered first); with `keep_open` true it waits for the next
@@ -15,11 +21,12 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal, cast
 
 from pydantic import Field, field_validator, model_validator
 
-from channels.base import Channel, ChannelError, ChannelStatus, ParamsModel, StreamContext, model_status
+from channels.base import CannotGoOn, Channel, ChannelError, ChannelStatus, Checkpoint, ParamsModel, StreamContext, model_status
 from server.engine import Engine, EngineError, GenerationRequest, SamplingParams, Stream
 from server.engine.detok import IncrementalDetokenizer
 from server.protocol import ErrorCode
@@ -110,13 +117,37 @@ def pushed_turn(item: Any) -> str:
     raise ChannelError(ErrorCode.INVALID_PARAMS, 'a pushed chat turn is a string or {"message": "..."}')
 
 
-def usage(stream: Stream) -> dict[str, Any]:
-    """Token counts and timings of one reply."""
+@dataclass(frozen=True, slots=True)
+class GoingOn:
+    """Where a reply stood when its node died, from its delivered chunks' positions."""
+
+    ids: list[int]
+    prefix: int
+    read: int
+    held: str
+
+    @classmethod
+    def of(cls, positions: list[Any]) -> GoingOn:
+        """Rebuild it, or raise CannotGoOn when the chunks are not all of an unfinished first reply."""
+        if not positions or not all(isinstance(p, dict) and p.get("turn") == 0 and not p.get("done") for p in positions):
+            raise CannotGoOn("only a chat stream's unfinished first reply can go on on another node")
+        last = positions[-1]
+        ids = [i for p in positions for i in p.get("ids", ())]
+        state = cls(ids, last.get("prefix"), last.get("read"), last.get("held"))
+        if not (all(type(i) is int for i in ids) and type(state.prefix) is int and type(state.read) is int and 0 <= state.prefix <= state.read <= len(ids)):
+            raise CannotGoOn("the recorded positions are not a chat reply's")
+        if not isinstance(state.held, str):
+            raise CannotGoOn("the recorded positions are not a chat reply's")
+        return state
+
+
+def usage(stream: Stream, before: int = 0) -> dict[str, Any]:
+    """Token counts and timings of one reply (`before`: tokens generated on the node that died, counted as completion)."""
     start, first, end = stream.submitted, stream.first_token, stream.finished or stream.submitted
     decode_seconds = end - first if first is not None else 0.0
     return {
-        "prompt_tokens": stream.prompt_tokens,
-        "completion_tokens": stream.completion_tokens,
+        "prompt_tokens": stream.prompt_tokens - before,
+        "completion_tokens": stream.completion_tokens + before,
         "time_to_first_token_ms": round((first - start) * 1000, 1) if first is not None else None,
         "duration_ms": round((end - start) * 1000, 1),
         "tokens_per_s": round((stream.completion_tokens - 1) / decode_seconds, 2) if decode_seconds > 0 else None,
@@ -128,6 +159,8 @@ class ChatChannel(Channel):
     summary = "Assistant replies from a causal LM, token by token; push the next user turn to continue the conversation."
     Params = ChatParams
     accepts_push = True
+    restartable = True
+    needs_positions = True
 
     @property
     def engine(self) -> Engine | None:
@@ -146,10 +179,11 @@ class ChatChannel(Channel):
         if self.engine is None:
             raise ChannelError(ErrorCode.UNAVAILABLE, "the model engine is not running")
         conversation = params.conversation()
+        going_on = GoingOn.of(ctx.positions) if ctx.start else None
         pushes = ctx.pushed()
         for turn in itertools.count():
             reply: list[str] = []
-            async for chunk in self._reply(params, conversation, turn, reply, ctx.tenant):
+            async for chunk in self._reply(params, conversation, turn, reply, ctx.tenant, going_on if turn == 0 else None):
                 yield chunk
             conversation.append({"role": "assistant", "content": "".join(reply)})
             if not params.keep_open and ctx.inbox.empty():
@@ -159,31 +193,52 @@ class ChatChannel(Channel):
                 return
             conversation.append({"role": "user", "content": pushed_turn(item)})
 
-    async def _reply(self, params: ChatParams, conversation: list[dict[str, str]], turn: int, reply: list[str], tenant: str) -> AsyncIterator[Any]:
-        """Generate one assistant turn, appending its text to `reply`; the prompt meets only `tenant`'s cached prefixes."""
+    async def _reply(
+        self, params: ChatParams, conversation: list[dict[str, str]], turn: int, reply: list[str], tenant: str, going_on: GoingOn | None = None
+    ) -> AsyncIterator[Any]:
+        """Generate one assistant turn, appending its text to `reply`; the prompt meets only `tenant`'s cached prefixes; with
+        `going_on`, it starts from the tokens already sent."""
         assert self.engine is not None
+        before = going_on.ids if going_on is not None else []
         try:
             runner = cast("CausalLMRunner", self.engine.runner("chat", params.model))
             prompt = runner.encode_chat(conversation)
             if len(prompt) >= runner.context_length:
                 raise EngineError("invalid", f"the conversation is {len(prompt)} tokens; the model's context is {runner.context_length}")
-            request = GenerationRequest(prompt, min(params.max_tokens, runner.context_length - len(prompt)), params.sampling(), tenant=tenant)
-            stream = self.engine.submit(runner.name, len(prompt), request.max_new, request)
+            max_new = min(params.max_tokens, runner.context_length - len(prompt)) - len(before)
+            if max_new < 1:
+                raise CannotGoOn("the reply had used all its tokens")
+            request = GenerationRequest(prompt + before, max_new, params.sampling(), tenant=tenant)
+            stream = self.engine.submit(runner.name, len(request.prompt), request.max_new, request)
         except EngineError as exc:
             code = ErrorCode.INVALID_PARAMS if exc.code == "invalid" else ErrorCode.UNAVAILABLE
             raise ChannelError(code, exc.message) from None
         detok = IncrementalDetokenizer(runner.tokenizer)
         stops = StopText(params.stop)
+        if going_on is not None:
+            detok.restore(before, going_on.prefix, going_on.read)
+            stops.held = going_on.held
+            sent = detok.text(going_on.read)
+            reply.append(sent[: len(sent) - len(going_on.held)])
+        taken: list[int] = []  # token ids since the last chunk, recorded with the next one
+
+        def checkpoint(data: dict[str, Any], done: bool = False) -> Checkpoint:
+            prefix, read = detok.state()
+            position = {"turn": turn, "ids": list(taken), "prefix": prefix, "read": read, "held": stops.held, "done": done}
+            taken.clear()
+            return Checkpoint(data, position)
+
         async with stream:
             while (update := await stream.next()) is not None:
+                taken.extend(update.tokens)
                 if update.queued is not None and not update.tokens:
-                    yield {"queued": update.queued}
+                    yield checkpoint({"queued": update.queued})
                 text, stopped = stops.feed(detok.push(update.tokens))
                 finish = "stop" if stopped else update.finish
                 if finish is None:
                     if text:
                         reply.append(text)
-                        yield {"delta": text}
+                        yield checkpoint({"delta": text})
                     continue
                 if finish == "error":
                     raise ChannelError(ErrorCode.INTERNAL, "generation failed; see the server log")
@@ -193,5 +248,5 @@ class ChatChannel(Channel):
                     finish = "stop" if stopped else finish
                 stream.cancel()
                 reply.append(text)
-                yield {"delta": text, "finish_reason": finish, "turn": turn, "usage": usage(stream)}
+                yield checkpoint({"delta": text, "finish_reason": finish, "turn": turn, "usage": usage(stream, len(before))}, done=True)
                 return

@@ -24,7 +24,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
-from channels.base import END_OF_INPUT, Binary, Channel, ChannelError, Gap, Shared, StreamContext
+from channels.base import END_OF_INPUT, Binary, Channel, ChannelError, Checkpoint, Gap, Shared, StreamContext
 from server.auth import Principal, refusal
 from server.protocol import ErrorCode
 from server.ratelimit import TokenBucket
@@ -329,7 +329,7 @@ class _Stream:
         try:
             async with contextlib.aclosing(self.channel.stream(self.params, self.ctx)) as chunks:
                 async for item in chunks:
-                    await out.put(item)
+                    await out.put(item.data if isinstance(item, Checkpoint) else item)
         except ChannelError as exc:
             await out.put(exc)
             return

@@ -28,7 +28,7 @@ from server.protocol import PROTOCOL_VERSION, EndReason, encode, end_frame
 from server.redact import RedactKeys
 from server.redis_broker import RedisBroker, redis_options
 from server.session import Session
-from server.session_store import SessionStore, digest
+from server.session_store import Entry, SessionStore, digest
 from server.telemetry import Telemetry
 
 if TYPE_CHECKING:
@@ -185,20 +185,18 @@ class Runtime:
         frames: list[Any] = []
         for sid, spec in record.streams.items():
             last = last_seqs.get(sid, -1)
-            entries = await store.replay(record.id, sid, last) or []
             channel = self.channels.get(spec.channel)
-            expected, replayed, end = last + 1, [], None
-            for entry in entries:
-                if channel is not None and channel.lossy:  # no replay: only whether it ended
-                    end = entry.payload if entry.end else None
-                    continue
-                if entry.seq != expected:
-                    break
-                if entry.end:
-                    end = entry.payload
-                    break
-                replayed.append((entry.seq, entry.payload))
-                expected += 1
+            lossy = channel is not None and channel.lossy
+            positions: list[Any] | None = None
+            if channel is not None and channel.needs_positions:  # it goes on from every delivered chunk's position
+                entries = await store.replay(record.id, sid, -1) or []
+                expected, replayed, positions, end = _walk(entries, 0, last, lossy)
+                if expected <= last:  # Redis lacks some of what the client has: replay what it holds, but it cannot go on
+                    expected, replayed, _, end = _walk(entries, last + 1, last, lossy)
+                    positions = None
+            else:
+                entries = await store.replay(record.id, sid, last) or []
+                expected, replayed, _, end = _walk(entries, last + 1, last, lossy)
             if end is not None and sid not in last_seqs:
                 continue  # ended, and the client is done with it
             frames += [p for _, p in replayed]
@@ -209,7 +207,7 @@ class Runtime:
                     session.restore(sid, channel, None, spec.params, expected, replayed, end)
                 report[sid] = entry_report
                 continue
-            reason = self._going_on(sid, spec.channel, spec.params, session, expected, replayed, entries)
+            reason = self._going_on(sid, spec.channel, spec.params, session, expected, replayed, bool(entries), positions)
             if reason is not None:
                 end_payload = encode(end_frame(sid, reason))
                 frames.append(end_payload)
@@ -221,12 +219,17 @@ class Runtime:
         log.info("session %s taken over from node %s: %d stream(s), %d frame(s) replayed", session.id, record.owner or "(released)", len(report), len(frames))
         return session, report, frames
 
-    def _going_on(self, sid: str, name: str, raw: dict[str, Any], session: Session, next_seq: int, replayed: list[Any], entries: list[Any]) -> EndReason | None:
+    def _going_on(
+        self, sid: str, name: str, raw: dict[str, Any], session: Session, next_seq: int, replayed: list[Any], held: bool, positions: list[Any] | None
+    ) -> EndReason | None:
         """Restore a taken-over stream that had not ended, to go on at `next_seq` on this node; or say why it ends."""
         channel = self.channels.get(name)
-        if channel is None or not (channel.restartable or channel.lossy) or channel.status().state != "available":
-            gap = bool(entries) and not replayed
+        lost_positions = channel is not None and channel.needs_positions and positions is None
+        if channel is None or not (channel.restartable or channel.lossy) or lost_positions or channel.status().state != "available":
+            gap = held and not replayed
             why = "its channel cannot start at a position" if channel is not None else "its channel does not exist here"
+            if lost_positions:
+                why = "Redis no longer holds every chunk it sent"
             if channel is not None and channel.status().state != "available":
                 why = f"its channel is {channel.status().state} here"
             log.warning("session %s stream %s (%s) cannot go on on this node: %s", session.id, sid, name, why)
@@ -239,7 +242,7 @@ class Runtime:
         except ChannelError as exc:
             log.warning("session %s stream %s (%s) cannot go on on this node: %s", session.id, sid, name, exc.message)
             return EndReason.PRODUCER_LOST
-        session.restore(sid, channel, params, raw, next_seq, replayed, None)
+        session.restore(sid, channel, params, raw, next_seq, replayed, None, positions or [])
         return None
 
     async def release(self, key: str) -> None:
@@ -351,3 +354,23 @@ def configure_logging(settings: Settings) -> RingLogHandler:
     root.handlers[:] = [console, ring]
     root.setLevel(settings.log_level)
     return ring
+
+
+def _walk(entries: list[Entry], start: int, last: int, lossy: bool) -> tuple[int, list[tuple[int, Any]], list[Any], Any]:
+    """Read a stream's replay entries in order from seq `start`: the next seq, the frames after the client's `last`,
+    the positions of the chunks walked, and the `end` frame if the walk reached it (a lossy stream only says if it ended)."""
+    expected, replayed, positions, end = start, [], [], None
+    for entry in entries:
+        if lossy:
+            end = entry.payload if entry.end else None
+            continue
+        if entry.seq != expected:
+            break
+        if entry.end:
+            end = entry.payload
+            break
+        if entry.seq > last:
+            replayed.append((entry.seq, entry.payload))
+        positions.append(entry.position)
+        expected += 1
+    return max(expected, last + 1) if lossy else expected, replayed, positions, end

@@ -17,7 +17,7 @@ from typing import Any, Protocol
 
 import orjson
 
-from channels.base import END_OF_INPUT, Binary, Channel, ChannelError, Gap, Shared, StreamContext
+from channels.base import END_OF_INPUT, Binary, CannotGoOn, Channel, ChannelError, Checkpoint, Gap, Shared, StreamContext
 from server.auth import Principal, refusal
 from server.budget import Budget
 from server.config import Settings
@@ -35,7 +35,7 @@ class Journal(Protocol):
 
     def subscribed(self, token: str, session_id: str, label: str, stream_id: str, channel: str, params: dict[str, Any]) -> None: ...
 
-    def chunk(self, session_id: str, stream_id: str, seq: int, payload: Payload, first_kept: int) -> None: ...
+    def chunk(self, session_id: str, stream_id: str, seq: int, payload: Payload, first_kept: int, position: Any = None) -> None: ...
 
     def ended(self, session_id: str, stream_id: str, next_seq: int, payload: str) -> None: ...
 
@@ -87,6 +87,7 @@ class Stream:
     end_payload: Payload | None = field(default=None, repr=False)
     raw: dict[str, Any] = field(default_factory=dict, repr=False)  # the subscribe params as sent, to open it again elsewhere (only with a journal)
     start: int = 0  # chunks the client had when this node took the stream over (see StreamContext.start)
+    positions: list[Any] = field(default_factory=list, repr=False)  # their positions, for a channel that needs them
 
     def __post_init__(self) -> None:
         self.prefix = chunk_prefix(self.id)
@@ -252,13 +253,22 @@ class Session:
         stream.task = asyncio.create_task(self._produce(stream), name=f"stream:{self.id}:{stream.id}")
 
     def restore(
-        self, stream_id: str, channel: Channel, params: Any, raw: dict[str, Any], next_seq: int, replayed: list[tuple[int, Payload]], end: Payload | None
+        self,
+        stream_id: str,
+        channel: Channel,
+        params: Any,
+        raw: dict[str, Any],
+        next_seq: int,
+        replayed: list[tuple[int, Payload]],
+        end: Payload | None,
+        positions: list[Any] | None = None,
     ) -> None:
         """Take over a stream from another node: `replayed` are the frames the client gets again; with `end` the
-        stream is over, else it goes on (producer started by `start_restored`) at chunk `next_seq`."""
+        stream is over, else it goes on (producer started by `start_restored`) at chunk `next_seq`, from `positions`."""
         stream = self._new_stream(stream_id, channel, params, raw, len(orjson.dumps(raw)) if end is None else 0)
         stream.seq = next_seq
         stream.start = 0 if channel.lossy else next_seq
+        stream.positions = positions or []
         if self.settings.resume_buffer_bytes > 0:
             now = asyncio.get_running_loop().time()
             for seq, payload in replayed:
@@ -379,7 +389,10 @@ class Session:
         log.info("session %s stream %s (%s) ended: %s", self.id, stream.id, stream.channel.name, reason)
 
     async def _produce(self, stream: Stream) -> None:
-        ctx = StreamContext(stream.id, stream.inbox, stream.offer if stream.lane is not None else None, stream.start, tenant=self.principal.label)
+        ctx = StreamContext(
+            stream.id, stream.inbox, stream.offer if stream.lane is not None else None, stream.start, tenant=self.principal.label, positions=stream.positions
+        )
+        stream.positions = []
         reason, error = EndReason.COMPLETE, None
         try:
             async with contextlib.aclosing(stream.channel.stream(stream.params, ctx)) as chunks:
@@ -387,6 +400,9 @@ class Session:
                     await self._emit(stream, item)
         except ChannelError as exc:
             reason, error = EndReason.ERROR, {"code": str(exc.code), "message": exc.message}
+        except CannotGoOn as exc:
+            log.warning("session %s stream %s (%s) cannot go on on this node: %s", self.id, stream.id, stream.channel.name, exc)
+            reason = EndReason.PRODUCER_LOST
         except asyncio.CancelledError:
             raise
         except Exception:
@@ -403,6 +419,9 @@ class Session:
         if stream.channel.lossy:
             stream.offer(item)
             return
+        position = None
+        if isinstance(item, Checkpoint):
+            item, position = item.data, item.position
         seq = stream.seq
         stream.seq += 1
         payload = stream.render((seq, item))
@@ -412,7 +431,7 @@ class Session:
             stream.record(seq, payload, self.settings.resume_buffer_bytes, now, self.settings.resume_buffer_age)
             self._fit_replay(stream)
             if self.journal is not None:
-                self.journal.chunk(self.id, stream.id, seq, payload, stream.first_kept)
+                self.journal.chunk(self.id, stream.id, seq, payload, stream.first_kept, position)
 
     def _fit_replay(self, first: Stream | None = None) -> None:
         """Trim replay buffers, oldest frames first (of `first`, then of the other streams), until the budget holds."""

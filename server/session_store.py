@@ -88,6 +88,7 @@ class Entry:
     seq: int
     payload: str | bytes
     end: bool = False
+    position: Any = None  # what the channel recorded with the chunk (see channels.base.Checkpoint)
 
 
 @dataclass(slots=True)
@@ -175,11 +176,13 @@ class SessionStore:
         self._put("HSET", self._sess_key(key), f"s:{stream_id}", spec)
         self._put("PEXPIRE", self._sess_key(key), self.window_ms)
 
-    def chunk(self, session_id: str, stream_id: str, seq: int, payload: str | bytes, first_kept: int) -> None:
-        """A lossless chunk was sent: append it, and trim what the node's replay buffer no longer holds."""
+    def chunk(self, session_id: str, stream_id: str, seq: int, payload: str | bytes, first_kept: int, position: Any = None) -> None:
+        """A lossless chunk was sent: append it (with its producer's position, if any), and trim what the node's
+        replay buffer no longer holds."""
         key = self._replay_key(session_id, stream_id)
         kind = "b" if isinstance(payload, bytes) else "c"
-        self._put("XADD", key, "MINID", f"{first_kept}-0", f"{seq}-1", kind, payload)
+        extra = () if position is None else ("p", orjson.dumps(position))
+        self._put("XADD", key, "MINID", f"{first_kept}-0", f"{seq}-1", kind, payload, *extra)
         self._put("PEXPIRE", key, self.window_ms)
 
     def ended(self, session_id: str, stream_id: str, next_seq: int, payload: str) -> None:
@@ -391,15 +394,21 @@ def _entry(stream_id: str, entry_id: bytes, fields: dict[bytes, bytes]) -> Entry
             frame_id, frame_seq, _ = parse_server_binary(fields[b"b"])
             if frame_id != stream_id or frame_seq != seq & 0xFFFFFFFF:
                 raise Malformed(f"a binary frame of stream {frame_id!r} seq {frame_seq}")
-            return Entry(seq, fields[b"b"])
+            return Entry(seq, fields[b"b"], position=_position(fields))
         end = b"e" in fields
         text = fields[b"e" if end else b"c"].decode()
         frame = orjson.loads(text)
+        position = _position(fields)
     except (KeyError, IndexError, struct.error) as exc:
         raise Malformed(f"{type(exc).__name__}: {exc}") from None
     if not isinstance(frame, dict) or frame.get("op") != ("end" if end else "chunk") or frame.get("id") != stream_id or (not end and frame.get("seq") != seq):
         raise Malformed("not this stream's frame at this seq")
-    return Entry(seq, text, end=end)
+    return Entry(seq, text, end=end, position=position)
+
+
+def _position(fields: dict[bytes, bytes]) -> Any:
+    """The producer's position kept with a chunk (JSON), if any; the channel that reads it checks its shape."""
+    return orjson.loads(fields[b"p"]) if b"p" in fields else None
 
 
 def _flat(streams: dict[str, bytes]) -> list[Any]:

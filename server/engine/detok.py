@@ -25,6 +25,19 @@ class IncrementalDetokenizer:
     def _decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens, clean_up_tokenization_spaces=False)
 
+    def state(self) -> tuple[int, int]:
+        """Where it stands in `ids` (the window start, and how far text was given out): with the ids, enough to `restore` it."""
+        return self._prefix, self._read
+
+    def text(self, n: int) -> str:
+        """The text of the first `n` ids."""
+        return self._decode(self.ids[:n])
+
+    def restore(self, ids: list[int], prefix: int, read: int) -> None:
+        """Pick up where another detokenizer over `ids` stood (a stream going on on another node)."""
+        self.ids = list(ids)
+        self._prefix, self._read = prefix, read
+
     def push(self, tokens: list[int]) -> str:
         """Add tokens; return the text they complete (possibly empty)."""
         self.ids.extend(tokens)

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from channels.base import END_OF_INPUT, ChannelError, StreamContext
+from channels.base import END_OF_INPUT, CannotGoOn, ChannelError, Checkpoint, StreamContext, plain
 from channels.chat import ChatChannel, StopText, pushed_turn
 from server.config import Settings
 from server.engine import Engine
@@ -74,7 +74,7 @@ def test_pushed_turn_shapes() -> None:
 
 
 async def chunks_of(chat: ChatChannel, raw: dict[str, Any], ctx: StreamContext | None = None) -> list[dict[str, Any]]:
-    return [chunk async for chunk in chat.stream(chat.parse(raw), ctx or context())]
+    return [plain(chunk) async for chunk in chat.stream(chat.parse(raw), ctx or context())]
 
 
 async def test_reply_then_pushed_turn_and_stop_string(runner: CausalLMRunner) -> None:
@@ -115,7 +115,8 @@ async def test_fifty_streams_opened_and_dropped_leave_nothing(runner: CausalLMRu
 
         async def consume(i: int) -> None:
             params = chat.parse({"message": f"Count from {i} to {i + 50}.", "max_tokens": 64})
-            async for chunk in chat.stream(params, context(f"s{i}")):
+            async for item in chat.stream(params, context(f"s{i}")):
+                chunk = plain(item)
                 deltas[i] += "delta" in chunk
                 queued[i] |= "queued" in chunk
 
@@ -134,3 +135,27 @@ async def test_fifty_streams_opened_and_dropped_leave_nothing(runner: CausalLMRu
         stats = snapshot["runners"][runner.name]
         assert snapshot["streams"] == 0 and stats["running"] == 0 and stats["waiting"] == 0
         assert stats["kv_reserved_tokens"] == 0 and runner.stats()["rows"] == runner.stats()["kv_bytes"] == 0
+
+
+async def test_a_reply_goes_on_from_its_delivered_chunks_as_an_uninterrupted_run(runner: CausalLMRunner) -> None:
+    """What a node does for a chat stream whose node died: prefill the prompt plus the tokens sent, decode on (greedy)."""
+    async with engine_with(runner, max_batch=4, step_tokens=260, prefill_chunk=256) as engine:
+        chat = channel(engine)
+        for raw in ({"message": "Tell me about the history of Rome.", "max_tokens": 24}, {"message": FRANCE, "stop": ["Paris"]}):
+            full = [item async for item in chat.stream(chat.parse(raw), context())]
+            assert all(isinstance(item, Checkpoint) for item in full)
+            chunks = [plain(item) for item in full]
+            text = "".join(c["delta"] for c in chunks if "delta" in c)
+            for k in sorted({1, len(full) // 2, len(full) - 1}):
+                ctx = context()
+                ctx.start, ctx.positions = k, [item.position for item in full[:k]]
+                rest = [plain(item) async for item in chat.stream(chat.parse(raw), ctx)]
+                sent = "".join(c["delta"] for c in chunks[:k] if "delta" in c)
+                assert sent + "".join(c["delta"] for c in rest if "delta" in c) == text, (raw, k)
+                assert rest[-1]["finish_reason"] == chunks[-1]["finish_reason"]
+                assert rest[-1]["usage"]["completion_tokens"] == chunks[-1]["usage"]["completion_tokens"]
+                assert rest[-1]["usage"]["prompt_tokens"] == chunks[-1]["usage"]["prompt_tokens"]
+        ctx = context()
+        ctx.start, ctx.positions = len(full), [item.position for item in full]
+        with pytest.raises(CannotGoOn):  # the reply was over: only an unfinished first reply goes on
+            await chunks_of(chat, raw, ctx)
