@@ -17,7 +17,7 @@ import websockets
 from streamplex import connect as sdk_connect
 
 from tests.redisproc import RedisProc
-from tests.serverproc import ServerProc, connect, free_port, recv, send, start_server
+from tests.serverproc import ServerProc, collect, connect, free_port, recv, send, start_server
 
 pytestmark = pytest.mark.skipif(shutil.which("redis-server") is None, reason="redis-server is not installed (scripts/packages/apt-test.txt)")
 
@@ -241,3 +241,54 @@ async def test_redis_restarted_mid_run_nodes_reconnect_and_sessions_resume_again
     await reader.read(ws, lambda: len(reader.ends) == 2)
     assert reader.text("t") == TEXT and reader.text("d") == CSV
     await ws.close()
+
+
+@pytest.fixture(scope="module")
+def chat_nodes(tmp_path_factory: pytest.TempPathFactory, redis_server: RedisProc) -> Iterator[list[ServerProc]]:
+    """Two nodes with the bundled chat model, loaded."""
+    tmp = tmp_path_factory.mktemp("chat")
+    nodes: list[ServerProc] = []
+    try:
+        for name in ("chat-a", "chat-b"):
+            nodes.append(start_server(tmp, node=name, redis_url=redis_server.url, redis_prefix="sp-chat", chat_model="smollm2-135m-instruct"))
+        deadline = time.monotonic() + 300
+        while any(orjson.loads(n.get("/ready")[1])["channels"]["chat"] != "available" for n in nodes):
+            assert time.monotonic() < deadline, "the chat model did not load"
+            time.sleep(0.5)
+        yield nodes
+    finally:
+        for node in nodes:
+            node.stop()
+
+
+async def test_a_chat_reply_goes_on_on_another_node_as_an_uninterrupted_run(chat_nodes: list[ServerProc]) -> None:
+    a, b = chat_nodes
+    params = {"message": "Tell me about the history of Rome.", "max_tokens": 48}
+    ws = await connect(b)
+    await send(ws, op="subscribe", id="c", channel="chat", params=params)
+    chunks, end = await collect(ws, "c", timeout=60)
+    await ws.close()
+    expected = "".join(c["data"].get("delta", "") for c in chunks)
+    assert end["reason"] == "complete" and chunks[-1]["data"]["finish_reason"] == "length"
+
+    ws = await connect(a)
+    token = ws.ready["resume"]["token"]  # type: ignore[attr-defined]
+    await send(ws, op="subscribe", id="c", channel="chat", params=params)
+    got: dict[int, Any] = {}
+    while sum("delta" in d for d in got.values()) < 6:
+        frame = await recv(ws, 60)
+        if frame["op"] == "chunk":
+            got[frame["seq"]] = frame["data"]
+    a.stop(signal.SIGKILL)
+    ws = await connect(b)
+    await send(ws, op="resume", token=token, streams={"c": max(got)})
+    resumed = await recv(ws)
+    assert resumed["op"] == "resumed" and resumed["streams"]["c"]["resumed"], resumed
+    rest, end = await collect(ws, "c", timeout=60)
+    await ws.close()
+    for frame in rest:
+        assert frame["seq"] not in got, "a chunk came twice"
+        got[frame["seq"]] = frame["data"]
+    assert end["reason"] == "complete" and sorted(got) == list(range(len(got)))
+    assert "".join(got[i].get("delta", "") for i in sorted(got)) == expected
+    assert got[max(got)]["usage"]["completion_tokens"] == 48
