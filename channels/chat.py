@@ -129,10 +129,10 @@ class GoingOn:
     @classmethod
     def of(cls, positions: list[Any]) -> GoingOn:
         """Rebuild it, or raise CannotGoOn when the chunks are not all of an unfinished first reply."""
-        if not positions or not all(isinstance(p, dict) and p.get("turn") == 0 and not p.get("done") for p in positions):
+        if not positions or not all(isinstance(p, dict) and p.get("turn") == 0 and not p.get("done") and isinstance(p.get("ids"), list) for p in positions):
             raise CannotGoOn("only a chat stream's unfinished first reply can go on on another node")
         last = positions[-1]
-        ids = [i for p in positions for i in p.get("ids", ())]
+        ids = [i for p in positions for i in p["ids"]]
         state = cls(ids, last.get("prefix"), last.get("read"), last.get("held"))
         if not (all(type(i) is int for i in ids) and type(state.prefix) is int and type(state.read) is int and 0 <= state.prefix <= state.read <= len(ids)):
             raise CannotGoOn("the recorded positions are not a chat reply's")
