@@ -355,6 +355,7 @@ export class Client extends EventTarget {
     this._subs.delete(sub.id);
     if (frame.reason === "shutdown") sub._finish(new StreamplexError("shutdown", "the server shut down", { id: sub.id }), "shutdown");
     else if (frame.reason === "resume_gap") sub._finish(new StreamplexError("resume_gap", "chunks were lost while the connection was down", { id: sub.id }), "resume_gap");
+    else if (frame.reason === "producer_lost") sub._finish(new StreamplexError("producer_lost", "its server node died and the stream cannot go on elsewhere", { id: sub.id }), "producer_lost");
     else sub._finish(null, frame.reason);
   }
 

@@ -207,7 +207,8 @@ class Runtime:
                     session.restore(sid, channel, None, spec.params, expected, replayed, end)
                 report[sid] = entry_report
                 continue
-            reason = self._going_on(sid, spec.channel, spec.params, session, expected, replayed, bool(entries), positions)
+            gap = not replayed and any(e.seq > last for e in entries)  # what follows the client's last chunk is gone
+            reason = self._going_on(sid, spec.channel, spec.params, session, expected, replayed, gap, positions)
             if reason is not None:
                 end_payload = encode(end_frame(sid, reason))
                 frames.append(end_payload)
@@ -220,13 +221,12 @@ class Runtime:
         return session, report, frames
 
     def _going_on(
-        self, sid: str, name: str, raw: dict[str, Any], session: Session, next_seq: int, replayed: list[Any], held: bool, positions: list[Any] | None
+        self, sid: str, name: str, raw: dict[str, Any], session: Session, next_seq: int, replayed: list[Any], gap: bool, positions: list[Any] | None
     ) -> EndReason | None:
         """Restore a taken-over stream that had not ended, to go on at `next_seq` on this node; or say why it ends."""
         channel = self.channels.get(name)
         lost_positions = channel is not None and channel.needs_positions and positions is None
         if channel is None or not (channel.restartable or channel.lossy) or lost_positions or channel.status().state != "available":
-            gap = held and not replayed
             why = "its channel cannot start at a position" if channel is not None else "its channel does not exist here"
             if lost_positions:
                 why = "Redis no longer holds every chunk it sent"

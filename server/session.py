@@ -39,6 +39,9 @@ class Journal(Protocol):
 
     def ended(self, session_id: str, stream_id: str, next_seq: int, payload: str) -> None: ...
 
+    async def flush(self, timeout: float = ...) -> None:
+        """Wait until what was recorded so far reached Redis (or was dropped)."""
+
 
 class Inbox(asyncio.Queue[Any]):
     """A stream's pushed input, its bytes counted in the connection's budget until the channel takes them."""
@@ -425,13 +428,17 @@ class Session:
         seq = stream.seq
         stream.seq += 1
         payload = stream.render((seq, item))
-        await self.outbox.put(payload)
         if self.settings.resume_window > 0 and self.settings.resume_buffer_bytes > 0:
             now = asyncio.get_running_loop().time()
             stream.record(seq, payload, self.settings.resume_buffer_bytes, now, self.settings.resume_buffer_age)
             self._fit_replay(stream)
             if self.journal is not None:
                 self.journal.chunk(self.id, stream.id, seq, payload, stream.first_kept, position)
+                if stream.channel.needs_positions:
+                    # Another node goes on from the positions of every chunk the client has: this one is in Redis before it leaves.
+                    with contextlib.suppress(TimeoutError):
+                        await self.journal.flush()
+        await self.outbox.put(payload)
 
     def _fit_replay(self, first: Stream | None = None) -> None:
         """Trim replay buffers, oldest frames first (of `first`, then of the other streams), until the budget holds."""

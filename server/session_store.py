@@ -158,7 +158,10 @@ class SessionStore:
     async def flush(self, timeout: float = REDIS_TIMEOUT) -> None:
         """Wait until every write queued so far was sent (or dropped)."""
         marker = asyncio.get_running_loop().create_future()
-        self._queue.put_nowait(marker)
+        try:
+            self._queue.put_nowait(marker)
+        except asyncio.QueueFull:
+            return  # the queue drops writes already; waiting would not make this one surer
         async with asyncio.timeout(timeout):
             await marker
 

@@ -4,8 +4,10 @@ SIGKILLed mid-stream, the client resuming on another node (by hand and with the 
 from __future__ import annotations
 
 import asyncio
+import json
 import shutil
 import signal
+import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,14 +18,15 @@ import pytest
 import websockets
 from streamplex import connect as sdk_connect
 
+from tests.nginxproc import NGINX, running_nginx
 from tests.redisproc import RedisProc
-from tests.serverproc import ServerProc, collect, connect, free_port, recv, send, start_server
+from tests.serverproc import ROOT, ServerProc, collect, connect, free_port, recv, send, start_server
 
 pytestmark = pytest.mark.skipif(shutil.which("redis-server") is None, reason="redis-server is not installed (scripts/packages/apt-test.txt)")
 
 TEXT = "".join(f"line {i:03d} of a paced document that outlives the node it started on.\n" for i in range(60))
 TEXT_PARAMS = {"text": TEXT, "unit": "words", "chunk_size": 4, "interval_ms": 15}
-RECORDS = [{"id": i, "name": f"row {i}", "score": i / 7} for i in range(400)]
+RECORDS = [{"id": i, "name": f"row {i}", "score": f"{i / 7:.4f}"} for i in range(400)]
 DATA_PARAMS = {"records": RECORDS, "format": "csv", "chunk_size": 5, "interval_ms": 15}
 CSV = "id,name,score\r\n" + "".join(f"{r['id']},{r['name']},{r['score']}\r\n" for r in RECORDS)
 
@@ -241,6 +244,59 @@ async def test_redis_restarted_mid_run_nodes_reconnect_and_sessions_resume_again
     await reader.read(ws, lambda: len(reader.ends) == 2)
     assert reader.text("t") == TEXT and reader.text("d") == CSV
     await ws.close()
+
+
+def _by_name(cluster: Cluster, name: str) -> ServerProc:
+    return next(n for n in cluster.nodes if n.name == name)  # type: ignore[attr-defined]
+
+
+@pytest.mark.skipif(NGINX is None, reason="nginx is not installed (scripts/packages/apt-test.txt)")
+async def test_through_the_shipped_nginx_the_sdk_and_streamplex_js_resume_by_themselves(cluster: Cluster, tmp_path: Path) -> None:
+    with running_nginx(tmp_path, [n.port for n in cluster.nodes]) as nginx:
+        # The Python SDK, with the one URL a deployment gives its clients.
+        async with sdk_connect(nginx.ws(), cluster.nodes[0].key, backoff=(0.1, 1.0), max_retries=20) as client:
+            holder = _by_name(cluster, client.ready["node"])
+            text = client.subscribe("text", id="t", **TEXT_PARAMS)
+            data = client.subscribe("data", id="d", **DATA_PARAMS)
+            got: dict[str, list[str]] = {"t": [], "d": []}
+
+            async def read(sub: Any, sid: str) -> None:
+                async for chunk in sub:
+                    got[sid].append(chunk.data)
+                    if sid == "t" and len(got["t"]) == 15:
+                        holder.stop(signal.SIGKILL)
+
+            await asyncio.wait_for(asyncio.gather(read(text, "t"), read(data, "d")), 60)
+            assert client.resumes == 1 and text.restarts == data.restarts == 0
+            assert client.ready["node"] != holder.name  # type: ignore[attr-defined]
+        assert "".join(got["t"]) == TEXT and "".join(got["d"]) == CSV
+
+    # streamplex.js under Node, through nginx again (over the revived node's new port).
+    cluster.revive()
+    js_dir = tmp_path / "js"
+    js_dir.mkdir()
+    with running_nginx(js_dir, [n.port for n in cluster.nodes]) as nginx:
+        proc = subprocess.Popen(
+            ["node", str(ROOT / "tests" / "client_js" / "failover.mjs"), nginx.ws(), cluster.nodes[0].key, json.dumps(TEXT_PARAMS), json.dumps(DATA_PARAMS)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=ROOT,
+        )
+        try:
+            assert proc.stdout is not None
+            first = json.loads(await asyncio.to_thread(proc.stdout.readline))
+            await asyncio.sleep(0.3)  # a few chunks in
+            _by_name(cluster, first["node"]).stop(signal.SIGKILL)
+            out, err = await asyncio.to_thread(proc.communicate, timeout=60)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+        assert proc.returncode == 0, err[-4000:]
+        report = json.loads(out.strip().splitlines()[-1])
+        assert report["text"] == TEXT and report["data"] == CSV and report["seqs_in_order"], report
+        assert report["reasons"] == ["complete", "complete"] and report["resumes"] == 1 and report["restarts"] == 0, report
+        assert report["node"] != first["node"]
 
 
 @pytest.fixture(scope="module")
