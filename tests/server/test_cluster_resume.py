@@ -42,7 +42,8 @@ class Cluster:
             self.nodes.append(self._start(name))
 
     def _start(self, name: str) -> ServerProc:
-        node = start_server(self.tmp, node=name, redis_url=self.redis.url, redis_prefix="sp-resume", resume_window=20)
+        # overload_lag 0: a loaded CI host must not refuse these tests' subscriptions (admission is tested elsewhere).
+        node = start_server(self.tmp, node=name, redis_url=self.redis.url, redis_prefix="sp-resume", resume_window=20, overload_lag=0)
         node.name = name  # type: ignore[attr-defined]
         return node
 
@@ -306,7 +307,7 @@ def chat_nodes(tmp_path_factory: pytest.TempPathFactory, redis_server: RedisProc
     nodes: list[ServerProc] = []
     try:
         for name in ("chat-a", "chat-b"):
-            nodes.append(start_server(tmp, node=name, redis_url=redis_server.url, redis_prefix="sp-chat", chat_model="smollm2-135m-instruct"))
+            nodes.append(start_server(tmp, node=name, redis_url=redis_server.url, redis_prefix="sp-chat", chat_model="smollm2-135m-instruct", overload_lag=0))
         deadline = time.monotonic() + 300
         while any(orjson.loads(n.get("/ready")[1])["channels"]["chat"] != "available" for n in nodes):
             assert time.monotonic() < deadline, "the chat model did not load"
