@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from channels import discover
-from channels.base import Channel, ChannelError, Services
+from channels.base import Channel, Services
 from server.admission import Admission, LoopMonitor
 from server.auth import AuthThrottle, KeyStore, Principal
 from server.broker import MemoryBroker
@@ -24,11 +24,12 @@ from server.engine.metrics import families as engine_families
 from server.hub import Hub
 from server.keylimits import KeyLimits
 from server.logbuffer import RingLogHandler, check_record
-from server.protocol import PROTOCOL_VERSION, EndReason, encode, end_frame
+from server.protocol import PROTOCOL_VERSION, EndReason
 from server.redact import RedactKeys
 from server.redis_broker import RedisBroker, redis_options
 from server.session import Session
-from server.session_store import Entry, SessionStore, digest
+from server.session_store import SessionStore, digest
+from server.takeover import take_over
 from server.telemetry import Telemetry
 
 if TYPE_CHECKING:
@@ -181,69 +182,10 @@ class Runtime:
         elif not await store.claim(token, record):
             return None
         session = Session(self.settings, self.channels, principal, self.telemetry.stats, store, (record.id, token))
-        report: dict[str, Any] = {}
-        frames: list[Any] = []
-        for sid, spec in record.streams.items():
-            last = last_seqs.get(sid, -1)
-            channel = self.channels.get(spec.channel)
-            lossy = channel is not None and channel.lossy
-            positions: list[Any] | None = None
-            if channel is not None and channel.needs_positions:  # it goes on from every delivered chunk's position
-                entries = await store.replay(record.id, sid, -1) or []
-                expected, replayed, positions, end = _walk(entries, 0, last, lossy)
-                if expected <= last:  # Redis lacks some of what the client has: replay what it holds, but it cannot go on
-                    expected, replayed, _, end = _walk(entries, last + 1, last, lossy)
-                    positions = None
-            else:
-                entries = await store.replay(record.id, sid, last) or []
-                expected, replayed, _, end = _walk(entries, last + 1, last, lossy)
-            if end is not None and sid not in last_seqs:
-                continue  # ended, and the client is done with it
-            frames += [p for _, p in replayed]
-            entry_report = {"channel": spec.channel, "resumed": True, "replayed": len(replayed), "next_seq": expected}
-            if end is not None:
-                frames.append(end)
-                if channel is not None:  # kept for a later resume of this session
-                    session.restore(sid, channel, None, spec.params, expected, replayed, end)
-                report[sid] = entry_report
-                continue
-            gap = not replayed and any(e.seq > last for e in entries)  # what follows the client's last chunk is gone
-            reason = self._going_on(sid, spec.channel, spec.params, session, expected, replayed, gap, positions)
-            if reason is not None:
-                end_payload = encode(end_frame(sid, reason))
-                frames.append(end_payload)
-                store.ended(record.id, sid, expected, end_payload)
-                if reason == EndReason.RESUME_GAP:
-                    entry_report = {"channel": spec.channel, "resumed": False}
-            report[sid] = entry_report
+        report, frames = await take_over(store, session, record, self.channels, last_seqs)
         store.attached(token, session.id, principal.label, session.specs())
         log.info("session %s taken over from node %s: %d stream(s), %d frame(s) replayed", session.id, record.owner or "(released)", len(report), len(frames))
         return session, report, frames
-
-    def _going_on(
-        self, sid: str, name: str, raw: dict[str, Any], session: Session, next_seq: int, replayed: list[Any], gap: bool, positions: list[Any] | None
-    ) -> EndReason | None:
-        """Restore a taken-over stream that had not ended, to go on at `next_seq` on this node; or say why it ends."""
-        channel = self.channels.get(name)
-        lost_positions = channel is not None and channel.needs_positions and positions is None
-        if channel is None or not (channel.restartable or channel.lossy) or lost_positions or channel.status().state != "available":
-            why = "its channel cannot start at a position" if channel is not None else "its channel does not exist here"
-            if lost_positions:
-                why = "Redis no longer holds every chunk it sent"
-            if channel is not None and channel.status().state != "available":
-                why = f"its channel is {channel.status().state} here"
-            log.warning("session %s stream %s (%s) cannot go on on this node: %s", session.id, sid, name, why)
-            return EndReason.RESUME_GAP if gap else EndReason.PRODUCER_LOST
-        if not session.principal.may_use(name, channel.admin):  # the record is Redis's word, and scopes may differ by node
-            log.warning("session %s stream %s (%s) cannot go on on this node: its API key may not use that channel", session.id, sid, name)
-            return EndReason.PRODUCER_LOST
-        try:
-            params = channel.parse(raw)
-        except ChannelError as exc:
-            log.warning("session %s stream %s (%s) cannot go on on this node: %s", session.id, sid, name, exc.message)
-            return EndReason.PRODUCER_LOST
-        session.restore(sid, channel, params, raw, next_seq, replayed, None, positions or [])
-        return None
 
     async def release(self, key: str) -> None:
         """Let go of the session whose record is `key` (another node takes it over): stop its streams quietly."""
@@ -354,23 +296,3 @@ def configure_logging(settings: Settings) -> RingLogHandler:
     root.handlers[:] = [console, ring]
     root.setLevel(settings.log_level)
     return ring
-
-
-def _walk(entries: list[Entry], start: int, last: int, lossy: bool) -> tuple[int, list[tuple[int, Any]], list[Any], Any]:
-    """Read a stream's replay entries in order from seq `start`: the next seq, the frames after the client's `last`,
-    the positions of the chunks walked, and the `end` frame if the walk reached it (a lossy stream only says if it ended)."""
-    expected, replayed, positions, end = start, [], [], None
-    for entry in entries:
-        if lossy:
-            end = entry.payload if entry.end else None
-            continue
-        if entry.seq != expected:
-            break
-        if entry.end:
-            end = entry.payload
-            break
-        if entry.seq > last:
-            replayed.append((entry.seq, entry.payload))
-        positions.append(entry.position)
-        expected += 1
-    return max(expected, last + 1) if lossy else expected, replayed, positions, end
