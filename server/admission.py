@@ -7,6 +7,8 @@ Streams already admitted are never touched here: under overload the server stops
 from __future__ import annotations
 
 import asyncio
+import ctypes
+import ctypes.util
 import logging
 import random
 from collections import deque
@@ -22,6 +24,8 @@ log = logging.getLogger(__name__)
 
 TICK = 0.05  # seconds between lag probes
 WINDOW = 1.0  # the lag that counts is the mean of the probes over this span (one pause, e.g. a GC pass, does not refuse a second of subscribes)
+TRIM_GROWTH = 32 << 20  # RSS grown by this much since the last trim ...
+TRIM_EVERY = 5.0  # ... and this long after it: give freed heap memory back to the OS
 COST_BYTES = 16384  # a subscribe costs one admission per started 16 KiB of its message (its parsing costs about that much more)
 
 
@@ -38,6 +42,14 @@ def memory_limit() -> int:
     return ram
 
 
+def _malloc_trim() -> Callable[[int], int] | None:
+    """glibc's malloc_trim, or None where the C library has none (musl, macOS)."""
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim  # type: ignore[no-any-return]
+    except (OSError, AttributeError):
+        return None
+
+
 class LoopMonitor:
     """Measures how late the event loop runs a timer (its lag) and reads the process's RSS, from one task."""
 
@@ -47,6 +59,8 @@ class LoopMonitor:
         self.recent: deque[tuple[float, float]] = deque()  # (when, lag) over the last WINDOW seconds
         self.rss = 0
         self._process = psutil.Process()
+        self._trim = _malloc_trim()
+        self._trimmed_at = (0, 0.0)  # RSS and time after the last trim
 
     @property
     def lag(self) -> float:
@@ -70,6 +84,17 @@ class LoopMonitor:
             if now >= next_memory:
                 self.rss = self._process.memory_info().rss
                 next_memory = now + self.memory_every
+                self._give_back(now)
+
+    def _give_back(self, now: float) -> None:
+        """Return freed heap memory to the OS after RSS grew (a burst of large subscribes leaves the heap fragmented:
+        their decoded params are freed, but the pages stay in the process); a few ms, at most every TRIM_EVERY s."""
+        rss, when = self._trimmed_at
+        if self._trim is None or self.rss < rss + TRIM_GROWTH or now < when + TRIM_EVERY:
+            return
+        self._trim(0)
+        self.rss = self._process.memory_info().rss
+        self._trimmed_at = (self.rss, now)
 
 
 class Admission:
