@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import ipaddress
 import secrets
 import time
 from collections import OrderedDict, deque
@@ -37,6 +38,20 @@ def refusal(channel: str, admin: bool) -> str:
     if admin:
         return f"channel {channel!r} shows other clients' data: it needs a key scoped `admin` (or naming {channel!r})"
     return f"this API key may not use channel {channel!r}"
+
+
+def address_key(address: str, ipv6_prefix: int = 64) -> str:
+    """What per-address limits count: an IPv4 address as it is, an IPv6 one by its /`ipv6_prefix` network (one host
+    usually holds a whole /64, and could otherwise take a new address for every try)."""
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return address
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            return str(ip.ipv4_mapped)
+        return str(ipaddress.ip_network(f"{ip.exploded}/{ipv6_prefix}", strict=False))
+    return address
 
 
 def _digest(key: str) -> bytes:
@@ -110,15 +125,17 @@ def _scopes(names: list[str]) -> frozenset[str]:
 class AuthThrottle:
     """Counts failed authentications per client address in a sliding window; bounded in addresses tracked."""
 
-    def __init__(self, limit: int, window: float, clock: Callable[[], float] = time.monotonic, max_addresses: int = 10_000) -> None:
+    def __init__(self, limit: int, window: float, clock: Callable[[], float] = time.monotonic, max_addresses: int = 10_000, ipv6_prefix: int = 64) -> None:
         self.limit = limit
         self.window = window
         self._clock = clock
         self._max = max_addresses
+        self._ipv6_prefix = ipv6_prefix
         self._failures: OrderedDict[str, deque[float]] = OrderedDict()
 
     def retry_after(self, address: str) -> float:
         """0.0 if `address` may try to authenticate now, else seconds until it may."""
+        address = address_key(address, self._ipv6_prefix)
         stamps = self._prune(address)
         if stamps is None or len(stamps) < self.limit:
             return 0.0
@@ -126,6 +143,7 @@ class AuthThrottle:
 
     def failed(self, address: str) -> None:
         """Record a failed authentication from `address`."""
+        address = address_key(address, self._ipv6_prefix)
         stamps = self._prune(address)
         if stamps is None:
             stamps = self._failures[address] = deque(maxlen=self.limit)

@@ -56,6 +56,12 @@ class Settings(BaseSettings):
                 ipaddress.ip_network(part.strip(), strict=False)
         return value
 
+    address_ipv6_prefix: int = Field(
+        64,
+        ge=1,
+        le=128,
+        description="Per-address limits (the failed-auth throttle, `http_rate_limit`) count an IPv6 client by its network of this prefix length, since one host usually holds a whole /64 and could take a new address for every try; IPv4 addresses count one by one.",
+    )
     auth_timeout: float = Field(5.0, gt=0, description="Seconds a client has to send its `auth` frame when no key came on the upgrade request.")
     auth_fail_limit: int = Field(
         10,

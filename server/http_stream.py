@@ -25,7 +25,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from channels.base import END_OF_INPUT, Binary, Channel, ChannelError, Checkpoint, Gap, Shared, StreamContext
-from server.auth import Principal, refusal
+from server.auth import Principal, address_key, refusal
 from server.protocol import ErrorCode
 from server.ratelimit import TokenBucket
 from server.runtime import Runtime
@@ -96,13 +96,15 @@ def check_key(runtime: Runtime, key: str, address: str) -> Principal | Response:
 class AddressLimiter:
     """A token bucket per client address (`per_minute` requests, refilled evenly); bounded in addresses tracked."""
 
-    def __init__(self, per_minute: int, max_addresses: int = 10_000) -> None:
+    def __init__(self, per_minute: int, max_addresses: int = 10_000, ipv6_prefix: int = 64) -> None:
         self.per_minute = per_minute
         self.max_addresses = max_addresses
+        self.ipv6_prefix = ipv6_prefix
         self._buckets: OrderedDict[str, TokenBucket] = OrderedDict()
 
     def take(self, address: str) -> float:
         """0.0 when `address` may make a request now, else the seconds until it may."""
+        address = address_key(address, self.ipv6_prefix)
         bucket = self._buckets.get(address)
         if bucket is None:
             bucket = self._buckets[address] = TokenBucket(self.per_minute / 60.0, self.per_minute)
@@ -151,7 +153,7 @@ class HttpStreams:
     def __init__(self, runtime: Runtime) -> None:
         self.runtime = runtime
         self.settings = runtime.settings
-        self.limiter = AddressLimiter(self.settings.http_rate_limit) if self.settings.http_rate_limit else None
+        self.limiter = AddressLimiter(self.settings.http_rate_limit, ipv6_prefix=self.settings.address_ipv6_prefix) if self.settings.http_rate_limit else None
         self._releasing: set[asyncio.Task[None]] = set()
 
     def _authenticate(self, request: Request, address: str) -> Principal | Response:

@@ -44,7 +44,7 @@ class Runtime:
     def __init__(self, settings: Settings, log_handler: RingLogHandler | None = None) -> None:
         self.settings = settings
         self.keys, self.generated_key = KeyStore.from_settings(settings)
-        self.throttle = AuthThrottle(settings.auth_fail_limit, settings.auth_fail_window)
+        self.throttle = AuthThrottle(settings.auth_fail_limit, settings.auth_fail_window, ipv6_prefix=settings.address_ipv6_prefix)
         self.telemetry = Telemetry(settings.node)
         self.monitor = LoopMonitor(self.telemetry.loop_lag.observe)
         self.admission = Admission(settings, self.monitor)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
-from server.auth import AuthThrottle, KeyStore
+from server.auth import AuthThrottle, KeyStore, address_key
 from server.config import Settings
 
 
@@ -35,6 +35,17 @@ def test_generates_a_key_when_none_configured() -> None:
     assert generated and generated.startswith("sk-") and store.authenticate(generated) is not None
     assert store.authenticate(generated).may_use("logs", admin=True), "a development run's key is admin"
     assert generated not in repr(store._entries)
+
+
+def test_ipv6_clients_count_by_their_64() -> None:
+    assert address_key("2001:db8:1:2::1") == address_key("2001:db8:1:2:ffff:ffff:ffff:fffe") == "2001:db8:1:2::/64"
+    assert address_key("2001:db8:1:3::1") != address_key("2001:db8:1:2::1")
+    assert address_key("2001:db8:1:2::1", ipv6_prefix=128) == "2001:db8:1:2::1/128"
+    assert address_key("::ffff:10.0.0.1") == "10.0.0.1" and address_key("10.0.0.1") == "10.0.0.1" and address_key("unknown") == "unknown"
+    throttle = AuthThrottle(limit=3, window=60)
+    for i in range(3):
+        throttle.failed(f"2001:db8::{i + 1}")
+    assert throttle.retry_after("2001:db8::99") > 0 and throttle.retry_after("2001:db8:0:1::1") == 0
 
 
 def test_throttle_window() -> None:

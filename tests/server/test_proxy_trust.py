@@ -42,5 +42,9 @@ async def test_only_a_named_proxy_is_believed(tmp: Path) -> None:
         log = srv.log()
         assert "authentication failed from 203.0.113.9" in log
         assert "203.0.113.50" not in log and "authentication failed from 127.0.0.1" in log, "RFC 7239 Forwarded is never read"
+        # An IPv6 client counts by its /64: a new address in it for every try changes nothing.
+        codes = [await failed_auth(srv.url, {"X-Forwarded-For": f"2001:db8:1:2::{i + 1:x}"}) for i in range(LIMIT + 2)]
+        assert codes == [4001] * LIMIT + [4003] * 2
+        assert await failed_auth(srv.url, {"X-Forwarded-For": "2001:db8:1:3::1"}) == 4001, "another /64 is another client"
     finally:
         srv.stop()
