@@ -436,7 +436,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     (tmp / "docs").mkdir()
     (tmp / "data").mkdir()
     write_sources(tmp / "docs", tmp / "data")
-    settings: dict[str, Any] = {"heartbeat_interval": 20, "documents_dir": tmp / "docs", "data_dir": tmp / "data"}
+    from server.config import Settings
+
+    # The server's own admission defaults (tests' start_server turns lag-based admission off).
+    settings: dict[str, Any] = {
+        "heartbeat_interval": 20,
+        "documents_dir": tmp / "docs",
+        "data_dir": tmp / "data",
+        "overload_lag": Settings.model_fields["overload_lag"].default,
+    }
     settings.update(dict(item.split("=", 1) for item in args.setting))
     if args.chat:
         settings["chat_model"] = "smollm2-135m-instruct"

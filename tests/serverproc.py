@@ -81,8 +81,10 @@ class ServerProc:
 
 
 def start_server(tmp: Path, port: int | None = None, **settings: Any) -> ServerProc:
-    """Start a server with STREAMPLEX_* settings (chat, transcription and embedding models off unless given) on `port` (default: a
-    free one) and wait until /ready."""
+    """Start a server with STREAMPLEX_* settings (chat, transcription and embedding models off, and no lag-based admission,
+    unless given) on `port` (default: a free one) and wait until /ready. Lag-based admission is off by default here because a
+    loaded CI host (or a model loading in the server) can make any test's subscribe `overloaded`; tests/server/test_overload.py
+    turns it on."""
     port = port or free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("STREAMPLEX_")}
     env.update(
@@ -91,6 +93,7 @@ def start_server(tmp: Path, port: int | None = None, **settings: Any) -> ServerP
             "STREAMPLEX_CHAT_MODEL": "",
             "STREAMPLEX_ASR_MODEL": "",
             "STREAMPLEX_EMBEDDING_MODEL": "",
+            "STREAMPLEX_OVERLOAD_LAG": "0",
             "STREAMPLEX_HEARTBEAT_INTERVAL": "5",
             "PYTHONUNBUFFERED": "1",
         }
