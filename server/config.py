@@ -53,7 +53,10 @@ class Settings(BaseSettings):
     def _proxy_networks(cls, value: str) -> str:
         for part in value.split(","):
             if part.strip():
-                ipaddress.ip_network(part.strip(), strict=False)
+                try:
+                    ipaddress.ip_network(part.strip(), strict=False)
+                except ValueError:
+                    raise ValueError(f"{part.strip()!r} is not an IP address or network (CIDR)") from None
         return value
 
     address_ipv6_prefix: int = Field(

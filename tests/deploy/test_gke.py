@@ -94,8 +94,8 @@ def test_deployment_probes_drain_keys_and_settings(overlay) -> None:
     assert server["envFrom"] == [{"configMapRef": {"name": config["metadata"]["name"]}}], "settings from the (hashed) ConfigMap"
     settings = config["data"]
     assert settings["STREAMPLEX_DEVICE"] == {"cpu": "cpu", "gpu": "cuda"}[name]
-    # Only the Google front ends' X-Forwarded-For is believed (the balancer's own address is added on deployment).
-    assert settings["STREAMPLEX_TRUSTED_PROXIES"] == "130.211.0.0/22,35.191.0.0/16" and "FORWARDED_ALLOW_IPS" not in settings
+    # Only the Google front ends' X-Forwarded-For is believed, and the balancer's own address once it replaces STATIC_IP.
+    assert settings["STREAMPLEX_TRUSTED_PROXIES"] == "130.211.0.0/22,35.191.0.0/16,STATIC_IP" and "FORWARDED_ALLOW_IPS" not in settings
     pre_stop = int(server["lifecycle"]["preStop"]["exec"]["command"][1])
     assert pod["terminationGracePeriodSeconds"] > pre_stop + float(settings["STREAMPLEX_SHUTDOWN_TIMEOUT"]) + 5, "the drain must finish within the grace period"
     keys = next(v for v in pod["volumes"] if v["name"] == "keys")

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import pytest
+from pydantic import ValidationError
+
 from server.cli import build_parser
 from server.config import ROOT, Settings, settings_table
 
@@ -17,3 +20,10 @@ def test_env_then_flags_override(monkeypatch) -> None:
     args = {k: v for k, v in vars(build_parser().parse_args(["--port", "9100", "--no-per-message-deflate"])).items() if v is not None}
     settings = Settings(**args)
     assert (settings.max_streams, settings.port, settings.per_message_deflate) == (7, 9100, False)
+
+
+def test_trusted_proxies_must_be_addresses_or_networks() -> None:
+    assert Settings(trusted_proxies="10.0.0.5, 10.8.0.0/16,2001:db8::/32").trusted_proxies
+    for bad in ("*", "STATIC_IP", "10.0.0.0/33"):
+        with pytest.raises(ValidationError, match="is not an IP address or network"):
+            Settings(trusted_proxies=bad)
