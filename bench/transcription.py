@@ -1,7 +1,8 @@
 """Live transcription capacity: K concurrent streams pushing speech at real-time pace, streamplex against a naive reference.
 
-Each stream pushes its own espeak-ng speech (sentences with short pauses, about 20 s) as 100 ms frames of
-16 kHz PCM, paced in real time, streams starting 1/K s apart. Latency of a final segment = when the client
+Each stream pushes its own espeak-ng speech as 100 ms frames of 16 kHz PCM, paced in real time, streams
+starting 1/K s apart. `--speech paused` (the default) is like real speech: a pause of 1 to 3.5 s (drawn per
+stream) after each sentence, about 40% of the audio silent; `--speech continuous`: 0.5 s pauses only. Latency of a final segment = when the client
 receives it minus when the end of its speech was pushed. A K is kept when the p95 of that latency over all
 final segments of all streams is under `--target` (3 s); the largest kept K is the capacity.
 
@@ -16,7 +17,13 @@ Parts (`--parts`, run one after the other, never sharing the CPU):
   seconds with a 64-token previous-text prompt and a forced prefix: the encoder, the whole prefill, and a
   decode step for 1 and for 8 rows.
 - `server`: K WebSocket clients against `python -m server` (started here) with the transcription channel:
-  truncated encoder input, all streams' windows decoded together in the batching engine.
+  truncated encoder input, all streams' windows decoded together in the batching engine, voice-activity
+  endpointing unless `--no-vad`.
+- `whisperlive` (`--peer whisperlive` adds it): K clients against WhisperLive (faster-whisper backend, one
+  shared model, its own VAD on, int8 on CPU, OMP_NUM_THREADS one per core) on the same Whisper base
+  weights, set up in its own venv by
+  bench/peers/setup_whisperlive.sh; started here. Its finals are its `completed` segments; its transcript
+  is those plus the last segment not completed when the stream ends (what its own client shows).
 
 Also reported: word error rate against the spoken text, and the real-time factor (model compute seconds
 per second of audio per stream). Example: `python bench/transcription.py --ks 1,2,4,6,8 --naive-ks 1,2,3`.
@@ -27,6 +34,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -55,13 +63,24 @@ SENTENCES = [
     "The children played football in the park until it got dark.",
 ]
 FRAME_MS = 100
+PEERS = ROOT / "bench" / ".peers"
 
 
-def stream_audio(i: int, sentences: int) -> tuple[np.ndarray, str]:
-    """Stream i's speech (its own order of the sentences, 0.5 s pauses) and its text."""
+def stream_audio(i: int, sentences: int, paused: bool = True) -> tuple[np.ndarray, str]:
+    """Stream i's speech (its own order of the sentences) and its text: pauses of 1-3.5 s after each sentence (`paused`), else 0.5 s."""
     order = [SENTENCES[(i + k) % len(SENTENCES)] for k in range(sentences)]
-    pause = np.zeros(SAMPLE_RATE // 2, dtype=np.float32)
-    return np.concatenate([part for text in order for part in (speech(text), pause)]), " ".join(order)
+    rng = np.random.default_rng(i)
+    parts = []
+    for text in order:
+        seconds = rng.uniform(1.0, 3.5) if paused else 0.5
+        parts += [speech(text), np.zeros(round(seconds * SAMPLE_RATE), dtype=np.float32)]
+    return np.concatenate(parts), " ".join(order)
+
+
+def silent_share(audio: np.ndarray) -> float:
+    """Share of 20 ms frames under -50 dBFS."""
+    frames = audio[: len(audio) // 320 * 320].reshape(-1, 320)
+    return float(np.mean(np.sqrt(np.mean(np.square(frames), axis=1)) < 10 ** (-50 / 20)))
 
 
 def pct(values: list[float], q: float) -> float:
@@ -89,7 +108,7 @@ class Run:
             "latency p95 s": round(p95, 2),
             "max s": round(max(self.latencies, default=float("nan")), 2),
             "WER": round(float(np.mean(self.wers)), 3),
-            "RTF": round(self.compute_s / self.audio_s, 3) if self.audio_s else None,
+            "RTF": round(self.compute_s / self.audio_s, 3) if self.audio_s and self.compute_s else None,  # not measured for a peer
             "ok": bool(p95 < target),
         }
 
@@ -165,11 +184,11 @@ def naive_run(k: int, audios: list[tuple[np.ndarray, str]], folder: Path, thread
 # streamplex over WebSockets
 
 
-async def server_run(k: int, audios: list[tuple[np.ndarray, str]], server: Any, step_ms: int) -> Run:
+async def server_run(k: int, audios: list[tuple[np.ndarray, str]], server: Any, step_ms: int, vad: bool) -> Run:
     """K WebSocket clients, one stream each, pushing in real time; latency measured per final segment."""
     from tests.serverproc import connect, send
 
-    run = Run("streamplex: truncated windows, batched decoding", k)
+    run = Run(f"streamplex: truncated windows, batched decoding, VAD {'on' if vad else 'off'}", k)
     before = step_seconds(server)
     t0 = time.monotonic() + 0.5
 
@@ -180,7 +199,7 @@ async def server_run(k: int, audios: list[tuple[np.ndarray, str]], server: Any, 
         ws = await connect(server, max_size=None)
         sid = f"s{i}".encode()
         start = t0 + i / k
-        await send(ws, op="subscribe", id=f"s{i}", channel="transcription", params={"language": "en", "step_ms": step_ms})
+        await send(ws, op="subscribe", id=f"s{i}", channel="transcription", params={"language": "en", "step_ms": step_ms, "vad": vad})
 
         async def push() -> None:
             for at in range(0, len(pcm), frame):
@@ -208,6 +227,111 @@ async def server_run(k: int, audios: list[tuple[np.ndarray, str]], server: Any, 
     await asyncio.gather(*(client(i) for i in range(k)))
     run.wall_s = time.monotonic() - t0
     run.compute_s = step_seconds(server) - before
+    run.audio_s = sum(len(a) for a, _ in audios[:k]) / SAMPLE_RATE
+    return run
+
+
+# the WhisperLive peer
+
+
+class WhisperLive:
+    """WhisperLive's server from its venv under bench/.peers (bench/peers/setup_whisperlive.sh), on a free port; stopped on exit."""
+
+    def __init__(self, max_clients: int) -> None:
+        import socket
+        import subprocess
+
+        python, model = PEERS / "whisperlive" / "venv" / "bin" / "python", PEERS / "whisperlive" / "whisper-base-ct2"
+        if not python.exists() or not (model / "model.bin").exists():
+            raise RuntimeError("WhisperLive is not set up: run bench/peers/setup_whisperlive.sh")
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            self.port = sock.getsockname()[1]
+        self.log = (PEERS / "whisperlive" / "server.log").open("w")
+        cmd = [
+            str(python),
+            str(ROOT / "bench" / "peers" / "whisperlive_server.py"),
+            "--port",
+            str(self.port),
+            "--model",
+            str(model),
+            "--max-clients",
+            str(max_clients),
+        ]
+        self.proc = subprocess.Popen(
+            cmd,
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            env={"PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1", "HOME": str(PEERS / "whisperlive"), "OMP_NUM_THREADS": str(os.cpu_count() or 1)},
+        )
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"WhisperLive exited: see {self.log.name}")
+            with socket.socket() as sock:
+                if sock.connect_ex(("127.0.0.1", self.port)) == 0:
+                    return
+            time.sleep(0.2)
+        raise RuntimeError("WhisperLive did not listen within 120 s")
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(10)
+        except Exception:
+            self.proc.kill()
+        self.log.close()
+
+
+async def whisperlive_run(k: int, audios: list[tuple[np.ndarray, str]], peer: WhisperLive) -> Run:
+    """K clients of WhisperLive's protocol (JSON options, float32 frames, END_OF_AUDIO), pushing in real time; a final is a `completed` segment, first seen."""
+    import websockets
+
+    run = Run("WhisperLive 0.10: faster-whisper int8, one shared model, its VAD on", k)
+    t0 = time.monotonic() + 1.0
+
+    async def client(i: int) -> None:
+        audio, text = audios[i]
+        frame = SAMPLE_RATE * FRAME_MS // 1000
+        start = t0 + i / k
+        async with websockets.connect(f"ws://127.0.0.1:{peer.port}", max_size=None, open_timeout=60) as ws:
+            await ws.send(json.dumps({"uid": f"s{i}", "language": "en", "task": "transcribe", "model": "base", "use_vad": True, "send_last_n_segments": 10}))
+            while json.loads(await ws.recv()).get("message") != "SERVER_READY":
+                pass
+
+            async def push() -> None:
+                for at in range(0, len(audio), frame):
+                    await asyncio.sleep(max(0.0, start + at / SAMPLE_RATE - time.monotonic()))
+                    await ws.send(audio[at : at + frame].astype(np.float32).tobytes())
+                await ws.send(b"END_OF_AUDIO")
+
+            pusher = asyncio.create_task(push())
+            done: dict[float, str] = {}
+            last: dict[str, Any] | None = None
+            try:
+                async for message in ws:
+                    data = json.loads(message)
+                    for seg in data.get("segments", []):
+                        begin = round(float(seg["start"]), 2)
+                        if seg.get("completed"):
+                            if begin not in done:
+                                done[begin] = seg["text"].strip()
+                                run.latencies.append(time.monotonic() - (start + float(seg["end"])))
+                        else:
+                            last = seg
+                    if data.get("message") == "DISCONNECT":
+                        break
+            except websockets.ConnectionClosed:
+                pass
+            await pusher
+        texts = [done[b] for b in sorted(done)]
+        if last is not None and round(float(last["start"]), 2) not in done:
+            texts.append(last["text"].strip())
+        run.texts.append(" ".join(texts))
+        run.wers.append(wer(text, run.texts[-1]))
+
+    await asyncio.gather(*(client(i) for i in range(k)))
+    run.wall_s = time.monotonic() - t0
     run.audio_s = sum(len(a) for a, _ in audios[:k]) / SAMPLE_RATE
     return run
 
@@ -356,14 +480,22 @@ def main() -> None:
         default=TranscriptionParams.model_fields["step_ms"].default,
         help="the streams' `step_ms` (least new audio between two transcriptions of a buffer; default: the channel's)",
     )
+    parser.add_argument(
+        "--speech", choices=["paused", "continuous"], default="paused", help="pauses of 1-3.5 s after each sentence (about 40%% silence), or 0.5 s"
+    )
+    parser.add_argument("--no-vad", action="store_true", help="streamplex streams with `vad` false (every step decoded, silence included)")
+    parser.add_argument("--peer", choices=["whisperlive"], help="also run this peer, after streamplex, on the same audio and Ks")
     parser.add_argument("--keep-going", action="store_true", help="run every K even after two misses")
     parser.add_argument("--json", type=Path, help="also write the rows here")
     args = parser.parse_args()
     ks, naive_ks = [int(x) for x in args.ks.split(",")], [int(x) for x in args.naive_ks.split(",")]
-    audios = [stream_audio(i, args.sentences) for i in range(max(ks + naive_ks))]
-    print(f"audio per stream: {np.mean([len(a) for a, _ in audios]) / SAMPLE_RATE:.1f} s", flush=True)
+    audios = [stream_audio(i, args.sentences, args.speech == "paused") for i in range(max(ks + naive_ks))]
+    share = np.mean([silent_share(a) for a, _ in audios])
+    print(f"audio per stream: {np.mean([len(a) for a, _ in audios]) / SAMPLE_RATE:.1f} s, {100 * share:.0f}% silent ({args.speech})", flush=True)
+    print(f"load average before: {' '.join(f'{x:.2f}' for x in os.getloadavg())} on {os.cpu_count()} cores", flush=True)
+    parts = args.parts.split(",") + ([args.peer] if args.peer and args.peer not in args.parts.split(",") else [])
     rows: list[dict[str, Any]] = []
-    for part in args.parts.split(","):
+    for part in parts:
         if part == "costs":
             print(table(costs(args.model, args.threads, args.rounds, args.window)), flush=True)
         elif part == "windows":
@@ -386,13 +518,27 @@ def main() -> None:
                 try:
                     while json.loads(server.get("/ready")[1])["channels"]["transcription"] == "loading":
                         time.sleep(0.2)
-                    rows += sweep(part, ks, lambda k, server=server: asyncio.run(server_run(k, audios, server, args.step_ms)), args.target, args.keep_going)
+                    once = lambda k, server=server: asyncio.run(server_run(k, audios, server, args.step_ms, not args.no_vad))  # noqa: E731
+                    rows += sweep(part, ks, once, args.target, args.keep_going)
                 finally:
                     server.stop()
+        elif part == "whisperlive":
+            try:
+                peer = WhisperLive(max(ks) + 1)
+            except RuntimeError as exc:
+                print(f"peer whisperlive: not run: {exc}", flush=True)
+                continue
+            try:
+                rows += sweep(part, ks, lambda k, peer=peer: asyncio.run(whisperlive_run(k, audios, peer)), args.target, args.keep_going)
+            finally:
+                peer.stop()
+        else:
+            parser.error(f"unknown part {part!r}")
     if not rows:
         return
     print(table(rows))
-    best = {part: max((r["K"] for r in rows if r["part"].startswith(part) and r["ok"]), default=0) for part in ("naive", "streamplex")}
+    print(f"load average after: {' '.join(f'{x:.2f}' for x in os.getloadavg())}", flush=True)
+    best = {part: max((r["K"] for r in rows if r["part"].startswith(part) and r["ok"]), default=0) for part in ("naive", "streamplex", "WhisperLive")}
     print(f"largest K with p95 < {args.target:g} s: {best}")
     if args.json:
         args.json.write_text(json.dumps({"rows": rows, "best": best}, indent=1))
