@@ -1,9 +1,10 @@
 """Live transcription capacity: K concurrent streams pushing speech at real-time pace, streamplex against a naive reference.
 
 Each stream pushes its own espeak-ng speech as 100 ms frames of 16 kHz PCM, paced in real time, streams
-starting 1/K s apart. `--speech paused` (the default) is like real speech: a pause of 1 to 3.5 s (drawn per
-stream) after each sentence, about 40% of the audio silent; `--speech continuous`: 0.5 s pauses only. Latency of a final segment = when the client
-receives it minus when the end of its speech was pushed. A K is kept when the p95 of that latency over all
+starting 1/K s apart. `--speech paused` (the default) is like real speech: a pause of 0.7 to 2.3 s (drawn
+per stream) after each sentence, about 40% of the audio silent with the renderings' own silence;
+`--speech continuous`: 0.5 s pauses only. Latency of a final segment = when the client receives it minus
+when the end of its speech was pushed. A K is kept when the p95 of that latency over all
 final segments of all streams is under `--target` (3 s); the largest kept K is the capacity.
 
 Parts (`--parts`, run one after the other, never sharing the CPU):
@@ -21,8 +22,7 @@ Parts (`--parts`, run one after the other, never sharing the CPU):
   endpointing unless `--no-vad`.
 - `whisperlive` (`--peer whisperlive` adds it): K clients against WhisperLive (faster-whisper backend, one
   shared model, its own VAD on, int8 on CPU, OMP_NUM_THREADS one per core) on the same Whisper base
-  weights, set up in its own venv by
-  bench/peers/setup_whisperlive.sh; started here. Its finals are its `completed` segments; its transcript
+  weights, set up in its own venv by bench/peers/setup_whisperlive.sh; started here. Its finals are its `completed` segments; its transcript
   is those plus the last segment not completed when the stream ends (what its own client shows).
 
 Also reported: word error rate against the spoken text, and the real-time factor (model compute seconds
@@ -67,12 +67,12 @@ PEERS = ROOT / "bench" / ".peers"
 
 
 def stream_audio(i: int, sentences: int, paused: bool = True) -> tuple[np.ndarray, str]:
-    """Stream i's speech (its own order of the sentences) and its text: pauses of 1-3.5 s after each sentence (`paused`), else 0.5 s."""
+    """Stream i's speech (its own order of the sentences) and its text: pauses of 0.7-2.3 s after each sentence (`paused`), else 0.5 s."""
     order = [SENTENCES[(i + k) % len(SENTENCES)] for k in range(sentences)]
     rng = np.random.default_rng(i)
     parts = []
     for text in order:
-        seconds = rng.uniform(1.0, 3.5) if paused else 0.5
+        seconds = rng.uniform(0.7, 2.3) if paused else 0.5
         parts += [speech(text), np.zeros(round(seconds * SAMPLE_RATE), dtype=np.float32)]
     return np.concatenate(parts), " ".join(order)
 
@@ -481,7 +481,10 @@ def main() -> None:
         help="the streams' `step_ms` (least new audio between two transcriptions of a buffer; default: the channel's)",
     )
     parser.add_argument(
-        "--speech", choices=["paused", "continuous"], default="paused", help="pauses of 1-3.5 s after each sentence (about 40%% silence), or 0.5 s"
+        "--speech",
+        choices=["paused", "continuous"],
+        default="paused",
+        help="pauses of 0.7-2.3 s after each sentence (about 40%% silence with the renderings' own), or 0.5 s",
     )
     parser.add_argument("--no-vad", action="store_true", help="streamplex streams with `vad` false (every step decoded, silence included)")
     parser.add_argument("--peer", choices=["whisperlive"], help="also run this peer, after streamplex, on the same audio and Ks")
