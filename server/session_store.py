@@ -237,7 +237,7 @@ class SessionStore:
             batch = [await self._queue.get()]
             while len(batch) < BATCH and not self._queue.empty():
                 batch.append(self._queue.get_nowait())
-            commands = [c for c in batch if isinstance(c, tuple)]
+            commands = _one_expiry_per_key([c for c in batch if isinstance(c, tuple)])
             if commands and not self.broker.up:
                 self._drop(len(commands), "Redis is down")
             elif commands:
@@ -412,6 +412,20 @@ def _entry(stream_id: str, entry_id: bytes, fields: dict[bytes, bytes]) -> Entry
 def _position(fields: dict[bytes, bytes]) -> Any:
     """The producer's position kept with a chunk (JSON), if any; the channel that reads it checks its shape."""
     return orjson.loads(fields[b"p"]) if b"p" in fields else None
+
+
+def _one_expiry_per_key(commands: list[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
+    """The batch with only the last PEXPIRE of each key (after the key's last write in it): one per stream, not per chunk."""
+    seen: set[Any] = set()
+    kept = []
+    for command in reversed(commands):
+        if command[0] == "PEXPIRE":
+            if command[1] in seen:
+                continue
+            seen.add(command[1])
+        kept.append(command)
+    kept.reverse()
+    return kept
 
 
 def _flat(streams: dict[str, bytes]) -> list[Any]:
