@@ -64,6 +64,7 @@ class Tally:
     resumed: int = 0
     resume_failed: int = 0
     reconnect_failures: int = 0
+    resubscribed: int = 0
     ends: Counter[str] = field(default_factory=Counter)
     connect_errors: Counter[str] = field(default_factory=Counter)
     resume_times: list[float] = field(default_factory=list)
@@ -123,6 +124,7 @@ class Client:
         self.next = 0
         self.last_seq = -1
         self.dropped_at: float | None = None  # when the connection dropped with a stream open
+        self.acked = False  # `subscribed` came for the current stream
 
     @property
     def sid(self) -> str:
@@ -157,7 +159,7 @@ class Client:
     async def _subscribe(self, ws: websockets.ClientConnection) -> None:
         params = {"records": [{"i": i} for i in range(self.args.records)], "chunk_size": 1, "interval_ms": self.args.interval_ms}
         await ws.send(orjson.dumps({"op": "subscribe", "id": self.sid, "channel": "data", "params": params}).decode())
-        self.tally.streams += 1
+        self.acked = False
 
     async def _resume(self, ws: websockets.ClientConnection, ready: dict[str, Any]) -> bool:
         """Resume the dropped session on this new connection; False when the stream could not go on."""
@@ -168,8 +170,12 @@ class Client:
                 self.tally.resumed += 1
                 if self.sid in frame.get("streams", {}):
                     return True  # resumed, or not (`resumed: false`): then its `end` (resume_gap) follows
-                self._finish("missing_from_resumed")
                 self.dropped_at = None
+                if not self.acked:
+                    # The node died before it answered `subscribed`: the stream never began, so subscribe it again.
+                    self.tally.resubscribed += 1
+                    return False
+                self._finish("missing_from_resumed")
                 return False
             if frame["op"] == "error" and frame.get("code") == "resume_failed":
                 self.tally.resume_failed += 1
@@ -223,7 +229,10 @@ class Client:
                         break
                     if frame.get("id") != self.sid:
                         continue
-                    if frame["op"] == "chunk":
+                    if frame["op"] == "subscribed":
+                        self.acked = True
+                        self.tally.streams += 1
+                    elif frame["op"] == "chunk":
                         self._record(frame)
                     elif frame["op"] == "end":
                         self._back()  # a stream that ended while the client was away: the end is the first frame back
@@ -278,7 +287,9 @@ def _print_tally(tally: Tally) -> None:
     print(
         f"  frames delivered: {tally.frames}; connection drops: {tally.drops}; failed connect attempts: {tally.reconnect_failures} {dict(tally.connect_errors)}"
     )
-    print(f"  resumes: {tally.resumed} accepted, {tally.resume_failed} refused (resume_failed)")
+    print(
+        f"  resumes: {tally.resumed} accepted, {tally.resume_failed} refused (resume_failed); subscribes sent again (node died before `subscribed`): {tally.resubscribed}"
+    )
     print(f"  LOST records: {tally.lost}   DUPLICATED: {tally.duplicated}   out of order: {tally.out_of_order}   (goal: 0 and 0)")
     times = tally.resume_times
     if times:
@@ -292,12 +303,13 @@ def _print_tally(tally: Tally) -> None:
 async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--clients", type=int, default=50, help="concurrent clients (the shipped nginx allows 64 connections per address)")
-    parser.add_argument("--duration", type=float, default=60.0, help="seconds of the failover phase (kills happen within it)")
+    parser.add_argument("--duration", type=float, default=60.0, help="seconds of the failover phase (kills happen within it); 0 skips it")
     parser.add_argument("--kill-every", type=float, default=20.0, help="seconds between kills (the first after half of it)")
     parser.add_argument("--records", type=int, default=100, help="records per stream")
     parser.add_argument("--interval-ms", type=int, default=100, help="milliseconds between a stream's records")
     parser.add_argument("--cpu-seconds", type=float, default=20.0, help="seconds of each CPU phase (1, 2, 3 nodes); 0 skips them")
     parser.add_argument("--resume-window", type=float, default=30.0, help="the nodes' resume_window")
+    parser.add_argument("--idle-seconds", type=float, default=5.0, help="seconds the nodes' idle CPU is measured before each CPU step")
     parser.add_argument("--nginx-log", help="copy nginx's logs of the failover phase to this file")
     args = parser.parse_args()
 
@@ -309,25 +321,26 @@ async def main() -> None:
         try:
             for name in NODES:
                 cluster.start(name)
-            (Path(tmp) / "nginx").mkdir()
-            with running_nginx(Path(tmp) / "nginx", list(cluster.ports.values()), 4096) as proxy:
-                kills: list[float] = []
-                log: list[str] = []
-                until = time.monotonic() + args.duration
-                killer = asyncio.create_task(_killer(cluster, args.kill_every, until, kills, log))
-                tally = await _clients(proxy.ws(), args, args.duration, kills)
-                await killer
-                if args.nginx_log:
-                    Path(args.nginx_log).write_text(proxy.log())
-                errors = Counter(
-                    re.sub(r"^\S+ \S+ \[error\] \d+#\d+: \*\d+ |, client: .*$|\d+", "", line) for line in proxy.log().splitlines() if "[error]" in line
+            if args.duration > 0:
+                (Path(tmp) / "nginx").mkdir()
+                with running_nginx(Path(tmp) / "nginx", list(cluster.ports.values()), 4096) as proxy:
+                    kills: list[float] = []
+                    log: list[str] = []
+                    until = time.monotonic() + args.duration
+                    killer = asyncio.create_task(_killer(cluster, args.kill_every, until, kills, log))
+                    tally = await _clients(proxy.ws(), args, args.duration, kills)
+                    await killer
+                    if args.nginx_log:
+                        Path(args.nginx_log).write_text(proxy.log())
+                    errors = Counter(
+                        re.sub(r"^\S+ \S+ \[error\] \d+#\d+: \*\d+ |, client: .*$|\d+", "", line) for line in proxy.log().splitlines() if "[error]" in line
+                    )
+                print(
+                    f"\nphase failover: 3 nodes, one SIGKILLed every {args.kill_every:g} s for {args.duration:g} s ({len(kills)} kills), streams in flight then run to their end"
                 )
-            print(
-                f"\nphase failover: 3 nodes, one SIGKILLed every {args.kill_every:g} s for {args.duration:g} s ({len(kills)} kills), streams in flight then run to their end"
-            )
-            print("\n".join(log))
-            _print_tally(tally)
-            print(f"  nginx errors: {dict(errors.most_common(5))}")
+                print("\n".join(log))
+                _print_tally(tally)
+                print(f"  nginx errors: {dict(errors.most_common(5))}")
 
             if args.cpu_seconds > 0:
                 print(f"\nphase cpu: the same clients, no kills, {args.cpu_seconds:g} s per step")
@@ -340,20 +353,25 @@ async def main() -> None:
                     prefix = Path(tmp) / f"nginx-cpu-{n}"
                     prefix.mkdir()
                     with running_nginx(prefix, [cluster.ports[name] for name in NODES[:n]], 4096) as proxy:
-                        cpu0, redis0 = cluster.cpu(), cluster.redis_cpu()
+                        idle0 = cluster.cpu()
+                        await asyncio.sleep(args.idle_seconds)
+                        idle = (cluster.cpu() - idle0) / args.idle_seconds
+                        cpu0, redis0, t0 = cluster.cpu(), cluster.redis_cpu(), time.monotonic()
                         tally = await _clients(proxy.ws(), args, args.cpu_seconds, [])
-                        cpu, redis_cpu = cluster.cpu() - cpu0, cluster.redis_cpu() - redis0
+                        cpu, redis_cpu, seconds = cluster.cpu() - cpu0, cluster.redis_cpu() - redis0, time.monotonic() - t0
                     if tally.lost or tally.duplicated:
                         print(f"  (with {n} node(s): lost {tally.lost}, duplicated {tally.duplicated})")
-                    rows.append((n, tally.frames, cpu, redis_cpu))
+                    rows.append((n, tally.frames, cpu, redis_cpu, idle, seconds))
                 base = rows[0][2] / max(rows[0][1], 1)
-                print("  nodes | frames | nodes' CPU s | us/frame | vs 1 node | redis CPU s | redis us/frame")
-                for n, frames, cpu, redis_cpu in rows:
+                base_busy = (rows[0][2] - rows[0][4] * rows[0][5]) / max(rows[0][1], 1)
+                print("  nodes | frames | nodes' CPU s | us/frame | vs 1 node | idle nodes' CPU s/s | us/frame less idle | vs 1 node | redis us/frame")
+                for n, frames, cpu, redis_cpu, idle, seconds in rows:
                     per = cpu / max(frames, 1)
+                    busy = (cpu - idle * seconds) / max(frames, 1)
                     print(
-                        f"  {n:5d} | {frames:6d} | {cpu:12.2f} | {per * 1e6:8.1f} | {per / base:8.2f}x | {redis_cpu:11.2f} | {redis_cpu / max(frames, 1) * 1e6:8.1f}"
+                        f"  {n:5d} | {frames:6d} | {cpu:12.2f} | {per * 1e6:8.1f} | {per / base:8.2f}x | {idle:19.3f} | {busy * 1e6:18.1f} | {busy / base_busy:8.2f}x | {redis_cpu / max(frames, 1) * 1e6:8.1f}"
                     )
-                print("  (goal: flat, within 1.2x of one node; only the step's nodes run)")
+                print("  (goal: flat, within 1.2x of one node; only the step's nodes run; idle: the same nodes with no client, just before)")
         finally:
             cluster.stop()
 
