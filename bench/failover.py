@@ -14,8 +14,9 @@ docs/protocol.md says. It counts, over all streams:
 
 Phase `failover`: three nodes, one killed (SIGKILL) every `--kill-every` seconds and started again at once on
 the same port under the same node name, for `--duration` seconds; then the streams in flight run to their end.
-Phase `cpu`: the same clients without kills over 1, 2 and 3 nodes, `--cpu-seconds` each: the nodes' CPU time
-(user + system, from /proc) per delivered frame, and its ratio to one node. Redis's CPU is shown apart.
+Phase `cpu`: the same clients without kills over 1, 2 and 3 nodes, `--cpu-seconds` each after a warm-up: the
+nodes' CPU time (user + system, from /proc) per delivered frame, and its ratio to one node; also less the nodes'
+idle CPU measured just before. Redis's CPU is shown apart.
 
 Example (the figures in docs/benchmarks.md): `python bench/failover.py --clients 50 --duration 60`.
 """
@@ -309,6 +310,8 @@ async def main() -> None:
     parser.add_argument("--interval-ms", type=int, default=100, help="milliseconds between a stream's records")
     parser.add_argument("--cpu-seconds", type=float, default=20.0, help="seconds of each CPU phase (1, 2, 3 nodes); 0 skips them")
     parser.add_argument("--resume-window", type=float, default=30.0, help="the nodes' resume_window")
+    parser.add_argument("--cpu-nodes", default="1,2,3,1", help="node counts of the CPU steps, in order (the last 1 shows the drift)")
+    parser.add_argument("--warmup-seconds", type=float, default=5.0, help="seconds of the same load before each CPU step (not measured)")
     parser.add_argument("--idle-seconds", type=float, default=5.0, help="seconds the nodes' idle CPU is measured before each CPU step")
     parser.add_argument("--nginx-log", help="copy nginx's logs of the failover phase to this file")
     args = parser.parse_args()
@@ -343,16 +346,19 @@ async def main() -> None:
                 print(f"  nginx errors: {dict(errors.most_common(5))}")
 
             if args.cpu_seconds > 0:
-                print(f"\nphase cpu: the same clients, no kills, {args.cpu_seconds:g} s per step")
+                print(f"\nphase cpu: the same clients, no kills, {args.cpu_seconds:g} s per step after {args.warmup_seconds:g} s of warm-up")
                 rows = []
-                for name in NODES[1:]:
-                    cluster.kill(name, signal.SIGTERM)
-                for n in (1, 2, 3):
-                    if n > 1:
-                        cluster.start(NODES[n - 1])
-                    prefix = Path(tmp) / f"nginx-cpu-{n}"
+                for step, n in enumerate(int(x) for x in args.cpu_nodes.split(",")):
+                    for name in NODES[n:]:
+                        if name in cluster.nodes:
+                            cluster.kill(name, signal.SIGTERM)
+                    for name in NODES[:n]:
+                        if name not in cluster.nodes:
+                            cluster.start(name)
+                    prefix = Path(tmp) / f"nginx-cpu-{step}"
                     prefix.mkdir()
                     with running_nginx(prefix, [cluster.ports[name] for name in NODES[:n]], 4096) as proxy:
+                        await _clients(proxy.ws(), args, args.warmup_seconds, [])  # a node's first streams import and warm what it needs
                         idle0 = cluster.cpu()
                         await asyncio.sleep(args.idle_seconds)
                         idle = (cluster.cpu() - idle0) / args.idle_seconds
