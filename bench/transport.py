@@ -8,6 +8,9 @@ transport's) and then `cpu,memory` (the same size, plus the procfs reads psutil 
 The reference is a minimal `websockets.asyncio.server` (`--reference-server`, below) that broadcasts
 one frame of the same shape and `--frame-bytes` size to every subscriber at the same rate.
 
+A subscribe refused with `overloaded` (the server's admission control) is sent again after its
+`retry_after`, as the SDKs do; the refusals are counted (`refused`).
+
 Reported per phase, over a window of `--duration` seconds after `--warmup`:
 - delivered frames/s (chunk frames received by all clients inside the window);
 - delivery latency p50/p99: arrival time minus the time stamped in the frame by the server, both
@@ -151,7 +154,7 @@ async def _client(job: Job, pipe: Connection) -> None:
     pipe.send(("connected", len(sockets)))
     loop = asyncio.get_running_loop()
     command = await loop.run_in_executor(None, pipe.recv)  # ("go", t_start, t_end) or ("close",)
-    result: dict[str, Any] = {"frames": 0, "latencies": [], "bytes": 0, "errors": 0}
+    result: dict[str, Any] = {"frames": 0, "latencies": [], "bytes": 0, "errors": 0, "refused": 0}
     if command[0] == "go" and job.subscribe is not None:
         t_start, t_end = command[1], command[2]
         subscribe = orjson.dumps(job.subscribe).decode()
@@ -163,6 +166,11 @@ async def _client(job: Job, pipe: Connection) -> None:
                     async for message in ws:
                         now, arrival = time.monotonic(), time.time()
                         frame = orjson.loads(message)
+                        if frame.get("op") == "error" and frame.get("code") == "overloaded":  # wait as told, then again (as the SDKs do)
+                            result["refused"] += 1
+                            await asyncio.sleep(frame.get("retry_after") or 1.0)
+                            await ws.send(subscribe)
+                            continue
                         if frame.get("op") != "chunk":
                             if frame.get("op") in ("error", "end"):
                                 result["errors"] += frame.get("op") == "error"
@@ -327,6 +335,7 @@ def load_phase(server: Server, conns: int, args: argparse.Namespace, fields: str
         "cpu_us_per_frame": 1e6 * (cpu1 - cpu0) / frames if frames else float("nan"),
         "server_cpu_percent": 100 * (cpu1 - cpu0) / args.duration,
         "errors": sum(r["errors"] for r in results),
+        "refused": sum(r["refused"] for r in results),
     }
 
 
