@@ -289,6 +289,13 @@ class _Transcriber:
                 if boundary.kind == "start":
                     self._cut(boundary.at / SAMPLE_RATE)
                     speaking, decoded_at = True, self.offset
+                elif boundary.kind == "pause":
+                    # transcribe now: if the pause ends the utterance, its final needs no decoding then
+                    if decoded_at < boundary.at / SAMPLE_RATE:
+                        decoded_at = received / SAMPLE_RATE
+                        chunks, final = await self._advance()
+                        for chunk in chunks + self._settle(final):
+                            yield chunk
                 else:
                     for chunk in await self._end_utterance(boundary.at / SAMPLE_RATE, decoded_at):
                         yield chunk

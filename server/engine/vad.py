@@ -5,8 +5,9 @@ frame (512 samples at 16 kHz, with the 64 samples before it as context, the recu
 frame to frame) and turns the scores into utterance boundaries: an utterance starts at the first frame
 scoring at least `threshold` (moved back by `pad_ms`, never before the previous utterance's end), and ends
 once frames have scored below `threshold - 0.15` for `min_silence_ms` (the hysteresis of Silero's own
-iterator), at the last voiced frame's end plus `pad_ms`. Pure bookkeeping over sample counts: the caller
-keeps the audio. Importing this module imports neither torch nor onnxruntime.
+iterator), at the last voiced frame's end plus `pad_ms`. Before that, once the silence has lasted `pad_ms`,
+a `pause` marks the same point: the caller may transcribe the utterance then, so that its words are ready
+when (and if) the pause turns out to end it. Pure bookkeeping over sample counts: the caller keeps the audio. Importing this module imports neither torch nor onnxruntime.
 """
 
 from __future__ import annotations
@@ -75,9 +76,9 @@ def silero() -> SileroVad:
 
 @dataclass(frozen=True, slots=True)
 class Boundary:
-    """An utterance's start or end, in samples from the start of the stream."""
+    """An utterance's start or end, or a pause in it that may end it (at the end it would have), in samples from the start of the stream."""
 
-    kind: Literal["start", "end"]
+    kind: Literal["start", "pause", "end"]
     at: int
 
 
@@ -96,6 +97,7 @@ class Endpointer:
         self.speaking = False
         self.voiced_end = 0  # end of the last frame scoring at least `threshold`
         self.silent_since: int | None = None  # start of the current run of silent frames in an utterance
+        self.paused = False  # the current silence was announced as a pause
         self.floor = 0  # the previous utterance's end: the next one starts no earlier
         self.frames = 0
         self.speech_frames = 0
@@ -121,10 +123,13 @@ class Endpointer:
                 if not self.speaking:
                     self.speaking = True
                     out.append(Boundary("start", max(self.floor, start - self.pad)))
-                self.voiced_end, self.silent_since = end, None
+                self.voiced_end, self.silent_since, self.paused = end, None, False
             elif self.speaking and p < self.threshold - HYSTERESIS:
                 if self.silent_since is None:
                     self.silent_since = start
+                if not self.paused and end - self.voiced_end >= self.pad:
+                    self.paused = True
+                    out.append(Boundary("pause", self.voiced_end + self.pad))
                 if end - self.silent_since >= self.min_silence:
                     out.append(self._close(end))
         return out
@@ -134,7 +139,7 @@ class Endpointer:
         return [self._close(self.scored + len(self.rest))] if self.speaking else []
 
     def _close(self, now: int) -> Boundary:
-        self.speaking, self.silent_since = False, None
+        self.speaking, self.silent_since, self.paused = False, None, False
         self.floor = min(self.voiced_end + self.pad, now)
         return Boundary("end", self.floor)
 

@@ -13,11 +13,12 @@ def silence(seconds: float) -> np.ndarray:
     return np.zeros(round(seconds * SAMPLE_RATE), dtype=np.float32)
 
 
-def feed(endpointer: Endpointer, audio: np.ndarray, piece: int) -> list[Boundary]:
+def feed(endpointer: Endpointer, audio: np.ndarray, piece: int, pauses: bool = False) -> list[Boundary]:
+    """The boundaries of `audio` fed in pieces; the pauses only with `pauses`."""
     out: list[Boundary] = []
     for i in range(0, len(audio), piece):
         out += endpointer.feed(audio[i : i + piece])
-    return out + endpointer.finish()
+    return [b for b in out + endpointer.finish() if pauses or b.kind != "pause"]
 
 
 def test_utterances_start_and_end_at_the_speech() -> None:
@@ -35,10 +36,22 @@ def test_utterances_start_and_end_at_the_speech() -> None:
     assert [b.kind for b in feed(Endpointer(silero(), min_silence_ms=2000), audio, SAMPLE_RATE)] == ["start", "end"]
 
 
+def test_a_pause_comes_before_the_end_it_may_become_at_the_same_point() -> None:
+    audio = np.concatenate([silence(0.5), speech(ENGLISH[0]), silence(1.2), speech(ENGLISH[1]), silence(1.0)])
+    boundaries = feed(Endpointer(silero(), min_silence_ms=500, pad_ms=200), audio, 1600, pauses=True)
+    kinds = [b.kind for b in boundaries]
+    assert kinds[0] == "start" and kinds[-1] == "end" and kinds.count("end") == 2, kinds
+    for i, b in enumerate(boundaries):
+        if b.kind == "end":  # the pause right before it marks the same point, a frame or more earlier in the feed
+            assert boundaries[i - 1] == Boundary("pause", b.at), boundaries
+    # espeak-ng's pauses between words are shorter than the padding: no pause inside a sentence
+    assert kinds.count("pause") == 2, kinds
+
+
 def test_any_feeding_gives_the_same_boundaries() -> None:
     audio = np.concatenate([silence(0.5), speech(ENGLISH[2]), silence(0.8)])
-    whole = feed(Endpointer(silero()), audio, len(audio))
-    assert whole and whole == feed(Endpointer(silero()), audio, 333) == feed(Endpointer(silero()), audio, 1600)
+    whole = feed(Endpointer(silero()), audio, len(audio), pauses=True)
+    assert whole and whole == feed(Endpointer(silero()), audio, 333, pauses=True) == feed(Endpointer(silero()), audio, 1600, pauses=True)
 
 
 def test_silence_and_noise_floor_have_no_utterance() -> None:
