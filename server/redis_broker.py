@@ -95,6 +95,7 @@ class RedisBroker(MemoryBroker):
         self._malformed_logged: dict[str, tuple[float, int]] = {}  # channel -> (last warning, drops since)
         self.on_demand: Callable[[str], None] = lambda topic: None
         self.wanted: Callable[[], Iterable[str]] = lambda: self._topics.keys()
+        self.connects = 0  # times Redis became reachable (after start or an outage): a restarted Redis may have lost every key
         self.handlers: dict[str, Callable[[Any], None]] = {}  # other pub/sub channels (session handover), by name; each gets `m`
         self._remote_demand: dict[str, float] = {}
         self._outbound: asyncio.Queue[tuple[str, bytes]] = asyncio.Queue(OUTBOUND_DEPTH)
@@ -157,6 +158,7 @@ class RedisBroker(MemoryBroker):
 
     def _mark_up(self) -> None:
         if not self.up:
+            self.connects += 1
             log.info("Redis at %s reachable%s; sharing with other nodes", self._safe_url(), " again" if self._warned else "")
         self._warned = False
         self.up = True

@@ -260,24 +260,22 @@ class SessionStore:
                     item.set_result(None)
 
     async def _beat(self) -> None:
-        """Say this node is alive; keep attached sessions' records alive; rewrite them after Redis came back."""
-        was_up = False
+        """Say this node is alive; keep attached sessions' records alive; rewrite them after every (re)connection to
+        Redis, which may have restarted empty however short the outage was."""
+        written = -1  # the broker's connection count when the records were last written in full
         last_refresh = 0.0
         while True:
             if self.broker.up:
+                connects = self.broker.connects
                 try:
                     async with asyncio.timeout(REDIS_TIMEOUT):
                         await self.redis.set(self._node_key(self.node), "1", px=int(NODE_TTL * 1000))
                         now = time.monotonic()
-                        if not was_up or now - last_refresh >= self.refresh_interval:
-                            await self._refresh(rewrite=not was_up)
-                            last_refresh = now
-                    was_up = True
+                        if connects != written or now - last_refresh >= self.refresh_interval:
+                            await self._refresh(rewrite=connects != written)
+                            last_refresh, written = now, connects
                 except (RedisError, OSError, TimeoutError) as exc:
                     self.broker.mark_down(exc)
-                    was_up = False
-            else:
-                was_up = False
             await asyncio.sleep(HEARTBEAT)
 
     async def _refresh(self, rewrite: bool) -> None:
@@ -290,6 +288,8 @@ class SessionStore:
                     self._sess_key(key), mapping={"id": held.id, "label": held.label, "owner": self.node, **{f"s:{sid}": s for sid, s in held.streams.items()}}
                 )
             pipe.pexpire(self._sess_key(key), self.window_ms)
+            for sid in held.streams:  # a stream that sends nothing for a while (a chat waiting for a turn) keeps its replay
+                pipe.pexpire(self._replay_key(held.id, sid), self.window_ms)
         await pipe.execute(raise_on_error=False)
 
     # taking a session over ---------------------------------------------------------------------
