@@ -243,7 +243,7 @@ class AnalysisChannel(Channel):
                 if params.wants("summary"):
                     chosen = centrality_summary(vectors[: len(sentences)], params.max_sentences)
                     picked = [{"index": i, "text": sentences[i].text, "score": score} for i, score in chosen]
-                    aggregate["summary"] = " ".join(p["text"] for p in picked)
+                    aggregate["summary"] = " ".join(sentences[i].text for i, _ in chosen)
                     yield {"section": "summary", "sentences": picked, "summary": aggregate["summary"]}
         finally:
             if job is not None:

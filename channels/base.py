@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import asyncio
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Literal, Protocol
+from typing import Any, ClassVar, Literal, Protocol, cast
 
 import orjson
 from pydantic import BaseModel, ConfigDict, ValidationError
@@ -159,6 +159,11 @@ class StreamContext:
             if item is END_OF_INPUT:
                 return
             yield item
+
+
+def as_generator(chunks: AsyncIterator[Any]) -> AsyncGenerator[Any, None]:
+    """A channel's stream as the async generator it is, so that `contextlib.aclosing` can close it."""
+    return cast("AsyncGenerator[Any, None]", chunks)
 
 
 Status = Literal["available", "loading", "unavailable"]

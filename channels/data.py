@@ -230,6 +230,7 @@ async def _inline_chunks(records: Records, params: DataParams, skip: int = 0) ->
 @contextlib.asynccontextmanager
 async def _records(params: DataParams, data_dir: Path) -> AsyncIterator[tuple[list[str], AsyncIterator[list[Any]]]]:
     """The CSV columns to use and the records in batches, from a dataset file."""
+    assert params.dataset is not None, "params without inline records name a dataset (DataParams' validator)"
     path = resolve_inside(data_dir, params.dataset, "dataset")
     try:
         handle = await asyncio.to_thread(open, path, encoding="utf-8", newline="")

@@ -302,7 +302,7 @@ class AudioDecoder(_Decoder):
             if skip is None and frame is not None:
                 skip = max(0, round((start - (frame.time - origin if frame.time is not None else 0.0)) * self.info.sample_rate))
             for converted in convert.resample(frame):
-                samples = converted.to_ndarray()
+                samples: np.ndarray = converted.to_ndarray()
                 if skip:
                     dropped = min(skip, samples.shape[1])
                     samples, skip = samples[:, dropped:], skip - dropped

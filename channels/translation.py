@@ -72,7 +72,7 @@ class TranslationChannel(Channel):
         engine = self.services.engine
         models = engine.models("translation") if engine is not None else []
         extra = {"x-apertium-pairs": pairs, "x-neural-model": models[0] if models else None}
-        self.Params = type("TranslationParams", (TranslationParams,), {"model_config": ConfigDict(extra="forbid", json_schema_extra=extra)})  # type: ignore[misc]
+        self.Params = type("TranslationParams", (TranslationParams,), {"model_config": ConfigDict(extra="forbid", json_schema_extra=extra)})  # type: ignore[misc,assignment,typeddict-item]  # a subclass made at run time
 
     async def stop(self) -> None:
         await self.apertium.close()

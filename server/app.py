@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ipaddress
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 
 from starlette.applications import Starlette
 from starlette.datastructures import Headers
@@ -16,13 +16,13 @@ from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
-from starlette.types import Receive, Scope, Send
+from starlette.types import ASGIApp, Receive, Scope, Send
 from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
 
 from server import apidocs, docpages
 from server.auth import Principal
 from server.config import ROOT, Settings
-from server.connection import Connection, Disconnected, watch_slow_consumers
+from server.connection import Connection, Disconnected, TrySend, watch_slow_consumers
 from server.http_stream import PREFIX, HttpStreams, check_key, header_key
 from server.logbuffer import RingLogHandler
 from server.protocol import CloseCode
@@ -35,11 +35,11 @@ class _AsgiTransport:
 
     __slots__ = ("_receive", "_send", "left_cleanly", "try_send")
 
-    def __init__(self, receive: Receive, send: Send, try_send: Callable[[str | bytes, bool], bool] | None) -> None:
+    def __init__(self, receive: Receive, send: Send, try_send: TrySend | None) -> None:
         self._receive = receive
         self._send = send
         self.left_cleanly = False
-        self.try_send = try_send or _cannot_send  # server.wsprotocol's direct send when uvicorn runs with it
+        self.try_send: TrySend = try_send or _cannot_send  # server.wsprotocol's direct send when uvicorn runs with it
 
     async def receive(self) -> str | bytes | None:
         message = await self._receive()
@@ -83,7 +83,8 @@ class App:
         self.state = http.state
         self.sockets = 0  # open /ws connections, before and after authentication
         proxies = trusted_proxies(runtime.settings)
-        self._entry = ProxyHeadersMiddleware(self._route, trusted_hosts=proxies) if proxies else self._route
+        # uvicorn types ASGI apps with its own TypedDicts, Starlette with plain mappings: the same protocol.
+        self._entry: ASGIApp = ProxyHeadersMiddleware(self._route, trusted_hosts=proxies) if proxies else self._route  # type: ignore[arg-type,assignment]
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         await self._entry(scope, receive, send)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import math
 import socket
 import sys
 from pathlib import Path
@@ -87,7 +88,7 @@ def serve(argv: list[str] | None = None) -> None:
         # Forwarded headers are the app's business (`trusted_proxies`); uvicorn would otherwise trust
         # 127.0.0.1 or its FORWARDED_ALLOW_IPS variable.
         proxy_headers=False,
-        timeout_graceful_shutdown=settings.shutdown_timeout + 2,
+        timeout_graceful_shutdown=math.ceil(settings.shutdown_timeout + 2),
     )
     server = DrainingServer(config, app.state.runtime)
     # A worker binds its own SO_REUSEPORT socket; uvicorn listens on it.

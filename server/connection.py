@@ -44,6 +44,10 @@ class Disconnected(Exception):
     """The client is gone."""
 
 
+class TrySend(Protocol):
+    def __call__(self, payload: str | bytes, compress: bool = True) -> bool: ...
+
+
 class Transport(Protocol):
     """The socket as the connection sees it."""
 
@@ -147,6 +151,7 @@ class Connection:
         except asyncio.CancelledError:
             if not self._stopping:
                 raise
+            assert self._task is not None  # set above, by this very task
             self._task.uncancel()
         finally:
             self._reading = False
@@ -356,8 +361,8 @@ class Connection:
         size = len(message)
         if size > OFFLOAD_BYTES:  # refused before it is decoded while overloaded, else its turn first, then decoded off the loop
             admission = self.runtime.admission
-            if (stream_id := subscribe_id(message)) is not None:
-                admission.check(stream_id)
+            if (subscribing := subscribe_id(message)) is not None:
+                admission.check(subscribing)
             late = await admission.wait_turn(size)
             op = await asyncio.get_running_loop().run_in_executor(self.runtime.parser, decode_text, message)
         else:

@@ -15,7 +15,7 @@ import logging
 import secrets
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from typing import Any
 
 import orjson
@@ -24,7 +24,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
-from channels.base import END_OF_INPUT, Binary, Channel, ChannelError, Checkpoint, Gap, Shared, StreamContext
+from channels.base import END_OF_INPUT, Binary, Channel, ChannelError, Checkpoint, Gap, Shared, StreamContext, as_generator
 from server.auth import Principal, address_key, refusal
 from server.protocol import ErrorCode
 from server.ratelimit import TokenBucket
@@ -193,7 +193,7 @@ class HttpStreams:
             )
         slot = f"http-{secrets.token_hex(8)}"
         if refused := await self._admit(principal.label, slot):
-            log.warning("refused an HTTP stream of %s from %s: %s", name, address, refused.body.decode())
+            log.warning("refused an HTTP stream of %s from %s: %s", name, address, bytes(refused.body).decode())
             return refused
         try:
             response = await self._open(request, channel, principal, address)
@@ -329,7 +329,7 @@ class _Stream:
 
     async def _produce(self, out: asyncio.Queue[Any]) -> None:
         try:
-            async with contextlib.aclosing(self.channel.stream(self.params, self.ctx)) as chunks:
+            async with contextlib.aclosing(as_generator(self.channel.stream(self.params, self.ctx))) as chunks:
                 async for item in chunks:
                     await out.put(item.data if isinstance(item, Checkpoint) else item)
         except ChannelError as exc:
@@ -341,7 +341,7 @@ class _Stream:
             return
         await out.put(_DONE)
 
-    async def items(self) -> AsyncIterator[tuple[int, Any, int]]:
+    async def items(self) -> AsyncGenerator[tuple[int, Any, int], None]:
         """(seq, chunk, dropped before it); sets `reason` and `error` when the stream is over.
 
         The channel runs in its own task (as under /ws), handing chunks over one at a time; this side
@@ -354,10 +354,10 @@ class _Stream:
         timeout = self.runtime.settings.http_stream_timeout
         deadline = time.monotonic() + timeout if timeout else None
         handoff: asyncio.Queue[Any] = asyncio.Queue(1)
-        tasks = [asyncio.create_task(self._produce(handoff), name=f"http:{self.ctx.stream_id}")]
+        tasks: list[asyncio.Task[Any]] = [asyncio.create_task(self._produce(handoff), name=f"http:{self.ctx.stream_id}")]
         drain = asyncio.create_task(self.runtime.drain_started.wait())
         tasks.append(drain)
-        stops = {drain}
+        stops: set[asyncio.Task[Any]] = {drain}
         if self.body is not None:
             feeder = asyncio.create_task(self._feed(self.body))  # it ends when the client leaves
             tasks.append(feeder)

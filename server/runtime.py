@@ -197,10 +197,10 @@ class Runtime:
                 log.info("session %s handed over to another node", session.id)
                 return
         for connection in list(self.connections):
-            session = connection.session
-            if session is not None and digest(session.token) == key:
+            live = connection.session
+            if live is not None and digest(live.token) == key:
                 await connection.hand_over()
-                log.info("session %s resumed on another connection; closing its old one", session.id)
+                log.info("session %s resumed on another connection; closing its old one", live.id)
                 return
 
     def _expire(self, token: str) -> None:

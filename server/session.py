@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import itertools
 import logging
 import secrets
@@ -17,7 +18,7 @@ from typing import Any, Protocol
 
 import orjson
 
-from channels.base import END_OF_INPUT, Binary, CannotGoOn, Channel, ChannelError, Checkpoint, Gap, Shared, StreamContext
+from channels.base import END_OF_INPUT, Binary, CannotGoOn, Channel, ChannelError, Checkpoint, Gap, Shared, StreamContext, as_generator
 from server.auth import Principal, refusal
 from server.budget import Budget
 from server.config import Settings
@@ -58,7 +59,7 @@ class Inbox(asyncio.Queue[Any]):
         self._budget.inbox += size
 
     def _get(self) -> Any:
-        item = super()._get()  # type: ignore[misc]
+        item = super()._get()
         self._budget.inbox -= self._sizes.popleft()
         return item
 
@@ -247,7 +248,7 @@ class Session:
         self.budget.params += size
         self._fit_replay()
         if channel.lossy:
-            stream.lane = Lane(self.settings.lossy_depth, stream.render, lambda n, name=channel.name: self._dropped(name, n))
+            stream.lane = Lane(self.settings.lossy_depth, stream.render, functools.partial(self._dropped, channel.name))
         return stream
 
     def _start(self, stream: Stream) -> None:
@@ -398,7 +399,7 @@ class Session:
         stream.positions = []
         reason, error = EndReason.COMPLETE, None
         try:
-            async with contextlib.aclosing(stream.channel.stream(stream.params, ctx)) as chunks:
+            async with contextlib.aclosing(as_generator(stream.channel.stream(stream.params, ctx))) as chunks:
                 async for item in chunks:
                     await self._emit(stream, item)
         except ChannelError as exc:

@@ -25,7 +25,7 @@ import logging
 import struct
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import orjson
 from pydantic import BaseModel, ConfigDict, Field
@@ -307,7 +307,7 @@ class SessionStore:
         if not raw or b"id" not in raw:
             return None
         try:
-            record = _record(raw)
+            record = _record(cast("dict[bytes, bytes]", raw))  # the client does not decode responses
         except ValueError as exc:  # pydantic's ValidationError, UnicodeDecodeError and Malformed are ValueErrors
             log.warning("session record %s in Redis is malformed (%s); taken as absent", self._sess_key(digest(token)), str(exc).splitlines()[0][:200])
             return None
@@ -324,7 +324,10 @@ class SessionStore:
                 deadline = time.monotonic() + self.handover_timeout
                 while time.monotonic() < deadline:
                     async with asyncio.timeout(REDIS_TIMEOUT):
-                        current, alive = await self.redis.pipeline(transaction=False).hget(self._sess_key(key), "owner").exists(self._node_key(owner)).execute()
+                        pipe = self.redis.pipeline(transaction=False)
+                        pipe.hget(self._sess_key(key), "owner")
+                        pipe.exists(self._node_key(owner))
+                        current, alive = await pipe.execute()
                     if current != owner.encode() or not alive:
                         break
                     await asyncio.sleep(0.05)
@@ -346,7 +349,7 @@ class SessionStore:
             self.broker.mark_down(exc)
             return None
         entries = []
-        for entry_id, fields in rows:
+        for entry_id, fields in cast("list[tuple[bytes, dict[bytes, bytes]]]", rows):  # the client does not decode responses
             try:
                 entries.append(_entry(stream_id, entry_id, fields))
             except ValueError as exc:

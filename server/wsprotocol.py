@@ -118,10 +118,10 @@ class DirectProtocol(WebSocketsSansIOProtocol):
     async def send(self, message: Any) -> None:
         await super().send(message)
         if message["type"] == "websocket.accept":
-            self.request = self.response = None  # read only until the handshake's response is written
+            self.request = self.response = None  # type: ignore[assignment]  # read only until the handshake's response is written
 
     async def run_asgi(self) -> None:
-        self.scope["extensions"][TRY_SEND] = self.try_send  # type: ignore[index]
+        self.scope["extensions"][TRY_SEND] = self.try_send  # type: ignore[assignment]  # uvicorn types extensions as dict[object, object]
         await super().run_asgi()
 
     def try_send(self, payload: str | bytes, compress: bool = True) -> bool:

@@ -10,7 +10,7 @@ Without segments (a plain `generate` call on the same model) it is ordinary SDPA
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -91,7 +91,7 @@ def segmented_attention(
     out = query.new_empty(1, query.shape[2], heads, dim)
     for seg in streamplex_segments:
         q = _split(query, seg)
-        k, v = seg.block.write(module.layer_idx, _split(key, seg), _split(value, seg))
+        k, v = seg.block.write(cast(int, module.layer_idx), _split(key, seg), _split(value, seg))  # nn.Module attributes type as Tensor | Module
         if seg.packing is not None:  # attention within each prompt only: sum of squares, not square of the sum
             p = seg.packing
             k, v = p.pad(k[0]).repeat_interleave(groups, dim=1), p.pad(v[0]).repeat_interleave(groups, dim=1)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 from server.config import Settings
 from server.engine import whisper_loading
 from server.engine.batch import BatchRunner
@@ -22,9 +24,9 @@ def asr_specs(setting: str) -> list[str]:
 
 def build_engine(settings: Settings) -> Engine:
     """An engine with one runner per configured chat model; `await engine.start()` begins loading them."""
-    specs = [RunnerSpec("chat", model_name(spec), lambda spec=spec: _chat_runner(spec, settings)) for spec in chat_specs(settings.chat_model)]
+    specs = [RunnerSpec("chat", model_name(spec), functools.partial(_chat_runner, spec, settings)) for spec in chat_specs(settings.chat_model)]
     specs += [
-        RunnerSpec("transcription", whisper_loading.model_name(spec), lambda spec=spec: _whisper_runner(spec, settings))
+        RunnerSpec("transcription", whisper_loading.model_name(spec), functools.partial(_whisper_runner, spec, settings))
         for spec in asr_specs(settings.asr_model)
     ]
     specs += _embedding_specs(settings) + _translation_specs(settings)

@@ -75,7 +75,7 @@ def convert_gguf(gguf: Path, dest: Path) -> Path:
     log.info("converting %s into %s (once)", gguf.name, dest)
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-    model.hf_quantizer = None  # the weights are dequantised now: save them as plain tensors
+    model.hf_quantizer = None  # type: ignore[assignment]  # the weights are dequantised now: save them as plain tensors
     del model.config.quantization_config
     tmp = dest.with_name(f"{dest.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -96,4 +96,4 @@ def load_causal_lm(folder: Path, device: torch.device, dtype: torch.dtype, atten
 
     tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, local_files_only=True, attn_implementation=attention)
-    return model.to(device).eval(), tokenizer
+    return model.to(device).eval(), tokenizer  # type: ignore[arg-type]  # transformers' stubs type `.to` for a model instance only

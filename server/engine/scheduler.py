@@ -139,10 +139,10 @@ class Scheduler:
                 self.waiting.remove(seq)
                 seq.phase = Phase.DONE
                 return True
-        seq = self.running.pop(seq_id, None)
-        if seq is None:
+        running = self.running.pop(seq_id, None)
+        if running is None:
             return False
-        seq.phase = Phase.DONE
+        running.phase = Phase.DONE
         self._release.append(seq_id)
         return True
 

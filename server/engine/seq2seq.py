@@ -175,8 +175,11 @@ class Seq2SeqRunner(Runner):
         from transformers.modeling_outputs import BaseModelOutput
 
         seqs = [self._seqs[i] for i in seq_ids]
-        states = [s.encoded for s in seqs]
-        width = max(s.shape[0] for s in states if s is not None)
+        states: list[torch.Tensor] = []
+        for s in seqs:
+            assert s.encoded is not None, "a decoding sequence has its encoder states"
+            states.append(s.encoded)
+        width = max(s.shape[0] for s in states)
         encoded = torch.zeros((len(seqs), width, states[0].shape[-1]), dtype=states[0].dtype, device=self.device)
         source_mask = torch.zeros((len(seqs), width), dtype=torch.long, device=self.device)
         for r, state in enumerate(states):

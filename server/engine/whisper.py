@@ -175,7 +175,7 @@ class WhisperRunner(Runner):
         hf_logging.disable_progress_bar()
         folder = whisper_loading.model_folder(self.spec, self.cache_dir)
         model = WhisperForConditionalGeneration.from_pretrained(folder, dtype=self.dtype, local_files_only=True)
-        self.model = model.to(self.device).eval()
+        self.model = model.to(self.device).eval()  # type: ignore[arg-type]  # transformers' stubs type `.to` for a model instance only
         if self.quantize:
             quantize_for_cpu(self.model)
         self.features = WhisperFeatureExtractor.from_pretrained(folder, local_files_only=True)
