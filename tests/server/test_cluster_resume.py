@@ -228,6 +228,12 @@ async def test_redis_restarted_mid_run_nodes_reconnect_and_sessions_resume_again
     await send(other, op="resume", token=token, streams=reader.last())
     assert (await recv(other))["code"] == "resume_failed"
     await other.close()
+    # ... while the node that holds it still resumes it from memory.
+    ws.transport.abort()
+    ws = await connect(a)
+    await send(ws, op="resume", token=token, streams=reader.last())
+    resumed = await recv(ws)
+    assert resumed["op"] == "resumed" and all(s["resumed"] for s in resumed["streams"].values()), resumed
     cluster.redis.start()
     await reader.read(ws, lambda: "reachable again" in a.log() and "reachable again" in b.log(), timeout=30)
     await asyncio.sleep(1.0)  # node A's next heartbeat writes its sessions' records again
