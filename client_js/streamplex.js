@@ -192,7 +192,10 @@ export class Client extends EventTarget {
     // stream and maxWaitMs of waiting in all (`retry: false` turns this off).
     this.retry = retry === false ? null : { codes: ["unavailable", "overloaded", "rate_limited"], maxAttempts: 5, maxWaitMs: 60000, ...retry };
     this._retryTimers = new Set();
-    this.url = url;
+    // Several URLs (the nodes of one deployment sharing Redis): each reconnect attempt tries the next one.
+    this.urls = Array.isArray(url) ? [...url] : [url];
+    if (!this.urls.length) throw new StreamplexError("bad_request", "give at least one URL");
+    this.url = this.urls[0];
     this.apiKey = apiKey;
     this.reconnect = reconnect;
     this.backoff = backoff;
@@ -399,9 +402,11 @@ export class Client extends EventTarget {
 
   async _reconnect(lastError) {
     let delay = this.backoff[0];
+    const start = this.urls.indexOf(this.url);
     for (let attempt = 1; !this._closing; attempt += 1) {
       await new Promise((resolve) => setTimeout(resolve, delay * (0.5 + Math.random() / 2)));
       if (this._closing) return;
+      if (this.urls.length > 1) this.url = this.urls[(start + attempt) % this.urls.length];
       try {
         await this._open(true);
         this.reconnects += 1;

@@ -1,11 +1,11 @@
 // streamplex.js under Node through nginx in front of several nodes: it prints the node it is on, reads a text and a data
 // stream while the test kills that node, and prints one JSON report of what it received once both streams ended.
-// Usage: node failover.mjs WS_URL API_KEY TEXT_PARAMS_JSON DATA_PARAMS_JSON
+// Usage: node failover.mjs WS_URL[,WS_URL...] API_KEY TEXT_PARAMS_JSON DATA_PARAMS_JSON (several URLs: tried in turn)
 import WebSocket from "ws";
 import { Client } from "../../client_js/streamplex.js";
 
 const [url, apiKey, textParams, dataParams] = process.argv.slice(2);
-const client = new Client(url, { apiKey, WebSocketImpl: WebSocket, backoff: [100, 1000], maxRetries: 20 });
+const client = new Client(url.includes(",") ? url.split(",") : url, { apiKey, WebSocketImpl: WebSocket, backoff: [100, 1000], maxRetries: 20 });
 const ready = await client.connect();
 console.log(JSON.stringify({ node: ready.node }));
 

@@ -306,6 +306,32 @@ async def test_through_the_shipped_nginx_the_sdk_and_streamplex_js_resume_by_the
         assert report["node"] != first["node"]
 
 
+async def test_streamplex_js_with_the_nodes_urls_resumes_on_another_node(cluster: Cluster) -> None:
+    urls = ",".join(n.url for n in cluster.nodes)
+    proc = subprocess.Popen(
+        ["node", str(ROOT / "tests" / "client_js" / "failover.mjs"), urls, cluster.nodes[0].key, json.dumps(TEXT_PARAMS), json.dumps(DATA_PARAMS)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+    )
+    try:
+        assert proc.stdout is not None
+        first = json.loads(await asyncio.to_thread(proc.stdout.readline))
+        assert first["node"] == cluster.nodes[0].name  # type: ignore[attr-defined]
+        await asyncio.sleep(0.3)
+        cluster.nodes[0].stop(signal.SIGKILL)
+        out, err = await asyncio.to_thread(proc.communicate, timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err[-4000:]
+    report = json.loads(out.strip().splitlines()[-1])
+    assert report["text"] == TEXT and report["data"] == CSV and report["seqs_in_order"], report
+    assert report["reasons"] == ["complete", "complete"] and report["resumes"] == 1 and report["restarts"] == 0, report
+    assert report["node"] == cluster.nodes[1].name  # type: ignore[attr-defined]
+
+
 @pytest.fixture(scope="module")
 def chat_nodes(tmp_path_factory: pytest.TempPathFactory, redis_server: RedisProc) -> Iterator[list[ServerProc]]:
     """Two nodes with the bundled chat model, loaded."""
