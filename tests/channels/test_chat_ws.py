@@ -111,7 +111,7 @@ async def test_chat_cut_mid_answer_resumes_without_loss(chat_server: ServerProc)
 
 def _prefix_hits(server: ServerProc) -> float:
     """The chat runner's prefix-cache hits, from /metrics."""
-    lines = [line for line in server.get("/metrics")[1].decode().splitlines() if line.startswith("streamplex_engine_") and "_prefix_cache_hits " in line]
+    lines = [line for line in server.get("/metrics")[1].decode().splitlines() if line.startswith("streamplex_engine_prefix_cache_hits_total{")]
     assert len(lines) == 1, lines
     return float(lines[0].rsplit(" ", 1)[1])
 
