@@ -1,5 +1,6 @@
 """`python -m server --workers 2` as real processes on one port with a real redis-server: refused without Redis,
-connections spread over both workers, logs shared, a SIGKILLed worker restarted, SIGTERM draining both."""
+connections spread over both workers, logs shared, a SIGKILLed worker restarted, SIGTERM draining both, no worker
+outliving a SIGKILLed supervisor."""
 
 from __future__ import annotations
 
@@ -98,31 +99,40 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisProc
     proc.stop()
 
 
-@pytest.fixture(scope="module")
-def workers(tmp_path_factory: pytest.TempPathFactory, redis_server: RedisProc) -> Iterator[Workers]:
+@contextlib.contextmanager
+def running_workers(tmp: Path, redis_server: RedisProc) -> Iterator[Workers]:
+    """`python -m server --workers 2` on a free port, both workers ready, until the block ends."""
     port = free_port()
-    log_path = tmp_path_factory.mktemp("workers") / "workers.log"
+    log_path = tmp / "workers.log"
     # The password in the environment (as compose.yaml and the GKE manifests give it), which the workers inherit.
     redis_url = f"redis://127.0.0.1:{redis_server.port}/0"
     env = _env(redis_url=redis_url, redis_password=redis_server.password, redis_prefix="sp-workers", node=NODE, heartbeat_interval="5", shutdown_timeout="5")
     cmd = [sys.executable, "-m", "server", "--workers", "2", "--port", str(port)]
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log_path.open("wb"), stderr=subprocess.STDOUT)
     server = Workers(proc, port, log_path)
+    left: list[int] = []
     try:
         for node in (f"{NODE}-0", f"{NODE}-1"):
             server.wait_ready(node, 1)
+        left = list(server.children().values())
         found = re.search(r"generated one for this run: (sk-\S+)", server.log())
         assert found, server.log()
         server.key = found.group(1)
         yield server
     finally:
         if proc.poll() is None:
-            left = server.children().values()
+            left = list(server.children().values())
             proc.kill()
             proc.wait()
-            for pid in left:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
+        for pid in left:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+
+@pytest.fixture(scope="module")
+def workers(tmp_path_factory: pytest.TempPathFactory, redis_server: RedisProc) -> Iterator[Workers]:
+    with running_workers(tmp_path_factory.mktemp("workers"), redis_server) as server:
+        yield server
 
 
 @pytest.mark.parametrize("how", ["flag", "env"])
@@ -216,3 +226,21 @@ async def test_sigterm_drains_every_worker(workers: Workers) -> None:
     assert await asyncio.to_thread(workers.proc.wait, 30) == 0
     assert not any(psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE for pid in pids)
     assert workers.log().count("stopped with") == 2 and "all workers stopped" in workers.log()
+
+
+async def test_workers_leave_with_a_killed_supervisor(tmp_path: Path, redis_server: RedisProc) -> None:
+    with running_workers(tmp_path, redis_server) as server:
+        pids = list(server.children().values())
+        ws = await server.connect()
+        server.proc.kill()  # SIGKILL: no chance to pass anything on
+        server.proc.wait()
+        # Linux sends each worker SIGTERM (PR_SET_PDEATHSIG): it drains (1001) and exits; none keeps the port.
+        with pytest.raises(websockets.ConnectionClosed):
+            await asyncio.wait_for(ws.recv(), 20)
+        assert ws.close_code == 1001
+        deadline = time.monotonic() + 20
+        while any(psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE for pid in pids):
+            assert time.monotonic() < deadline, "a worker outlived its supervisor"
+            await asyncio.sleep(0.1)
+        with pytest.raises(OSError):
+            await websockets.connect(server.url, open_timeout=2)
