@@ -69,6 +69,8 @@ class Tally:
     ends: Counter[str] = field(default_factory=Counter)
     connect_errors: Counter[str] = field(default_factory=Counter)
     resume_times: list[float] = field(default_factory=list)
+    ready_times: list[float] = field(default_factory=list)  # from the kill to `ready` on the new connection
+    resumed_times: list[float] = field(default_factory=list)  # from the kill to the `resumed` answer
 
 
 class Cluster:
@@ -169,6 +171,8 @@ class Client:
             frame = orjson.loads(await asyncio.wait_for(ws.recv(), 30))
             if frame["op"] == "resumed":
                 self.tally.resumed += 1
+                if self.dropped_at is not None:
+                    self.tally.resumed_times.append(self._since_kill())
                 if self.sid in frame.get("streams", {}):
                     return True  # resumed, or not (`resumed: false`): then its `end` (resume_gap) follows
                 self.dropped_at = None
@@ -185,11 +189,15 @@ class Client:
                 self.dropped_at = None  # nothing came back: no resume time
                 return False
 
+    def _since_kill(self) -> float:
+        """Seconds since the kill that dropped the connection (since the drop, if no kill caused it)."""
+        assert self.dropped_at is not None
+        return time.monotonic() - max((k for k in self.kills if k <= self.dropped_at + 0.001), default=self.dropped_at)
+
     def _back(self) -> None:
         """The first frame of the stream since the drop: the resume time counts from the kill that caused it."""
         if self.dropped_at is not None:
-            kill = max((k for k in self.kills if k <= self.dropped_at + 0.001), default=self.dropped_at)
-            self.tally.resume_times.append(time.monotonic() - kill)
+            self.tally.resume_times.append(self._since_kill())
             self.dropped_at = None
 
     def _record(self, frame: dict[str, Any]) -> None:
@@ -212,6 +220,8 @@ class Client:
             ws, ready = await self._connect()
             try:
                 if open_stream and self.token:
+                    if self.dropped_at is not None:
+                        self.tally.ready_times.append(self._since_kill())
                     open_stream = await self._resume(ws, ready)
                 else:
                     self.token = ready.get("resume", {}).get("token")
@@ -297,6 +307,9 @@ def _print_tally(tally: Tally) -> None:
         print(
             f"  resume time from the kill to the first frame back: p50 {_pct(times, 50):.3f} s, p99 {_pct(times, 99):.3f} s, max {max(times):.3f} s (n={len(times)}; goal p99 < 2 s)"
         )
+        for name, values in (("`ready` on the new connection", tally.ready_times), ("the `resumed` answer", tally.resumed_times)):
+            if values:
+                print(f"    of which, from the kill to {name}: p50 {_pct(values, 50):.3f} s, p99 {_pct(values, 99):.3f} s")
     else:
         print("  resume time: no stream came back after a kill")
 
