@@ -289,13 +289,11 @@ class _Transcriber:
                 if boundary.kind == "start":
                     self._cut(boundary.at / SAMPLE_RATE)
                     speaking, decoded_at = True, self.offset
-                elif boundary.kind == "pause":
-                    # transcribe now: if the pause ends the utterance, its final needs no decoding then
-                    if decoded_at < boundary.at / SAMPLE_RATE:
-                        decoded_at = received / SAMPLE_RATE
-                        chunks, final = await self._advance()
-                        for chunk in chunks + self._settle(final):
-                            yield chunk
+                elif boundary.kind == "pause" and decoded_at < boundary.at / SAMPLE_RATE:
+                    # transcribe the utterance up to the pause now: if the pause ends it, its final needs no decoding then
+                    for chunk in await self._transcribe_until(boundary.at / SAMPLE_RATE):
+                        yield chunk
+                    decoded_at = boundary.at / SAMPLE_RATE
                 else:
                     for chunk in await self._end_utterance(boundary.at / SAMPLE_RATE, decoded_at):
                         yield chunk
@@ -322,6 +320,16 @@ class _Transcriber:
             time.perf_counter() - started,
         )
         yield self._transcript(duration)
+
+    async def _transcribe_until(self, at: float) -> list[dict[str, Any]]:
+        """Transcribe the buffer's audio before stream time `at` only (audio after it, already received when the loop lags, is kept for later)."""
+        split = min(len(self.buffer), max(0, round((at - self.offset) * SAMPLE_RATE)))
+        rest = self.buffer[split:]
+        self.buffer = self.buffer[:split]
+        chunks, final = await self._advance()
+        chunks += self._settle(final)
+        self.buffer = np.concatenate([self.buffer, rest])
+        return chunks
 
     async def _end_utterance(self, end: float, decoded_at: float) -> list[dict[str, Any]]:
         """An utterance ended at stream time `end`: transcribe it once more if audio came since, make all its words final; the buffer keeps the audio after it."""

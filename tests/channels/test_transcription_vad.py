@@ -111,3 +111,13 @@ async def test_without_vad_the_pause_is_decoded() -> None:
         live.push(silence(3.0))
         await live.end()
         assert steps(engine) > before
+
+
+async def test_audio_faster_than_it_is_transcribed_keeps_its_words() -> None:
+    """Pushed all at once, the loop takes a second at a time: a pause, the end and the next start come in one piece, and each utterance is transcribed on its own audio."""
+    async with engine_with(bundled_whisper()) as engine:
+        live = Live(engine)
+        live.push(np.concatenate([part for text in ENGLISH for part in (speech(text), silence(0.6))]))
+        transcript = await live.end()
+        assert wer(" ".join(ENGLISH), transcript["text"]) <= 0.15, live.chunks
+        assert transcript["segments"] >= len(ENGLISH), live.chunks
