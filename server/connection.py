@@ -28,6 +28,7 @@ from server.protocol import (
     decode_binary,
     decode_text,
     encode,
+    end_frame,
     frame_id,
     subscribe_id,
 )
@@ -242,6 +243,11 @@ class Connection:
         else:
             assert old is not None
             report, frames = await old.resume(op.streams)
+        for sid in op.streams.keys() - report.keys():
+            # The client has this stream, the session does not: subscribed on a node that died before recording it in
+            # Redis, or ended and forgotten since. It cannot go on, and never silently.
+            report[sid] = {"channel": None, "resumed": False}
+            frames.append(encode(end_frame(sid, EndReason.RESUME_GAP)))
         self.session = old
         old.reply({"op": "resumed", "session": old.id, "streams": report})
         old.outbox.extend(frames)

@@ -158,3 +158,24 @@ async def test_at_most_resume_max_sessions_wait(tmp) -> None:
         assert second["op"] == "resumed" and second["streams"]["m"]["resumed"], second
     finally:
         srv.stop()
+
+
+async def test_a_stream_the_session_does_not_know_ends_with_resume_gap(server: ServerProc) -> None:
+    """A client naming a stream its session never recorded (subscribed on a node that died before writing it to
+    Redis) is told that stream cannot go on, instead of finding it silently missing from `resumed`."""
+    ws = await connect(server)
+    token = ws.ready["resume"]["token"]
+    await send(ws, op="subscribe", id="t", channel="text", params={"text": TEXT, "unit": "words", "chunk_size": 5, "interval_ms": 5})
+    chunks: dict[int, Any] = {}
+    while len(chunks) < 5:
+        frame = await recv(ws)
+        if frame["op"] == "chunk":
+            chunks[frame["seq"]] = frame["data"]
+    cut(ws)
+    await asyncio.sleep(0.2)
+    ws, resumed = await resume(server, token, {"t": max(chunks), "ghost": 3})
+    assert resumed["op"] == "resumed", resumed
+    assert resumed["streams"]["t"]["resumed"] is True and resumed["streams"]["ghost"] == {"channel": None, "resumed": False}, resumed
+    assert (await until_end(ws, "ghost", {}))["reason"] == "resume_gap"
+    assert (await until_end(ws, "t", chunks))["reason"] == "complete"
+    await ws.close()
