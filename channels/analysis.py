@@ -27,7 +27,7 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import Field, field_validator
 
-from channels.base import AVAILABLE, Channel, ChannelError, ChannelStatus, ParamsModel, StreamContext
+from channels.base import AVAILABLE, Channel, ChannelError, ChannelStatus, ParamsModel, StreamContext, skip_first
 from server.engine import EngineError, StepFailed
 from server.protocol import ErrorCode
 
@@ -146,6 +146,7 @@ class AnalysisChannel(Channel):
     name = "analysis"
     summary = "Sentiment (VADER), entities (spaCy), topics (MiniLM zero-shot + YAKE keywords) and an extractive summary, per sentence and section."
     Params = AnalysisParams
+    restartable = True
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -186,7 +187,14 @@ class AnalysisChannel(Channel):
         if params.wants("topic") or params.wants("summary"):
             self._embedding_runner()
 
-    async def stream(self, params: AnalysisParams, ctx: StreamContext) -> AsyncIterator[Any]:
+    def restarts(self, params: AnalysisParams) -> bool:
+        # Topics and summaries come from embeddings batched with other streams: equal to a run alone within 1e-5, not bit for bit.
+        return not (params.wants("topic") or params.wants("summary"))
+
+    def stream(self, params: AnalysisParams, ctx: StreamContext) -> AsyncIterator[Any]:
+        return skip_first(self._analyse(params), ctx.start)  # going on elsewhere: analyse from the start, send from chunk `start`
+
+    async def _analyse(self, params: AnalysisParams) -> AsyncIterator[Any]:
         started = time.perf_counter()
         doc = await self.nlp.run(self.nlp.parse, params.content, params.wants("entity"))
         sentences = [Sentence(s.text.strip(), s.start_char, s.end_char) for s in doc.sents if s.text.strip()]

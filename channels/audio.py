@@ -10,7 +10,7 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import Field, model_validator
 
-from channels.base import Binary, Channel, ParamsModel, StreamContext
+from channels.base import Binary, Channel, ParamsModel, Skip, StreamContext
 from channels.media import MAX_START_MS, local_media, media_ref
 from channels.media_decode import AudioDecoder, MediaLimits
 from channels.pacing import Clock
@@ -59,9 +59,13 @@ class AudioChannel(Channel):
     summary = "PCM audio decoded from a media file (or URL), resampled to the requested rate, in binary frames paced in real time."
     Params = AudioParams
     media = True
+    restartable = True
 
     def check(self, params: AudioParams) -> None:
         media_ref(self.settings, params.source, params.audio_url, "audio_url")
+
+    def restarts(self, params: AudioParams) -> bool:
+        return params.source is not None  # a URL may answer other bytes on another fetch
 
     async def stream(self, params: AudioParams, ctx: StreamContext) -> AsyncIterator[Any]:
         ref = media_ref(self.settings, params.source, params.audio_url, "audio_url")
@@ -72,8 +76,9 @@ class AudioChannel(Channel):
             AudioDecoder(path, ref.label, sample_rate=rate, channels=params.channels, start_ms=params.start_ms, limits=MediaLimits.of(self.settings)) as audio,
         ):
             info = audio.info
+            skip = Skip(ctx.start)  # going on elsewhere: decode and resample from the start, send from chunk `start`
             sample_format = "f32le" if params.format == "f32le" else "s16le"
-            yield {
+            header = {
                 "format": params.format,
                 "sample_format": sample_format,
                 "sample_rate": rate,
@@ -88,14 +93,18 @@ class AudioChannel(Channel):
                     "duration_ms": None if info.duration_s is None else round(info.duration_s * 1000, 3),
                 },
             }
-            if params.format == "wav":
+            if not skip():
+                yield header
+            if params.format == "wav" and not skip():
                 yield Binary(wav_header(rate, audio.channels))
             clock = Clock()
             sent = 0
             async for samples in audio.blocks(block):
-                if params.realtime:
-                    await clock.at(sent / rate)
-                yield Binary(encode_samples(samples, params.format))
+                if not skip():
+                    if params.realtime:
+                        await clock.at(sent / rate)
+                    yield Binary(encode_samples(samples, params.format))
                 sent += samples.shape[1]
             log.info("audio stream %s sent %d samples of %s (%.1f s)", ctx.stream_id, sent, ref.label, sent / rate)
-            yield {"done": True, "samples": sent, "duration_ms": round(sent * 1000 / rate, 3)}
+            if not skip():
+                yield {"done": True, "samples": sent, "duration_ms": round(sent * 1000 / rate, 3)}

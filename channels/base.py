@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 from abc import ABC, abstractmethod
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
-from contextlib import AbstractAsyncContextManager
+from contextlib import AbstractAsyncContextManager, aclosing
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal, Protocol, cast
 
@@ -161,6 +161,31 @@ class StreamContext:
             yield item
 
 
+class Skip:
+    """The chunks a restarted stream makes again without sending: `Skip(n)()` is True for the first n calls."""
+
+    __slots__ = ("left",)
+
+    def __init__(self, n: int) -> None:
+        self.left = n
+
+    def __call__(self) -> bool:
+        """Whether the next chunk is one the client already has."""
+        if self.left:
+            self.left -= 1
+            return True
+        return False
+
+
+async def skip_first(chunks: AsyncIterator[Any], n: int) -> AsyncIterator[Any]:
+    """`chunks` from the n-th on (an unpaced channel going on elsewhere: the first n are made again, not sent)."""
+    async with aclosing(as_generator(chunks)) as produced:
+        skip = Skip(n)
+        async for chunk in produced:
+            if not skip():
+                yield chunk
+
+
 def as_generator(chunks: AsyncIterator[Any]) -> AsyncGenerator[Any, None]:
     """A channel's stream as the async generator it is, so that `contextlib.aclosing` can close it."""
     return cast("AsyncGenerator[Any, None]", chunks)
@@ -203,7 +228,7 @@ class Channel(ABC):
     """It shows other clients' data (addresses, session ids, key labels): only a key scoped `admin`, or naming it, may use it."""
     restartable: ClassVar[bool] = False
     """Its `stream()` yields the same chunks for the same params and honours `StreamContext.start`, so another node
-    can go on with a stream whose node died (see docs/protocol.md#resume-across-nodes)."""
+    can go on with a stream whose node died (see docs/protocol.md#resume-across-nodes); `restarts` may narrow it per params."""
     needs_positions: ClassVar[bool] = False
     """It yields `Checkpoint`s and, going on elsewhere, needs the positions of every chunk delivered before."""
 
@@ -232,6 +257,11 @@ class Channel(ABC):
 
     def check(self, params: Any) -> None:
         """Checks beyond the schema (files exist, paths stay inside their folder); raise ChannelError."""
+
+    def restarts(self, params: Any) -> bool:
+        """Whether a stream with these (parsed) params can go on on another node: `restartable`, unless these params'
+        output is not the same from one run to the next (a URL source, a model whose chunking follows timing)."""
+        return self.restartable
 
     @abstractmethod
     def stream(self, params: Any, ctx: StreamContext) -> AsyncIterator[Any]:

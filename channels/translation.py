@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, Literal, cast
 from pydantic import ConfigDict, Field
 
 from channels.apertium import Apertium, ApertiumError, code3
-from channels.base import AVAILABLE, Channel, ChannelError, ChannelStatus, ParamsModel, StreamContext, model_status
+from channels.base import AVAILABLE, Channel, ChannelError, ChannelStatus, ParamsModel, StreamContext, model_status, skip_first
 from server.engine import EngineError, Stream
 from server.engine.detok import IncrementalDetokenizer
 from server.protocol import ErrorCode
@@ -62,6 +62,7 @@ class TranslationChannel(Channel):
     name = "translation"
     summary = "Machine translation streamed as it is produced: Apertium (rule-based) sentence by sentence, or a neural seq2seq model token by token."
     Params = TranslationParams
+    restartable = True
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -116,7 +117,13 @@ class TranslationChannel(Channel):
                     ErrorCode.INVALID_PARAMS, f"the neural model {runner.model_name} has no language code for this pair; it takes {runner.languages()}"
                 )
 
-    async def stream(self, params: TranslationParams, ctx: StreamContext) -> AsyncIterator[Any]:
+    def restarts(self, params: TranslationParams) -> bool:
+        return params.backend == "apertium"  # a neural delta holds the tokens that decoded by the time it was read: timing cuts them
+
+    def stream(self, params: TranslationParams, ctx: StreamContext) -> AsyncIterator[Any]:
+        return skip_first(self._translate(params), ctx.start)  # going on elsewhere: translate from the start, send from chunk `start`
+
+    async def _translate(self, params: TranslationParams) -> AsyncIterator[Any]:
         started = time.perf_counter()
         pieces = sentences(params.text)
         text: list[str] = []

@@ -10,7 +10,7 @@ from typing import Any
 import av
 from pydantic import Field, model_validator
 
-from channels.base import Binary, Channel, ParamsModel, StreamContext
+from channels.base import Binary, Channel, ParamsModel, Skip, StreamContext
 from channels.media import MAX_START_MS, local_media, media_ref
 from channels.media_decode import MediaLimits, VideoDecoder
 from channels.pacing import Clock
@@ -66,9 +66,13 @@ class VideoChannel(Channel):
     summary = "Video frames decoded from a media file (or URL) at exactly the requested fps and width, each a JPEG in a binary frame, paced in real time."
     Params = VideoParams
     media = True
+    restartable = True
 
     def check(self, params: VideoParams) -> None:
         media_ref(self.settings, params.source, params.video_url, "video_url")
+
+    def restarts(self, params: VideoParams) -> bool:
+        return params.source is not None  # a URL may answer other bytes on another fetch
 
     async def stream(self, params: VideoParams, ctx: StreamContext) -> AsyncIterator[Any]:
         ref = media_ref(self.settings, params.source, params.video_url, "video_url")
@@ -77,7 +81,8 @@ class VideoChannel(Channel):
             VideoDecoder(path, ref.label, fps=params.fps, width=params.width, start_ms=params.start_ms, limits=MediaLimits.of(self.settings)) as video,
         ):
             info = video.info
-            yield {
+            skip = Skip(ctx.start)  # going on elsewhere: decode from the start, encode and send from chunk `start`
+            header = {
                 "format": "jpeg",
                 "fps": params.fps,
                 "width": video.width,
@@ -92,18 +97,28 @@ class VideoChannel(Channel):
                     "duration_ms": None if info.duration_s is None else round(info.duration_s * 1000, 3),
                 },
             }
+            if not skip():
+                yield header
             encoder = JpegEncoder(video.width, video.height, params.quality)
             clock = Clock()
             start = params.start_ms / 1000
             jpeg = b""
+            unencoded: av.VideoFrame | None = None  # the last new frame, encoded only once a chunk needs it
             count = 0
             async for frame in video.frames():
                 if not frame.repeat:
-                    jpeg = await video.run(encoder.encode, frame.frame)
-                if params.realtime:
-                    await clock.at(frame.time_s - start)
-                yield {"frame": frame.index, "time_ms": round(frame.time_s * 1000, 3), "repeat": frame.repeat, "bytes": len(jpeg)}
-                yield Binary(jpeg)
+                    unencoded = frame.frame
+                send_meta, send_jpeg = not skip(), not skip()
+                if send_jpeg:
+                    if unencoded is not None:
+                        jpeg, unencoded = await video.run(encoder.encode, unencoded), None
+                    if params.realtime:
+                        await clock.at(frame.time_s - start)
+                if send_meta:
+                    yield {"frame": frame.index, "time_ms": round(frame.time_s * 1000, 3), "repeat": frame.repeat, "bytes": len(jpeg)}
+                if send_jpeg:
+                    yield Binary(jpeg)
                 count += 1
             log.info("video stream %s sent %d frames of %s at %g fps", ctx.stream_id, count, ref.label, params.fps)
-            yield {"done": True, "frames": count, "duration_ms": round(count * 1000 / params.fps, 3)}
+            if not skip():
+                yield {"done": True, "frames": count, "duration_ms": round(count * 1000 / params.fps, 3)}

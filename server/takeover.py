@@ -89,6 +89,9 @@ def _going_on(
     except ChannelError as exc:
         log.warning("session %s stream %s (%s) cannot go on on this node: %s", session.id, sid, name, exc.message)
         return EndReason.PRODUCER_LOST
+    if not channel.lossy and not channel.restarts(params):
+        log.warning("session %s stream %s (%s) cannot go on on this node: its output with these params may differ from run to run", session.id, sid, name)
+        return EndReason.RESUME_GAP if gap else EndReason.PRODUCER_LOST
     session.restore(sid, channel, params, raw, next_seq, replayed, None, positions or [])
     return None
 

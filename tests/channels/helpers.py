@@ -18,9 +18,10 @@ def make(cls: type[Channel], **settings: Any) -> Channel:
     return cls(Services(settings=s, feeds=Hub(MemoryBroker()), logs=RingLogHandler(10, "n"), stats=dict))
 
 
-async def run(channel: Channel, params: dict[str, Any]) -> list[Any]:
+async def run(channel: Channel, params: dict[str, Any], start: int = 0) -> list[Any]:
+    """The chunks of one stream; with `start`, as another node sends them going on after the client's first `start`."""
     parsed = channel.parse(params)
-    return [chunk async for chunk in channel.stream(parsed, StreamContext("s", asyncio.Queue()))]
+    return [chunk async for chunk in channel.stream(parsed, StreamContext("s", asyncio.Queue(), start=start))]
 
 
 def write(folder: Path, name: str, text: str) -> Path:

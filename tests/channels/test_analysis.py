@@ -175,3 +175,21 @@ async def test_all_over_the_server(analysis_server: ServerProc) -> None:
     assert final["sentiment"]["label"] in ("positive", "neutral", "negative") and final["entities"]["PERSON"] >= 2
     assert final["topic"] in DEFAULT_TOPICS and final["summary"]
     await ws.close()
+
+
+@pytest.mark.parametrize("kind", ["sentiment", "entity"])
+async def test_a_stream_going_on_at_chunk_n_sends_the_uninterrupted_runs_chunks_from_n(channel: AnalysisChannel, kind: str) -> None:
+    params = {"content": NEWS, "analysis_type": kind}
+    whole = await run(channel, params)
+    assert channel.restarts(channel.parse(params)) and len(whole) == 4
+    whole[-1].pop("duration_ms")  # the one field that differs between any two runs: wall time
+    for n in range(1, len(whole) + 1):
+        again = await run(channel, params, start=n)
+        if again:
+            again[-1].pop("duration_ms")
+        assert again == whole[n:], n
+
+
+@pytest.mark.parametrize("kind", ["topic", "summary", "all"])
+def test_embedding_sections_do_not_restart(channel: AnalysisChannel, kind: str) -> None:
+    assert not channel.restarts(channel.parse({"content": NEWS, "analysis_type": kind}))

@@ -217,3 +217,29 @@ async def test_audio_over_the_websocket(server: ServerProc) -> None:
         assert orjson.loads(message) == {"op": "end", "id": "rt", "reason": "unsubscribed"}
     finally:
         await ws.close()
+
+
+@pytest.mark.parametrize("fmt", ["wav", "f32le"])
+async def test_a_stream_going_on_at_chunk_n_sends_the_uninterrupted_runs_chunks_from_n(fmt: str) -> None:
+    channel = make(AudioChannel)
+    params = {"source": SPEECH, "sample_rate": 22050, "format": fmt, "chunk_ms": 30, "start_ms": 100, "realtime": False}
+    whole = await run(channel, params)
+    assert channel.restarts(channel.parse(params)) and len(whole) > 10
+    for n in (1, 2, 7, len(whole) - 1, len(whole)):
+        assert await run(channel, params, start=n) == whole[n:], n
+
+
+async def test_a_paced_stream_going_on_paces_from_its_first_sent_chunk() -> None:
+    params = {"source": SPEECH, "sample_rate": 8000, "format": "pcm_s16le", "chunk_ms": 50, "realtime": True}
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    chunks = await run(make(AudioChannel), params, start=135)  # the header and 134 frames (6.7 s of audio) made again at once
+    elapsed = loop.time() - started
+    frames = len(chunks) - 1
+    assert chunks[-1]["done"] and 5 <= frames <= 12
+    assert 0.05 * (frames - 1) - 0.01 <= elapsed < 0.05 * frames + 1.5  # paced from the first frame sent, not from the source's start
+
+
+def test_a_url_source_does_not_restart() -> None:
+    channel = make(AudioChannel, media_allow_urls=True)
+    assert not channel.restarts(channel.parse({"audio_url": "https://example.com/a.wav"}))

@@ -13,7 +13,7 @@ import torch
 
 from channels.apertium import escape, unescape
 from channels.base import ChannelError, Services, StreamContext
-from channels.translation import TranslationChannel, sentences
+from channels.translation import TranslationChannel, TranslationParams, sentences
 from server.broker import MemoryBroker
 from server.config import Settings
 from server.engine import Engine, Limits
@@ -182,3 +182,19 @@ async def test_neural_over_the_server(tmp_path_factory: pytest.TempPathFactory) 
 def test_missing_apertium_makes_the_channel_unavailable(tmp_path: Path) -> None:
     ch = make(TranslationChannel, apertium_dir=tmp_path)
     assert ch.status().state == "unavailable"
+
+
+async def test_a_stream_going_on_at_chunk_n_sends_the_uninterrupted_runs_chunks_from_n(channel: TranslationChannel) -> None:
+    params = {"text": " ".join(KNOWN), "source_lang": "en", "target_lang": "es"}
+    whole = await run(channel, params)
+    assert channel.restarts(channel.parse(params)) and len(whole) == len(KNOWN) + 1
+    whole[-1].pop("duration_ms")  # the one field that differs between any two runs: wall time
+    for n in range(1, len(whole) + 1):
+        again = await run(channel, params, start=n)
+        if again:
+            again[-1].pop("duration_ms")
+        assert again == whole[n:], n
+
+
+def test_the_neural_backend_does_not_restart(channel: TranslationChannel) -> None:
+    assert not channel.restarts(TranslationParams(text="Hello.", backend="neural"))

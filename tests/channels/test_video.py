@@ -133,3 +133,18 @@ async def test_video_over_the_websocket(server: ServerProc) -> None:
         assert got.json[-1] == {"done": True, "frames": 20, "duration_ms": 4000.0}
     finally:
         await ws.close()
+
+
+async def test_a_stream_going_on_at_chunk_n_sends_the_uninterrupted_runs_chunks_from_n() -> None:
+    channel = make(VideoChannel)
+    params = {"source": VIDEO, "fps": 30, "width": 96, "start_ms": 500, "realtime": False}  # 25 fps source: some frames repeat
+    whole = await run(channel, params)
+    assert channel.restarts(channel.parse(params)) and len(whole) > 20
+    assert any(m["repeat"] for m in whole[1:-1:2]) and any(not m["repeat"] for m in whole[3:-1:2])
+    for n in (1, 2, 5, 6, len(whole) // 2, len(whole) // 2 + 1, len(whole) - 1, len(whole)):
+        assert await run(channel, params, start=n) == whole[n:], n
+
+
+def test_a_url_source_does_not_restart() -> None:
+    channel = make(VideoChannel, media_allow_urls=True)
+    assert not channel.restarts(channel.parse({"video_url": "https://example.com/a.mp4"}))
