@@ -18,6 +18,8 @@ import pytest
 import websockets
 from streamplex import connect as sdk_connect
 
+from server.protocol import parse_server_binary
+from tests.channels.mediafiles import MEDIA, SPEECH, http_server
 from tests.nginxproc import NGINX, running_nginx
 from tests.redisproc import RedisProc
 from tests.serverproc import ROOT, ServerProc, collect, connect, free_port, recv, send, start_server
@@ -43,7 +45,16 @@ class Cluster:
 
     def _start(self, name: str) -> ServerProc:
         # overload_lag 0: a loaded CI host must not refuse these tests' subscriptions (admission is tested elsewhere).
-        node = start_server(self.tmp, node=name, redis_url=self.redis.url, redis_prefix="sp-resume", resume_window=20, overload_lag=0)
+        node = start_server(
+            self.tmp,
+            node=name,
+            redis_url=self.redis.url,
+            redis_prefix="sp-resume",
+            resume_window=20,
+            overload_lag=0,
+            media_allow_urls=True,
+            media_url_allow="127.0.0.1/32",
+        )
         node.name = name  # type: ignore[attr-defined]
         return node
 
@@ -172,27 +183,69 @@ async def test_half_open_connection_on_the_same_node_is_closed_with_4010(cluster
     await ws.close()
 
 
-async def test_a_stream_that_cannot_go_on_ends_with_producer_lost(cluster: Cluster) -> None:
-    a, b, _ = cluster.nodes
+AUDIO_PARAMS = {"source": SPEECH, "format": "wav", "chunk_ms": 50, "sample_rate": 8000, "start_ms": 4500}  # 2.7 s, paced
+
+
+async def _media_chunks(ws: websockets.ClientConnection, sid: str, got: dict[int, Any], until: Any) -> dict[str, Any] | None:
+    """Read `sid`'s chunks (JSON data or binary payloads by seq, none twice) until `until()` or its `end`, which it returns."""
+    while not until():
+        message = await asyncio.wait_for(ws.recv(), 20)
+        if isinstance(message, bytes):
+            frame_id, seq, data = parse_server_binary(message)
+        elif (frame := orjson.loads(message)).get("id") != sid or frame["op"] not in ("chunk", "end"):
+            continue
+        elif frame["op"] == "end":
+            return frame
+        else:
+            frame_id, seq, data = sid, frame["seq"], frame["data"]
+        if frame_id == sid:
+            assert seq not in got, f"seq {seq} delivered twice"
+            got[seq] = data
+    return None
+
+
+async def test_a_paced_audio_stream_goes_on_on_another_node_as_an_uninterrupted_run(cluster: Cluster) -> None:
+    a, b, c = cluster.nodes
+    reference = await connect(c)
+    await send(reference, op="subscribe", id="au", channel="audio", params=AUDIO_PARAMS)
     ws = await connect(a)
     token = ws.ready["resume"]["token"]  # type: ignore[attr-defined]
-    await send(ws, op="subscribe", id="au", channel="audio", params={"source": "speech.wav", "chunk_ms": 50, "sample_rate": 8000})
-    seqs: list[int] = []
-    while len(seqs) < 6:
-        message = await asyncio.wait_for(ws.recv(), 10)
-        if isinstance(message, bytes):
-            seqs.append(int.from_bytes(message[1 + message[0] : 5 + message[0]], "big"))
-        elif orjson.loads(message)["op"] == "chunk":
-            seqs.append(orjson.loads(message)["seq"])
+    await send(ws, op="subscribe", id="au", channel="audio", params=AUDIO_PARAMS)
+    expected: dict[int, Any] = {}
+    reading = asyncio.create_task(_media_chunks(reference, "au", expected, lambda: False))
+    got: dict[int, Any] = {}
+    await _media_chunks(ws, "au", got, lambda: len(got) >= 15)
     a.stop(signal.SIGKILL)
+    last = max(got) - 3  # say the client had not processed its last 3 chunks: node B replays them from Redis
+    got = {seq: data for seq, data in got.items() if seq <= last}
     ws = await connect(b)
-    await send(ws, op="resume", token=token, streams={"au": seqs[-1]})
-    assert (await recv(ws))["op"] == "resumed"
-    while True:
-        message = await asyncio.wait_for(ws.recv(), 10)
-        if isinstance(message, str) and (frame := orjson.loads(message))["op"] == "end":
-            break
-    assert frame == {"op": "end", "id": "au", "reason": "producer_lost"}, frame
+    await send(ws, op="resume", token=token, streams={"au": last})
+    resumed = await recv(ws)
+    assert resumed["op"] == "resumed" and resumed["streams"]["au"]["resumed"] and resumed["streams"]["au"]["replayed"] > 0, resumed
+    end = await _media_chunks(ws, "au", got, lambda: False)
+    assert end is not None and end["reason"] == "complete", end
+    assert (await reading)["reason"] == "complete"  # type: ignore[index]
+    assert sorted(got) == list(range(len(got))) and got == expected
+    assert "audio) goes on at chunk" in b.log()
+    await ws.close()
+    await reference.close()
+
+
+async def test_a_stream_that_cannot_go_on_ends_with_producer_lost(cluster: Cluster) -> None:
+    a, b, _ = cluster.nodes
+    with http_server(MEDIA) as base:  # a URL may answer other bytes on another fetch: the stream cannot restart
+        ws = await connect(a)
+        token = ws.ready["resume"]["token"]  # type: ignore[attr-defined]
+        await send(ws, op="subscribe", id="au", channel="audio", params={**AUDIO_PARAMS, "source": None, "audio_url": f"{base}/{SPEECH}"})
+        got: dict[int, Any] = {}
+        await _media_chunks(ws, "au", got, lambda: len(got) >= 6)
+        a.stop(signal.SIGKILL)
+        ws = await connect(b)
+        await send(ws, op="resume", token=token, streams={"au": max(got)})
+        assert (await recv(ws))["op"] == "resumed"
+        end = await _media_chunks(ws, "au", got, lambda: False)
+    assert end == {"op": "end", "id": "au", "reason": "producer_lost"}, end
+    assert "may differ from run to run" in b.log()
     await ws.close()
 
 
