@@ -10,7 +10,8 @@
 /** The protocol's error codes (the `code` of `error` frames and of `end` errors). */
 export const ERROR_CODES = Object.freeze([
   "bad_request", "unknown_op", "unknown_channel", "invalid_params", "duplicate_id", "unknown_id",
-  "rate_limited", "forbidden", "too_many_streams", "unavailable", "overloaded", "bad_source", "internal",
+  "rate_limited", "forbidden", "too_many_streams", "unavailable", "overloaded", "over_budget", "bad_source", "resume_failed",
+  "internal",
 ]);
 
 /** Close codes after which reconnecting with the same key cannot help. */

@@ -70,6 +70,14 @@ class Overloaded(ProtocolError):
     code = "overloaded"
 
 
+class OverBudget(ProtocolError):
+    code = "over_budget"
+
+
+class ResumeFailed(ProtocolError):
+    code = "resume_failed"
+
+
 class BadSource(ProtocolError):
     code = "bad_source"
 
@@ -92,7 +100,9 @@ ERRORS: dict[str, type[ProtocolError]] = {
         TooManyStreams,
         Unavailable,
         Overloaded,
+        OverBudget,
         BadSource,
+        ResumeFailed,
         InternalError,
     )
 }
