@@ -43,15 +43,16 @@ class DrainingServer(uvicorn.Server):
 def _add_setting_flags(parser: argparse.ArgumentParser) -> None:
     for name, field in Settings.model_fields.items():
         flag = "--" + name.replace("_", "-")
+        text = (field.description or "").replace("%", "%%")  # argparse formats help with %
         annotation = field.annotation
         if annotation is bool:
-            parser.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=None, help=field.description)
+            parser.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=None, help=text)
             continue
         if get_origin(annotation) is not None:
             args = [a for a in get_args(annotation) if a is not type(None)]
             annotation = args[0] if len(args) == 1 else str
         kind: Any = annotation if annotation in (int, float, Path) else str
-        parser.add_argument(flag, dest=name, type=kind, default=None, help=field.description)
+        parser.add_argument(flag, dest=name, type=kind, default=None, help=text)
 
 
 def build_parser() -> argparse.ArgumentParser:
