@@ -180,7 +180,7 @@ class RedisBroker(MemoryBroker):
                     message = await pubsub.get_message(timeout=1.0)
                     if message is not None:
                         self._receive(message["channel"].decode(), message["data"])
-                    elif not self.up:
+                    if not self.up:
                         # Another call failed (a pooled connection, not this one): once a ping answers, Redis is back.
                         await self.redis.ping()
                         self._mark_up()
