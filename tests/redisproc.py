@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import subprocess
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import redis
+
+from tests.serverproc import free_port
 
 
 @dataclass
@@ -59,3 +63,14 @@ class RedisProc:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.terminate()
             self.proc.wait(10)
+
+
+@contextmanager
+def running_redis(folder: Path, **options: Any) -> Iterator[RedisProc]:
+    """A started redis-server on a free loopback port, logging into `folder`; stopped afterwards. `options` go to RedisProc."""
+    proc = RedisProc(free_port(), folder / "redis.log", **options)
+    proc.start()
+    try:
+        yield proc
+    finally:
+        proc.stop()

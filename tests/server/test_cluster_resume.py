@@ -21,8 +21,8 @@ from streamplex import connect as sdk_connect
 from server.protocol import parse_server_binary
 from tests.channels.mediafiles import MEDIA, SPEECH, http_server
 from tests.nginxproc import NGINX, running_nginx
-from tests.redisproc import RedisProc
-from tests.serverproc import ROOT, ServerProc, collect, connect, free_port, recv, send, start_server
+from tests.redisproc import RedisProc, running_redis
+from tests.serverproc import ROOT, ServerProc, collect, connect, recv, send, start_server
 
 pytestmark = pytest.mark.skipif(shutil.which("redis-server") is None, reason="redis-server is not installed (scripts/packages/apt-test.txt)")
 
@@ -68,10 +68,8 @@ class Cluster:
 
 @pytest.fixture(scope="module")
 def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisProc]:
-    proc = RedisProc(free_port(), tmp_path_factory.mktemp("redis") / "redis.log")
-    proc.start()
-    yield proc
-    proc.stop()
+    with running_redis(tmp_path_factory.mktemp("redis")) as proc:
+        yield proc
 
 
 @pytest.fixture(scope="module")
@@ -249,20 +247,26 @@ async def test_a_stream_that_cannot_go_on_ends_with_producer_lost(cluster: Clust
     await ws.close()
 
 
+async def read_text_and_data_killing(client: Any, victim: ServerProc) -> tuple[Any, Any, dict[str, list[str]]]:
+    """Subscribe the SDK to the text and data streams and read both to their end, SIGKILLing `victim` after the 15th text chunk."""
+    text = client.subscribe("text", id="t", **TEXT_PARAMS)
+    data = client.subscribe("data", id="d", **DATA_PARAMS)
+    got: dict[str, list[str]] = {"t": [], "d": []}
+
+    async def read(sub: Any, sid: str) -> None:
+        async for chunk in sub:
+            got[sid].append(chunk.data)
+            if sid == "t" and len(got["t"]) == 15:
+                victim.stop(signal.SIGKILL)
+
+    await asyncio.wait_for(asyncio.gather(read(text, "t"), read(data, "d")), 60)
+    return text, data, got
+
+
 async def test_the_sdk_resumes_on_another_node_by_itself(cluster: Cluster) -> None:
     a, b, c = cluster.nodes
     async with sdk_connect([a.url, b.url, c.url], a.key, backoff=(0.1, 1.0), max_retries=20) as client:
-        text = client.subscribe("text", id="t", **TEXT_PARAMS)
-        data = client.subscribe("data", id="d", **DATA_PARAMS)
-        got: dict[str, list[str]] = {"t": [], "d": []}
-
-        async def read(sub: Any, sid: str) -> None:
-            async for chunk in sub:
-                got[sid].append(chunk.data)
-                if sid == "t" and len(got["t"]) == 15:
-                    a.stop(signal.SIGKILL)
-
-        await asyncio.wait_for(asyncio.gather(read(text, "t"), read(data, "d")), 60)
+        text, data, got = await read_text_and_data_killing(client, a)
         assert client.resumes == 1 and text.restarts == data.restarts == 0
         assert client.url != a.url
     assert "".join(got["t"]) == TEXT and "".join(got["d"]) == CSV
@@ -316,17 +320,7 @@ async def test_through_the_shipped_nginx_the_sdk_and_streamplex_js_resume_by_the
         # The Python SDK, with the one URL a deployment gives its clients.
         async with sdk_connect(nginx.ws(), cluster.nodes[0].key, backoff=(0.1, 1.0), max_retries=20) as client:
             holder = _by_name(cluster, client.ready["node"])
-            text = client.subscribe("text", id="t", **TEXT_PARAMS)
-            data = client.subscribe("data", id="d", **DATA_PARAMS)
-            got: dict[str, list[str]] = {"t": [], "d": []}
-
-            async def read(sub: Any, sid: str) -> None:
-                async for chunk in sub:
-                    got[sid].append(chunk.data)
-                    if sid == "t" and len(got["t"]) == 15:
-                        holder.stop(signal.SIGKILL)
-
-            await asyncio.wait_for(asyncio.gather(read(text, "t"), read(data, "d")), 60)
+            text, data, got = await read_text_and_data_killing(client, holder)
             assert client.resumes == 1 and text.restarts == data.restarts == 0
             assert client.ready["node"] != holder.name  # type: ignore[attr-defined]
         assert "".join(got["t"]) == TEXT and "".join(got["d"]) == CSV

@@ -16,7 +16,7 @@ import pytest
 import websockets
 
 from server.session_store import digest
-from tests.redisproc import RedisProc
+from tests.redisproc import RedisProc, running_redis
 from tests.serverproc import PLAIN, ServerProc, connect, free_port, recv, send, start_server
 
 pytestmark = pytest.mark.skipif(shutil.which("redis-server") is None, reason="redis-server is not installed (scripts/packages/apt-test.txt)")
@@ -24,11 +24,8 @@ pytestmark = pytest.mark.skipif(shutil.which("redis-server") is None, reason="re
 
 @pytest.fixture(scope="module")
 def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisProc]:
-    tmp = tmp_path_factory.mktemp("redis")
-    proc = RedisProc(free_port(), tmp / "redis.log")
-    proc.start()
-    yield proc
-    proc.stop()
+    with running_redis(tmp_path_factory.mktemp("redis")) as proc:
+        yield proc
 
 
 def _pair(tmp: Path, redis_server: RedisProc, prefix: str, **settings: object) -> tuple[ServerProc, ServerProc]:

@@ -17,7 +17,7 @@ import trustme
 import websockets
 
 from server.session_store import digest
-from tests.redisproc import RedisProc
+from tests.redisproc import RedisProc, running_redis
 from tests.server.test_redis import _wait_for_node_records
 from tests.serverproc import ServerProc, connect, free_port, recv, send, start_server
 
@@ -147,10 +147,8 @@ async def test_tls_with_a_verified_server_and_a_client_certificate(tmp: Path) ->
 
 @pytest.fixture(scope="module")
 def plain_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisProc]:
-    proc = RedisProc(free_port(), tmp_path_factory.mktemp("redis-plain") / "redis.log")
-    proc.start()
-    yield proc
-    proc.stop()
+    with running_redis(tmp_path_factory.mktemp("redis-plain")) as proc:
+        yield proc
 
 
 def _record(node: str, n: int, message: str, **extra: object) -> dict[str, object]:

@@ -23,7 +23,7 @@ import psutil
 import pytest
 import websockets
 
-from tests.redisproc import RedisProc
+from tests.redisproc import RedisProc, running_redis
 from tests.serverproc import ROOT, free_port, recv, send
 
 pytestmark = pytest.mark.skipif(shutil.which("redis-server") is None, reason="redis-server is not installed (scripts/packages/apt-test.txt)")
@@ -93,10 +93,8 @@ class Workers:
 
 @pytest.fixture(scope="module")
 def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisProc]:
-    proc = RedisProc(free_port(), tmp_path_factory.mktemp("redis") / "redis.log", password="workers-secret")
-    proc.start()
-    yield proc
-    proc.stop()
+    with running_redis(tmp_path_factory.mktemp("redis"), password="workers-secret") as proc:
+        yield proc
 
 
 @contextlib.contextmanager
