@@ -24,6 +24,17 @@ async def run(channel: Channel, params: dict[str, Any], start: int = 0) -> list[
     return [chunk async for chunk in channel.stream(parsed, StreamContext("s", asyncio.Queue(), start=start))]
 
 
+async def assert_goes_on_from_every_chunk(channel: Channel, params: dict[str, Any], whole: list[Any]) -> None:
+    """Going on after any chunk n sends the uninterrupted run's chunks from n; the last chunk's `duration_ms`
+    (wall time, the one field that differs between any two runs) is left out of the comparison."""
+    whole[-1].pop("duration_ms")
+    for n in range(1, len(whole) + 1):
+        again = await run(channel, params, start=n)
+        if again:
+            again[-1].pop("duration_ms")
+        assert again == whole[n:], n
+
+
 def write(folder: Path, name: str, text: str) -> Path:
     path = folder / name
     path.write_text(text, encoding="utf-8")

@@ -315,6 +315,32 @@ def _by_name(cluster: Cluster, name: str) -> ServerProc:
 
 
 @pytest.mark.skipif(NGINX is None, reason="nginx is not installed (scripts/packages/apt-test.txt)")
+async def js_failover(cluster: Cluster, urls: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """tests/client_js/failover.mjs on `urls` reading the text and data streams, the node holding its session
+    SIGKILLed a few chunks in: its first line (the node it reached) and its report, checked whole and complete."""
+    proc = subprocess.Popen(
+        ["node", str(ROOT / "tests" / "client_js" / "failover.mjs"), urls, cluster.nodes[0].key, json.dumps(TEXT_PARAMS), json.dumps(DATA_PARAMS)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+    )
+    try:
+        assert proc.stdout is not None
+        first = json.loads(await asyncio.to_thread(proc.stdout.readline))
+        await asyncio.sleep(0.3)  # a few chunks in
+        _by_name(cluster, first["node"]).stop(signal.SIGKILL)
+        out, err = await asyncio.to_thread(proc.communicate, timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err[-4000:]
+    report = json.loads(out.strip().splitlines()[-1])
+    assert report["text"] == TEXT and report["data"] == CSV and report["seqs_in_order"], report
+    assert report["reasons"] == ["complete", "complete"] and report["resumes"] == 1 and report["restarts"] == 0, report
+    return first, report
+
+
 async def test_through_the_shipped_nginx_the_sdk_and_streamplex_js_resume_by_themselves(cluster: Cluster, tmp_path: Path) -> None:
     with running_nginx(tmp_path, [n.port for n in cluster.nodes]) as nginx:
         # The Python SDK, with the one URL a deployment gives its clients.
@@ -330,52 +356,13 @@ async def test_through_the_shipped_nginx_the_sdk_and_streamplex_js_resume_by_the
     js_dir = tmp_path / "js"
     js_dir.mkdir()
     with running_nginx(js_dir, [n.port for n in cluster.nodes]) as nginx:
-        proc = subprocess.Popen(
-            ["node", str(ROOT / "tests" / "client_js" / "failover.mjs"), nginx.ws(), cluster.nodes[0].key, json.dumps(TEXT_PARAMS), json.dumps(DATA_PARAMS)],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            cwd=ROOT,
-        )
-        try:
-            assert proc.stdout is not None
-            first = json.loads(await asyncio.to_thread(proc.stdout.readline))
-            await asyncio.sleep(0.3)  # a few chunks in
-            _by_name(cluster, first["node"]).stop(signal.SIGKILL)
-            out, err = await asyncio.to_thread(proc.communicate, timeout=60)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-        assert proc.returncode == 0, err[-4000:]
-        report = json.loads(out.strip().splitlines()[-1])
-        assert report["text"] == TEXT and report["data"] == CSV and report["seqs_in_order"], report
-        assert report["reasons"] == ["complete", "complete"] and report["resumes"] == 1 and report["restarts"] == 0, report
+        first, report = await js_failover(cluster, nginx.ws())
         assert report["node"] != first["node"]
 
 
 async def test_streamplex_js_with_the_nodes_urls_resumes_on_another_node(cluster: Cluster) -> None:
-    urls = ",".join(n.url for n in cluster.nodes)
-    proc = subprocess.Popen(
-        ["node", str(ROOT / "tests" / "client_js" / "failover.mjs"), urls, cluster.nodes[0].key, json.dumps(TEXT_PARAMS), json.dumps(DATA_PARAMS)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        cwd=ROOT,
-    )
-    try:
-        assert proc.stdout is not None
-        first = json.loads(await asyncio.to_thread(proc.stdout.readline))
-        assert first["node"] == cluster.nodes[0].name  # type: ignore[attr-defined]
-        await asyncio.sleep(0.3)
-        cluster.nodes[0].stop(signal.SIGKILL)
-        out, err = await asyncio.to_thread(proc.communicate, timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode == 0, err[-4000:]
-    report = json.loads(out.strip().splitlines()[-1])
-    assert report["text"] == TEXT and report["data"] == CSV and report["seqs_in_order"], report
-    assert report["reasons"] == ["complete", "complete"] and report["resumes"] == 1 and report["restarts"] == 0, report
+    first, report = await js_failover(cluster, ",".join(n.url for n in cluster.nodes))
+    assert first["node"] == cluster.nodes[0].name  # type: ignore[attr-defined]
     assert report["node"] == cluster.nodes[1].name  # type: ignore[attr-defined]
 
 
