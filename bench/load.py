@@ -39,6 +39,8 @@ import multiprocessing as mp
 import os
 import random
 import resource
+import shutil
+import subprocess
 import sys
 import tempfile
 import threading
@@ -426,6 +428,79 @@ def loop_lag(server: Any) -> dict[str, float]:
     return out
 
 
+def window_mark(server: Any, ps: psutil.Process, procs: list[tuple[Any, Connection]]) -> dict[str, Any]:
+    """What the window's figures are the difference of: CPU seconds of the server and the clients, the server's frames out
+    and loop-lag histogram buckets, the machine's load average, at one moment."""
+    try:
+        with urllib.request.urlopen(server.http + "/metrics", timeout=60) as resp:
+            text = resp.read().decode()
+    except (OSError, TimeoutError):
+        text = ""
+    buckets: list[tuple[float, float]] = []
+    frames_out = float("nan")
+    for line in text.splitlines():
+        if line.startswith("streamplex_event_loop_lag_seconds_bucket"):
+            buckets.append((float(line.split('le="', 1)[1].split('"', 1)[0]), float(line.rsplit(" ", 1)[1])))
+        elif line.startswith('streamplex_frames_total{direction="out"}'):
+            frames_out = float(line.rsplit(" ", 1)[1])
+    cpu = ps.cpu_times()
+    return {
+        "at": time.monotonic(),
+        "server_cpu": cpu.user + cpu.system,
+        "clients_cpu": clients_cpu(procs),
+        "frames_out": frames_out,
+        "lag_buckets": buckets,
+        "load": os.getloadavg()[0],
+    }
+
+
+def window_figures(first: dict[str, Any], last: dict[str, Any], delivered: int) -> dict[str, Any]:
+    """The measured window's CPU shares (% of one core), the server's CPU per frame it sent and per chunk the clients got,
+    the loop lag's percentiles over the window (histogram bucket bounds) and the load average at both ends."""
+    span = max(1e-9, last["at"] - first["at"])
+    server_cpu = last["server_cpu"] - first["server_cpu"]
+    sent = last["frames_out"] - first["frames_out"]
+    counts = [(bound, b - a) for (bound, b), (_, a) in zip(last["lag_buckets"], first["lag_buckets"], strict=False)]
+    total = counts[-1][1] if counts else 0.0
+    lag = {
+        name: next((round(1000 * bound, 1) for bound, n in counts if n >= q * total), float("nan")) for name, q in (("p50", 0.5), ("p99", 0.99), ("max", 1.0))
+    }
+    return {
+        "span_s": round(span, 1),
+        "server_cpu_pct": round(100 * server_cpu / span, 1),
+        "clients_cpu_pct": round(100 * (last["clients_cpu"] - first["clients_cpu"]) / span, 1),
+        "server_frames_out_per_s": round(sent / span, 1),
+        "server_cpu_us_per_frame_out": round(1e6 * server_cpu / sent, 1) if sent > 0 else float("nan"),
+        "server_cpu_us_per_delivered_chunk": round(1e6 * server_cpu / delivered, 1) if delivered else float("nan"),
+        "loop_lag_ms": {**lag, "probes": total},
+        "load_average": (round(first["load"], 2), round(last["load"], 2)),
+    }
+
+
+def start_profiler(path: Path, pid: int, duration: float) -> subprocess.Popen[bytes] | None:
+    """py-spy sampling the server for the window (collapsed stacks, `--format raw`); None when py-spy is not on PATH."""
+    exe = shutil.which("py-spy")
+    if exe is None:
+        print("py-spy is not on PATH: no profile", file=sys.stderr)
+        return None
+    cmd = [
+        exe,
+        "record",
+        "--pid",
+        str(pid),
+        "--duration",
+        str(max(1, int(duration))),
+        "--rate",
+        "100",
+        "--nonblocking",
+        "--format",
+        "raw",
+        "--output",
+        str(path),
+    ]
+    return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
@@ -477,10 +552,20 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         t_end = t_start + args.duration
         for _, pipe in procs:
             pipe.send(("go", t_start, t_end))
+        marks: list[dict[str, Any]] = []
+        profiler = None
         while time.monotonic() < t_end:
-            time.sleep(min(args.every, max(0.0, t_end - time.monotonic())))
+            due = t_start if not marks else t_end
+            time.sleep(min(args.every, max(0.0, due - time.monotonic())))
+            if not marks and time.monotonic() >= t_start:
+                marks.append(window_mark(server, ps, procs))
+                if args.py_spy:
+                    profiler = start_profiler(args.py_spy, server.proc.pid, args.duration)
             timeline.append(server_sample(server, ps, t0, last, clients_cpu(procs)))
+        marks.append(window_mark(server, ps, procs))
         results = [_expect(pipe, "result", 120 + args.conns / 20) for _, pipe in procs]
+        if profiler is not None:
+            profiler.wait(60)
         health.stopped.set()
         lag = loop_lag(server)
         left = time.monotonic()
@@ -510,7 +595,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         metric_lat += r["metrics_latency"]
     peak = max(s["rss_mib"] for s in timeline)
     subscribed = sum(r["subscriptions"] for r in results)
+    delivered = sum(frames.values())
     return {
+        "window": window_figures(marks[0], marks[-1], delivered),
         "mix": args.mix,
         "variants": args.variants,
         "conns": args.conns,
@@ -553,13 +640,18 @@ def report(result: dict[str, Any]) -> str:
             f"| {s['t']:.0f} | {s['rss_mib']:.0f} | {s['tasks']:.0f} | {s['connections']:.0f} | {s['streams']:.0f} | {s['outbox_mib']:.2f} | {s['frames_out_per_s']:.0f} | {s['cpu_pct']:.0f} | {s['clients_cpu_pct']:.0f} |"
         )
     lat, mlat = result["paced_latency_ms"], result["metrics_latency_ms"]
-    health = result["health_ms"]
+    health, w = result["health_ms"], result["window"]
     lines += [
         "",
         f"mix {result['mix']} ({result['variants']} inline variant(s)); server RSS {result['rss_start_mib']} MiB at start, peak {result['rss_peak_mib']} MiB: "
         f"{result['rss_kib_per_conn']} KiB per connection",
         f"/health ms: p50 {health[50]}, p99 {health[99]}, max {health[100]} over {result['health_probes']} probes ({result['health_failures']} failed or timed out)",
         f"server event-loop lag ms (histogram bucket bounds, whole run): {result['loop_lag_ms']}",
+        f"in the window ({w['span_s']} s, load average {w['load_average'][0]} -> {w['load_average'][1]} on {os.cpu_count()} cores): "
+        f"server CPU {w['server_cpu_pct']}% of a core, load generator (all client processes) {w['clients_cpu_pct']}%; "
+        f"loop lag ms p50 {w['loop_lag_ms']['p50']}, p99 {w['loop_lag_ms']['p99']}, max {w['loop_lag_ms']['max']} (bucket bounds); "
+        f"server sent {w['server_frames_out_per_s']} frames/s at {w['server_cpu_us_per_frame_out']} us CPU each "
+        f"({w['server_cpu_us_per_delivered_chunk']} us per chunk the clients got)",
         f"subscriptions refused with overloaded at least once: {result['refused_subscriptions']} of {result['subscriptions']}",
         f"{result['connected']} connections from {result['workers']} client processes (connected in {result['connect_s']} s); window {result['window_s']} s",
         f"delivered frames/s: {result['frames_per_s']} (by profile: {result['frames_per_s_by_profile']})",
@@ -590,6 +682,7 @@ def main() -> None:
     parser.add_argument("--setting", action="append", default=[], metavar="NAME=VALUE", help="a server setting (repeatable), e.g. connection_memory=1048576")
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--json", type=Path, help="also write the result here")
+    parser.add_argument("--py-spy", type=Path, metavar="FILE", help="sample the server with py-spy (on PATH) during the window, collapsed stacks to FILE")
     args = parser.parse_args()
     if args.slow_share is None:
         args.slow_share = 0.05 if args.mix == "files" else 0.0

@@ -135,8 +135,9 @@ class Admission:
         self.refilled = now
         return rate
 
-    async def wait_turn(self, size: int) -> float | None:
-        """Wait for the turn of a message of `size` bytes; None when it came, else (at once) the seconds it would wait past `subscribe_max_wait`."""
+    def take(self, size: int) -> asyncio.Future[None] | float | None:
+        """Ask for the turn of a message of `size` bytes without waiting: None when it is now; the seconds it would wait
+        when that is past `subscribe_max_wait` (it is not queued); else a future done when it comes (cancel it to give it up)."""
         loop = asyncio.get_running_loop()
         cost = 1 + max(0, size - 1) // COST_BYTES
         rate = self._refill(loop.time())
@@ -151,8 +152,15 @@ class Admission:
         self.queued += cost
         if self.admitter is None or self.admitter.done():
             self.admitter = asyncio.create_task(self._admit(), name="admission")
-        await turn
-        return None
+        return turn
+
+    async def wait_turn(self, size: int) -> float | None:
+        """Wait for the turn of a message of `size` bytes; None when it came, else (at once) the seconds it would wait past `subscribe_max_wait`."""
+        turn = self.take(size)
+        if isinstance(turn, asyncio.Future):
+            await turn
+            return None
+        return turn
 
     async def _admit(self) -> None:
         """Hand out turns in order as tokens come back, until the queue is empty."""

@@ -33,6 +33,12 @@ class Settings(BaseSettings):
         description="This node's name in logs, metrics and the Redis broker; unique per server process (default: hostname-pid).",
     )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = Field("INFO", description="Lowest level the server logs.")
+    activity_log_interval: float = Field(
+        10.0,
+        ge=0,
+        description="Seconds between INFO lines summing up connections and streams opened, subscribes refused, errors and drops "
+        "(each connection's and stream's own lines are DEBUG); a quiet interval logs nothing; 0: never.",
+    )
     log_buffer: int = Field(2000, ge=1, le=1_000_000, description="Log records kept in memory for the logs channel's backlog.")
 
     api_keys: str = Field(

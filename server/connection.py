@@ -89,6 +89,7 @@ class Connection:
         "_stopping",
         "_task",
         "_try_send",
+        "_waiting",
         "_writer",
         "address",
         "header_key",
@@ -118,6 +119,7 @@ class Connection:
         self._moved = False  # the session was resumed on another connection (see `hand_over`)
         self._finished: asyncio.Future[None] | None = None  # made only when shutdown() waits for the end
         self._sending_since: float | None = None
+        self._waiting: dict[str, asyncio.Task[None]] = {}  # subscribes waiting for their admission turn, by stream id
 
     def outbox_bytes(self) -> int:
         """Bytes waiting in this connection's outbox."""
@@ -141,7 +143,7 @@ class Connection:
         self.stats.connections += 1
         self.stats.connections_total += 1
         self.runtime.connections.add(self)
-        log.info("session %s opened from %s (%s)", session.id, self.address, principal.label)
+        log.debug("session %s opened from %s (%s)", session.id, self.address, principal.label)
         # This task reads; a writer task exists only while frames wait for the socket.
         self._task = asyncio.current_task()
         session.outbox.attach(self._send_now, self._wake_writer)
@@ -156,6 +158,9 @@ class Connection:
             self._task.uncancel()
         finally:
             self._reading = False
+            waiting, self._waiting = list(self._waiting.values()), {}
+            for task in waiting:
+                task.cancel()
             session = self.session
             session.outbox.detach()
             writer, self._writer = self._writer, None
@@ -176,7 +181,7 @@ class Connection:
                 await self._send_close(*self._close)
             if self._finished is not None:
                 self._finished.set_result(None)
-            log.info("session %s closed (%s)", session.id, self._close[1] if self._close else "client left")
+            log.debug("session %s closed (%s)", session.id, self._close[1] if self._close else "client left")
 
     async def shutdown(self, timeout: float) -> None:
         """End every stream with reason `shutdown`, flush, and close with 1001."""
@@ -226,7 +231,7 @@ class Connection:
     async def _resume(self, op: Resume) -> None:
         """Take over the detached session named by `op.token`: replay what the client missed, then go on."""
         fresh = self.session
-        if fresh is None or fresh.streams or fresh.ended or self._resumed:
+        if fresh is None or fresh.streams or fresh.ended or self._waiting or self._resumed:
             raise ProtocolError(ErrorCode.BAD_REQUEST, "resume must be the first op after ready")
         old = self.runtime.reattach(op.token, fresh.principal.label)
         adopted = None if old is not None else await self.runtime.adopt(op.token, fresh.principal, op.streams)
@@ -365,21 +370,25 @@ class Connection:
             session.push(stream_id, payload, size=len(message))
             return
         size = len(message)
-        if size > OFFLOAD_BYTES:  # refused before it is decoded while overloaded, else its turn first, then decoded off the loop
-            admission = self.runtime.admission
-            if (subscribing := subscribe_id(message)) is not None:
-                admission.check(subscribing)
-            late = await admission.wait_turn(size)
+        if size > OFFLOAD_BYTES:
+            if (subscribing := subscribe_id(message)) is not None:  # refused before it is decoded while overloaded
+                self._subscribe(session, subscribing, size, message)
+                return
+            await self.runtime.admission.wait_turn(size)  # another op this large: its turn, then decoded off the loop
             op = await asyncio.get_running_loop().run_in_executor(self.runtime.parser, decode_text, message)
         else:
-            late, op = None, decode_text(message)
+            op = decode_text(message)
         match op:
             case Subscribe():
-                await self._subscribe(session, op, size, late)
+                self._subscribe(session, op.id, size, op)
             case Push():
                 session.push(op.id, op.data, op.end, size=len(message))
             case Unsubscribe():
-                await session.unsubscribe(op.id)
+                if (waiting := self._waiting.pop(op.id, None)) is not None:
+                    waiting.cancel()
+                    session.reply(end_frame(op.id, EndReason.UNSUBSCRIBED))
+                else:
+                    await session.unsubscribe(op.id)
             case Ping():
                 session.reply({"op": "pong"})
             case Resume():
@@ -387,16 +396,55 @@ class Connection:
             case Auth():
                 raise ProtocolError(ErrorCode.BAD_REQUEST, "already authenticated")
 
-    async def _subscribe(self, session: Session, op: Subscribe, size: int, late: float | None) -> None:
-        """Check the subscribe and pass the server's admission gate (a large one took its turn already), validate its params (off the loop when large) and open it."""
-        channel = session.check(op, size)
+    def _subscribe(self, session: Session, stream_id: str, size: int, op: Subscribe | str) -> None:
+        """Pass a subscribe (`op`, or a large one's undecoded message) through the server's admission gate without
+        blocking the reader: opened now when its turn is now, else it waits in its own task (see `_open_when_admitted`)."""
         admission = self.runtime.admission
-        big = size > OFFLOAD_BYTES
-        if not big:
-            late = await admission.wait_turn(size)
-        admission.check(op.id, late)
-        params = await asyncio.get_running_loop().run_in_executor(self.runtime.parser, parse, channel, op) if big else None
-        session.subscribe(op, size, params)
+        if isinstance(op, Subscribe):
+            session.check(op, size, self._waiting)
+        else:
+            if stream_id in self._waiting or stream_id in session.streams:
+                raise ProtocolError(ErrorCode.DUPLICATE_ID, f"stream id {stream_id!r} is already open", id=stream_id)
+            admission.check(stream_id)
+        turn = admission.take(size)
+        if isinstance(turn, float):
+            admission.check(stream_id, turn)
+        if turn is None and isinstance(op, Subscribe):
+            admission.check(stream_id)
+            session.subscribe(op, size)
+            return
+        task = asyncio.create_task(self._open_when_admitted(session, stream_id, size, op, turn), name=f"admit:{session.id}:{stream_id}")
+        if turn is not None:
+            task.add_done_callback(lambda _: turn.cancel())  # given up (unsubscribed, the client left): the admitter skips it
+        self._waiting[stream_id] = task
+
+    async def _open_when_admitted(self, session: Session, stream_id: str, size: int, op: Subscribe | str, turn: asyncio.Future[None] | None) -> None:
+        """Wait for a subscribe's turn (`turn`; None: it is now), decode a large one in the parser thread, check the load again
+        and open the stream; a refusal is answered as the reader would. Cancelled by `unsubscribe` or when the client leaves."""
+        loop = asyncio.get_running_loop()
+        try:
+            if turn is not None:
+                await turn
+            params = None
+            if isinstance(op, str):
+                op = await loop.run_in_executor(self.runtime.parser, decode_text, op)
+                if not isinstance(op, Subscribe) or op.id != stream_id:  # keys repeated after `params`
+                    raise ProtocolError(ErrorCode.BAD_REQUEST, "a subscribe's op and id must not be repeated", id=stream_id)
+                channel = session.check(op, size, self._waiting.keys() - {stream_id})
+                params = await loop.run_in_executor(self.runtime.parser, parse, channel, op)
+            self.runtime.admission.check(stream_id)
+            if self._waiting.get(stream_id) is asyncio.current_task():
+                del self._waiting[stream_id]
+            session.subscribe(op, size, params)
+        except ProtocolError as exc:
+            self.stats.errors[str(exc.code)] += 1
+            with contextlib.suppress(OutboxOverflow):
+                session.reply(exc.frame())
+        except OutboxOverflow:
+            pass  # the client does not read: the writer's watchdog closes it as a slow consumer
+        finally:
+            if self._waiting.get(stream_id) is asyncio.current_task():
+                del self._waiting[stream_id]
 
     async def _write(self, outbox: Outbox) -> None:
         """Send what waits in the outbox, then end (the direct path takes over again); on a disconnect, end the connection."""

@@ -258,7 +258,7 @@ class HttpStreams:
         ctx = StreamContext(f"http-{id(request):x}", inbox, tenant=principal.label)
         fmt = negotiate(request.headers.get("accept", ""), channel)
         stream = _Stream(self.runtime, channel, params, ctx, request if raw_body else None)
-        log.info("HTTP stream %s of %s from %s (%s, %s)", ctx.stream_id, name, address, principal.label, fmt)
+        log.debug("HTTP stream %s of %s from %s (%s, %s)", ctx.stream_id, name, address, principal.label, fmt)
         if fmt == "raw":
             return await stream.raw_response()
         render = _sse if fmt == "sse" else _ndjson
@@ -396,7 +396,7 @@ class _Stream:
             stats.streams[name] -= 1
             if self.error is not None:
                 stats.errors[self.error["code"]] += 1
-            log.info("HTTP stream %s (%s) ended: %s", self.ctx.stream_id, name, self.reason)
+            log.debug("HTTP stream %s (%s) ended: %s", self.ctx.stream_id, name, self.reason)
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)

@@ -30,7 +30,7 @@ from server.redis_broker import RedisBroker, redis_options
 from server.session import Session
 from server.session_store import SessionStore, digest
 from server.takeover import take_over
-from server.telemetry import Telemetry
+from server.telemetry import Activity, Telemetry
 
 if TYPE_CHECKING:
     from server.connection import Connection
@@ -49,6 +49,7 @@ class Runtime:
         self.monitor = LoopMonitor(self.telemetry.loop_lag.observe)
         self.admission = Admission(settings, self.monitor)
         self._monitoring: asyncio.Task[None] | None = None
+        self._reporting: asyncio.Task[None] | None = None
         # Large subscribes are decoded and validated here, one at a time: off the loop, and never several
         # threads at once contending with the loop for the GIL.
         self.parser = ThreadPoolExecutor(1, thread_name_prefix="params")
@@ -118,6 +119,8 @@ class Runtime:
     async def start(self) -> None:
         """Start channels and live log publishing; announce the generated key once."""
         self._monitoring = asyncio.create_task(self.monitor.run(), name="loop-monitor")
+        if self.settings.activity_log_interval > 0:
+            self._reporting = asyncio.create_task(self._report_activity(), name="activity-log")
         self.logs.attach(asyncio.get_running_loop(), self.broker.publish)
         if self.store is not None:
             await self.store.start()  # before the broker listens: it registers the handover channel
@@ -141,6 +144,13 @@ class Runtime:
         self.started = True
         log.info("streamplex ready on node %s with channels: %s", self.settings.node, ", ".join(self.channels))
 
+    async def _report_activity(self) -> None:
+        activity = Activity(self.telemetry.stats)
+        while True:
+            await asyncio.sleep(self.settings.activity_log_interval)
+            if (line := activity.line()) is not None:
+                log.info("last %g s: %s", self.settings.activity_log_interval, line)
+
     def detach(self, session: Session) -> None:
         """Keep a session whose connection dropped for `resume_window` seconds; its streams go on meanwhile."""
         while len(self.detached) >= self.settings.resume_max_sessions:
@@ -149,7 +159,7 @@ class Runtime:
         self.detached[session.token] = (session, handle)
         if self.store is not None:
             self.store.detached(session.token)
-        log.info("session %s detached; resumable for %g s", session.id, self.settings.resume_window)
+        log.debug("session %s detached; resumable for %g s", session.id, self.settings.resume_window)
 
     def reattach(self, token: str, label: str) -> Session | None:
         """The detached session with this resume token, if it belongs to the same API key."""
@@ -209,7 +219,7 @@ class Runtime:
         if entry is not None:
             entry[1].cancel()
             session = entry[0]
-            log.info("session %s ends unresumed (window of %g s over, room needed, or draining)", session.id, self.settings.resume_window)
+            log.debug("session %s ends unresumed (window of %g s over, room needed, or draining)", session.id, self.settings.resume_window)
             if self.draining and self.store is not None:
                 self.store.disown(session.token)  # another node may still take it over from Redis
             else:
@@ -234,9 +244,10 @@ class Runtime:
         """Stop channels and producers."""
         self.started = False
         self.admission.close()
-        if self._monitoring is not None:
-            self._monitoring.cancel()
-            await asyncio.gather(self._monitoring, return_exceptions=True)
+        for task in (self._monitoring, self._reporting):
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
         await self.hub.close()
         await self.key_limits.stop()
         await self.http_limits.stop()

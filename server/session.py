@@ -13,6 +13,7 @@ import itertools
 import logging
 import secrets
 from collections import deque
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -28,6 +29,7 @@ from server.telemetry import Stats
 
 log = logging.getLogger(__name__)
 
+ROUTINE_ENDS = frozenset({EndReason.COMPLETE, EndReason.UNSUBSCRIBED, EndReason.SHUTDOWN})
 ENTRY_BYTES = 64  # what a replay entry costs beside its frame's bytes (the str object and its slot), charged with it
 
 
@@ -200,9 +202,12 @@ class Session:
         """Queue a control frame (may raise OutboxOverflow)."""
         self.outbox.put_control(encode(frame))
 
-    def check(self, op: Subscribe, size: int = 0) -> Channel:
-        """The channel `op` names if a stream may open on it now (params not yet validated), or raise ProtocolError saying why not."""
-        if op.id in self.streams:
+    def check(self, op: Subscribe, size: int = 0, waiting: Collection[str] = ()) -> Channel:
+        """The channel `op` names if a stream may open on it now (params not yet validated), or raise ProtocolError saying why not.
+
+        `waiting`: ids of the connection's subscribes still waiting for admission (they count as open streams here).
+        """
+        if op.id in self.streams or op.id in waiting:
             raise ProtocolError(ErrorCode.DUPLICATE_ID, f"stream id {op.id!r} is already open", id=op.id)
         channel = self.channels.get(op.channel)
         if channel is None:
@@ -217,7 +222,7 @@ class Session:
                 id=op.id,
                 retry_after=5.0 if status.state == "loading" else None,
             )
-        if len(self.streams) >= self.settings.max_streams:
+        if len(self.streams) + len(waiting) >= self.settings.max_streams:
             raise ProtocolError(ErrorCode.TOO_MANY_STREAMS, f"at most {self.settings.max_streams} streams per connection", id=op.id)
         if not self.budget.fits(size):
             raise ProtocolError(
@@ -239,7 +244,7 @@ class Session:
         if self.journal is not None:
             self.journal.subscribed(self.token, self.id, self.principal.label, op.id, channel.name, op.params)
         self._start(stream)
-        log.info("session %s subscribed %s to %s", self.id, op.id, channel.name)
+        log.debug("session %s subscribed %s to %s", self.id, op.id, channel.name)
 
     def _new_stream(self, stream_id: str, channel: Channel, params: Any, raw: dict[str, Any], size: int) -> Stream:
         inbox = Inbox(self.settings.push_queue + 1, self.budget)
@@ -390,7 +395,10 @@ class Session:
                 self.ended.pop(next(iter(self.ended))).forget()
         else:
             stream.forget()
-        log.info("session %s stream %s (%s) ended: %s", self.id, stream.id, stream.channel.name, reason)
+        # A stream that ends as asked (or with the server) is routine; one that could not go on is worth a line at INFO.
+        log.log(
+            logging.DEBUG if reason in ROUTINE_ENDS else logging.INFO, "session %s stream %s (%s) ended: %s", self.id, stream.id, stream.channel.name, reason
+        )
 
     async def _produce(self, stream: Stream) -> None:
         ctx = StreamContext(

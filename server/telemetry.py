@@ -91,6 +91,35 @@ class Stats:
         }
 
 
+class Activity:
+    """What happened since the last look, as one log line: the INFO summary that stands in for per-connection and
+    per-stream lines (those are DEBUG, so that thousands of streams do not flood the log and the logs channel)."""
+
+    def __init__(self, stats: Stats) -> None:
+        self.stats = stats
+        self.last = self._totals()
+
+    def _totals(self) -> dict[str, int]:
+        s = self.stats
+        return {
+            "connections opened": s.connections_total,
+            "streams opened": sum(s.streams_total.values()),
+            "subscribes refused overloaded": s.errors["overloaded"],
+            "other errors": sum(s.errors.values()) - s.errors["overloaded"],
+            "lossy chunks dropped": sum(s.dropped.values()),
+            "connections closed by the server": sum(s.closes.values()),
+        }
+
+    def line(self) -> str | None:
+        """`N connections opened, ... (now C connections, S streams)` for what changed since the last call; None if nothing did."""
+        now = self._totals()
+        changes = [f"{now[k] - self.last[k]} {k}" for k in now if now[k] != self.last[k]]
+        self.last = now
+        if not changes:
+            return None
+        return f"{', '.join(changes)} (now {self.stats.connections} connections, {sum(self.stats.streams.values())} streams)"
+
+
 class _StatsCollector(Collector):
     def __init__(self, stats: Stats, node: str) -> None:
         self.stats = stats

@@ -56,7 +56,7 @@ async def test_leaving_the_loop_unsubscribes(server: ServerProc) -> None:
         async with client.subscribe("logs", lines=0) as sub:
             assert not sub.ended
         await _eventually(lambda: server.metric("streamplex_streams", 'channel="logs"') <= logs)
-    assert "ended: unsubscribed" in server.log()
+        await _eventually(lambda: sub.reason == "unsubscribed")
 
 
 async def test_typed_errors(server: ServerProc) -> None:

@@ -84,7 +84,7 @@ def test_overload_refuses_with_retry_after_and_keeps_admitted_streams_whole(tmp_
     budget, frame = 256 * 1024, 256 * 1024
     settings = {"connection_memory": budget, "outbox_bytes": 64 * 1024, "max_frame_bytes": frame}
     # Refusals here come from memory (the lag threshold is set out of reach, so a busy CI machine does not decide them).
-    server = start_server(tmp_path, overload_memory=threshold, overload_lag=30, subscribe_rate=1000, **settings)
+    server = start_server(tmp_path, overload_memory=threshold, overload_lag=30, subscribe_rate=1000, activity_log_interval=0.5, **settings)
     health = HealthProbe(server)
     health.start()
     rss: list[int] = []
@@ -115,6 +115,9 @@ def test_overload_refuses_with_retry_after_and_keeps_admitted_streams_whole(tmp_
     assert health.count > 0 and health.worst < 2.0, f"/health took up to {health.worst:.2f} s"
     assert "streamplex_event_loop_lag_seconds_bucket" in metrics
     assert "refusing new subscriptions" in log and "Traceback" not in log
+    # Per-stream lines are DEBUG (300 streams would flood the log and the logs channel); the summary counts the refusals.
+    assert " subscribed d to data" not in log and "ended: complete" not in log
+    assert "subscribes refused overloaded" in log
 
 
 def test_a_burst_of_subscribes_is_paced_and_the_excess_refused(tmp_path: Path) -> None:
@@ -193,3 +196,50 @@ async def test_a_lagging_loop_refuses_new_subscriptions_with_a_spread_retry_afte
     monitor.recent.clear()
     monitor.recent.append((now, 0.1))
     admission.check("a")
+
+
+async def waiting_subscribes(server: ServerProc) -> list[dict[str, Any]]:
+    """One connection: x admitted, y and z wait their turn; a ping, a duplicate y and an unsubscribe of z are answered while
+    they wait. Another connection leaves with its subscribe w waiting. The first's frames (chunks left out) for 2 s."""
+    ws = await connect(server)
+    other = await connect(server)
+    try:
+        metrics = {"channel": "metrics", "params": {"interval_ms": 1000}}
+        await send(ws, op="subscribe", id="x", **metrics)
+        assert (await recv(ws))["op"] == "subscribed"
+        await send(ws, op="subscribe", id="y", **metrics)
+        await send(ws, op="subscribe", id="z", **metrics)
+        await send(other, op="subscribe", id="w", **metrics)
+        await other.close()
+        await send(ws, op="ping")
+        await send(ws, op="subscribe", id="y", **metrics)
+        await send(ws, op="unsubscribe", id="z")
+        frames: list[dict[str, Any]] = []
+        deadline = time.monotonic() + 2.5
+        while (left := deadline - time.monotonic()) > 0:
+            try:
+                frame = await recv(ws, left)
+            except TimeoutError:
+                break
+            if frame["op"] != "chunk":
+                frames.append(frame)
+        return frames
+    finally:
+        await ws.close()
+
+
+def test_a_subscribe_waiting_for_admission_does_not_block_its_connection(tmp_path: Path) -> None:
+    # One subscribe at once, then one every 0.5 s: y's turn comes 0.5 s after x, z's and w's later.
+    server = start_server(tmp_path, subscribe_rate=2, subscribe_burst=1, subscribe_max_wait=30)
+    try:
+        frames = asyncio.run(waiting_subscribes(server))
+        time.sleep(1.0)  # w's and z's turns have come and gone
+        metrics = server.get("/metrics")[1].decode()
+    finally:
+        server.stop()
+    ops = [(f["op"], f.get("id"), f.get("code") or f.get("reason")) for f in frames]
+    # Answered at once while y waits: the pong, the duplicate y, z's end; then y opens; z never does.
+    assert ops[:4] == [("pong", None, None), ("error", "y", "duplicate_id"), ("end", "z", "unsubscribed"), ("subscribed", "y", None)], ops
+    assert ("subscribed", "z", None) not in ops
+    # Only x and y were opened: z was given up, w's client left before its turn.
+    assert 'streamplex_streams_opened_total{channel="metrics"} 2.0' in metrics, [line for line in metrics.splitlines() if "streams_opened" in line]

@@ -29,6 +29,7 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisProc
 
 
 def _pair(tmp: Path, redis_server: RedisProc, prefix: str, **settings: object) -> tuple[ServerProc, ServerProc]:
+    settings = {"activity_log_interval": 0.5, **settings}  # a connection shows in the next activity line (INFO) within 0.5 s
     a = start_server(tmp, node="node-a", redis_url=redis_server.url, redis_prefix=prefix, **settings)
     try:
         b = start_server(tmp, node="node-b", redis_url=redis_server.url, redis_prefix=prefix, **settings)
@@ -47,7 +48,7 @@ def nodes(tmp_path_factory: pytest.TempPathFactory, redis_server: RedisProc) -> 
 
 
 async def _wait_for_node_records(ws: websockets.ClientConnection, other: ServerProc, node: str, timeout: float = 30) -> set[str]:
-    """Poke `other` (each connection logs a line there) until `ws` has seen a logs chunk and a metrics chunk from `node`."""
+    """Poke `other` (each connection counts in its next activity line) until `ws` has seen a logs chunk and a metrics chunk from `node`."""
     seen: set[str] = set()
     deadline = time.monotonic() + timeout
     while seen != {"l", "m"}:

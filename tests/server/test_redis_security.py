@@ -58,7 +58,9 @@ async def test_nodes_share_through_an_acl_user_and_a_wrong_password_is_refused(t
     a = start_server(
         tmp, node="acl-a", redis_url=f"redis://{host}", redis_username="streamplex", redis_password=NODE_PASSWORD, redis_prefix="sp-acl", key_max_connections=2
     )
-    b = start_server(tmp, node="acl-b", redis_url=f"redis://streamplex:{NODE_PASSWORD}@{host}", redis_prefix="sp-acl", key_max_connections=2)
+    b = start_server(
+        tmp, node="acl-b", redis_url=f"redis://streamplex:{NODE_PASSWORD}@{host}", redis_prefix="sp-acl", key_max_connections=2, activity_log_interval=0.5
+    )
     wrong = start_server(
         tmp, node="acl-wrong", redis_url=f"redis://{host}", redis_username="streamplex", redis_password="not-the-password", redis_prefix="sp-acl"
     )

@@ -9,7 +9,7 @@ import time
 from prometheus_client.parser import text_string_to_metric_families
 
 from server.outbox import Outbox
-from server.telemetry import SendDelay
+from server.telemetry import Activity, SendDelay, Stats
 from tests.serverproc import ServerProc, collect, connect, send, start_server
 
 
@@ -79,3 +79,20 @@ async def test_frames_behind_a_slow_reader_show_their_wait(tmp) -> None:
         assert waited_over_half_a_second >= 1
     finally:
         srv.stop()
+
+
+def test_activity_sums_up_what_changed_since_the_last_line() -> None:
+    stats = Stats()
+    activity = Activity(stats)
+    assert activity.line() is None  # a quiet interval logs nothing
+    stats.connections, stats.connections_total = 3, 3
+    stats.streams["text"] = 2
+    stats.streams_total["text"] = 5
+    stats.errors["overloaded"] = 4
+    stats.errors["invalid_params"] = 1
+    stats.dropped["metrics"] = 7
+    assert activity.line() == (
+        "3 connections opened, 5 streams opened, 4 subscribes refused overloaded, 1 other errors, 7 lossy chunks dropped (now 3 connections, 2 streams)"
+    )
+    stats.streams_total["text"] += 1
+    assert activity.line() == "1 streams opened (now 3 connections, 2 streams)"
