@@ -1,6 +1,6 @@
 """Analysis throughput: N documents analysed (`analysis_type` all) over the WebSocket, concurrently and one at a time.
 
-One real server (`python -m server`, the MiniLM embedding model on) serves both runs, one after the other:
+One real server (`python -m streamplex.server`, the MiniLM embedding model on) serves both runs, one after the other:
 - `one at a time`: each document is subscribed after the previous one ended, so the engine embeds one
   document's sentences (and topic labels) per step;
 - `concurrent`: all N streams are subscribed at once on one WebSocket, so the engine batches the sentences

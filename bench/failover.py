@@ -1,6 +1,6 @@
 """Failover: clients on lossless streams through nginx over three nodes sharing a redis-server, one node SIGKILLed every 20 s.
 
-Everything runs on this machine on loopback: a redis-server, three server nodes (`python -m server`, sharing it
+Everything runs on this machine on loopback: a redis-server, three server nodes (`python -m streamplex.server`, sharing it
 through STREAMPLEX_REDIS_URL), and nginx with the shipped deploy/nginx/streamplex.conf (the upstreams rewritten
 to the nodes' loopback ports; everything else as shipped). The load generator is this process.
 

@@ -511,7 +511,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     (tmp / "docs").mkdir()
     (tmp / "data").mkdir()
     write_sources(tmp / "docs", tmp / "data")
-    from server.config import Settings
+    from streamplex.server.config import Settings
 
     # The server's own admission defaults (tests' start_server turns lag-based admission off).
     settings: dict[str, Any] = {

@@ -40,12 +40,12 @@ import websockets
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from channels.audio import encode_samples  # noqa: E402
-from channels.media_decode import AudioDecoder, StreamingResampler, VideoDecoder  # noqa: E402
-from channels.pacing import Clock  # noqa: E402
-from channels.video import JpegEncoder  # noqa: E402
 from scripts.make_media_samples import frame_image  # noqa: E402
-from server.protocol import parse_server_binary  # noqa: E402
+from streamplex.channels.audio import encode_samples  # noqa: E402
+from streamplex.channels.media_decode import AudioDecoder, StreamingResampler, VideoDecoder  # noqa: E402
+from streamplex.channels.pacing import Clock  # noqa: E402
+from streamplex.channels.video import JpegEncoder  # noqa: E402
+from streamplex.server.protocol import parse_server_binary  # noqa: E402
 from tests.serverproc import start_server  # noqa: E402
 
 

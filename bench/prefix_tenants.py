@@ -26,7 +26,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from server.engine import GenerationRequest, SamplingParams  # noqa: E402
+from streamplex.server.engine import GenerationRequest, SamplingParams  # noqa: E402
 from tests.chatmodel import bundled_runner, engine_with  # noqa: E402
 
 DOCUMENT = " ".join(f"Paragraph {i}: the lighthouse keeper logged the weather, the passing ships and the state of the lamp." for i in range(12))

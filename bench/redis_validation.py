@@ -18,9 +18,9 @@ from collections.abc import Callable
 
 import orjson
 
-from channels.metrics import GROUPS, Sampler, check_samples
-from server.logbuffer import RingLogHandler, check_record
-from server.redis_broker import RedisBroker
+from streamplex.channels.metrics import GROUPS, Sampler, check_samples
+from streamplex.server.logbuffer import RingLogHandler, check_record
+from streamplex.server.redis_broker import RedisBroker
 
 
 def _timed(fn: Callable[[bytes], object], payload: bytes, n: int) -> float:
@@ -41,7 +41,9 @@ async def main() -> None:
 
     handler = RingLogHandler(10, "node-x")
     handler.emit(
-        logging.LogRecord("server.connection", logging.INFO, __file__, 1, "connection %s from %s authenticated as %s", ("c-1f2e", "10.0.0.7", "key-3"), None)
+        logging.LogRecord(
+            "streamplex.server.connection", logging.INFO, __file__, 1, "connection %s from %s authenticated as %s", ("c-1f2e", "10.0.0.7", "key-3"), None
+        )
     )
     record = handler.recent()[0]
     sampler = Sampler(

@@ -1,7 +1,7 @@
 """What recording sessions in Redis costs per chunk: the same lossless streams on a node without Redis and on one
 with it (each chunk then also goes to a Redis Stream, see server/session_store.py).
 
-Everything runs on this machine on loopback: a redis-server and two server nodes (`python -m server`); the load
+Everything runs on this machine on loopback: a redis-server and two server nodes (`python -m streamplex.server`); the load
 generator is this process and shares the cores with them. Each round opens `--streams` data streams (one record
 per chunk, unpaced) on one connection per node in turn and reads them to their end; it prints, per node, the
 server's CPU time (user + system, from /proc) per delivered chunk, the chunks per second, and the ratio with

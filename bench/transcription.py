@@ -17,7 +17,7 @@ Parts (`--parts`, run one after the other, never sharing the CPU):
 - `costs` (not in the default): where one live step's time goes in the runner for a window of `--window`
   seconds with a 64-token previous-text prompt and a forced prefix: the encoder, the whole prefill, and a
   decode step for 1 and for 8 rows.
-- `server`: K WebSocket clients against `python -m server` (started here) with the transcription channel:
+- `server`: K WebSocket clients against `python -m streamplex.server` (started here) with the transcription channel:
   truncated encoder input, all streams' windows decoded together in the batching engine, voice-activity
   endpointing unless `--no-vad`.
 - `whisperlive` (`--peer whisperlive` adds it): K clients against WhisperLive (faster-whisper backend, one
@@ -46,10 +46,10 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from channels.agreement import LocalAgreement, text_of  # noqa: E402
-from channels.transcription import TRIM_SECONDS, TranscriptionParams  # noqa: E402
-from server.config import Settings  # noqa: E402
-from server.engine.asr import SAMPLE_RATE  # noqa: E402
+from streamplex.channels.agreement import LocalAgreement, text_of  # noqa: E402
+from streamplex.channels.transcription import TRIM_SECONDS, TranscriptionParams  # noqa: E402
+from streamplex.server.config import Settings  # noqa: E402
+from streamplex.server.engine.asr import SAMPLE_RATE  # noqa: E402
 from tests.asrmodel import speech, wer  # noqa: E402
 
 SENTENCES = [
@@ -120,12 +120,12 @@ def naive_run(k: int, audios: list[tuple[np.ndarray, str]], folder: Path, thread
     """K live streams served one at a time by transformers' `generate` on 30 s windows, simulated in real time."""
     import torch
 
-    from server.engine.device import cpu_threads
+    from streamplex.server.engine.device import cpu_threads
 
     torch.set_num_threads(cpu_threads(threads))
     from transformers import WhisperFeatureExtractor, WhisperForConditionalGeneration
 
-    from server.engine.asr import WhisperVocab
+    from streamplex.server.engine.asr import WhisperVocab
 
     model = WhisperForConditionalGeneration.from_pretrained(folder, dtype=torch.float32).eval()
     features = WhisperFeatureExtractor.from_pretrained(folder)
@@ -338,8 +338,8 @@ async def whisperlive_run(k: int, audios: list[tuple[np.ndarray, str]], peer: Wh
 
 def run_windows(runner: Any, audios: list[np.ndarray]) -> float:
     """Seconds to transcribe `audios` as windows decoded together by the runner (no engine loop, no server)."""
-    from server.engine.asr import TranscriptionRequest
-    from server.engine.scheduler import Chunk, StepPlan
+    from streamplex.server.engine.asr import TranscriptionRequest
+    from streamplex.server.engine.scheduler import Chunk, StepPlan
 
     requests = {i: TranscriptionRequest(a, "en") for i, a in enumerate(audios)}
     started = time.perf_counter()
@@ -361,8 +361,8 @@ def windows(folder: Path, model: str, threads: int, rounds: int, seconds: float)
     """Cost of one window of `seconds` of speech: transformers on 30 s against the runner alone and in a batch of 8 (interleaved rounds)."""
     import torch
 
-    from server.engine.device import cpu_threads
-    from server.engine.whisper import WhisperRunner
+    from streamplex.server.engine.device import cpu_threads
+    from streamplex.server.engine.whisper import WhisperRunner
 
     runner = WhisperRunner(model, Settings().cache_dir, *server_device(), cpu_threads(threads), Settings().asr_cpu_quantize)
     runner.load()
@@ -387,7 +387,7 @@ def windows(folder: Path, model: str, threads: int, rounds: int, seconds: float)
 
 def server_device() -> tuple[Any, Any]:
     """The device and dtype the server would run Whisper on (STREAMPLEX_DEVICE, STREAMPLEX_DTYPE)."""
-    from server.engine.device import resolve_device, resolve_dtype
+    from streamplex.server.engine.device import resolve_device, resolve_dtype
 
     device = resolve_device(Settings().device)
     return device, resolve_dtype(Settings().dtype, device)
@@ -397,10 +397,10 @@ def costs(model: str, threads: int, rounds: int, seconds: float) -> list[dict[st
     """Where one live step's time goes in the runner: a window of `seconds` of speech with a 64-token previous-text prompt and a forced prefix."""
     import torch
 
-    from server.engine.asr import TranscriptionRequest
-    from server.engine.device import cpu_threads
-    from server.engine.scheduler import Chunk, StepPlan
-    from server.engine.whisper import WhisperRunner, padded_samples
+    from streamplex.server.engine.asr import TranscriptionRequest
+    from streamplex.server.engine.device import cpu_threads
+    from streamplex.server.engine.scheduler import Chunk, StepPlan
+    from streamplex.server.engine.whisper import WhisperRunner, padded_samples
 
     runner = WhisperRunner(model, Settings().cache_dir, *server_device(), cpu_threads(threads), Settings().asr_cpu_quantize)
     runner.load()
@@ -502,12 +502,12 @@ def main() -> None:
         if part == "costs":
             print(table(costs(args.model, args.threads, args.rounds, args.window)), flush=True)
         elif part == "windows":
-            from server.engine.whisper_loading import model_folder
+            from streamplex.server.engine.whisper_loading import model_folder
 
             window_rows = windows(model_folder(args.model, Settings().cache_dir), args.model, args.threads, args.rounds, args.window)
             print(table(window_rows), flush=True)
         elif part == "naive":
-            from server.engine.whisper_loading import model_folder
+            from streamplex.server.engine.whisper_loading import model_folder
 
             folder = model_folder(args.model, Settings().cache_dir)
             rows += sweep(part, naive_ks, lambda k, folder=folder: naive_run(k, audios, folder, args.threads, args.step_ms), args.target, args.keep_going)

@@ -218,7 +218,7 @@ class Server:
             "STREAMPLEX_PER_MESSAGE_DEFLATE": "true" if deflate else "false",
         }
         if target == "streamplex":
-            command = [sys.executable, "-m", "server", "--port", str(self.port)]
+            command = [sys.executable, "-m", "streamplex.server", "--port", str(self.port)]
         else:
             command = [
                 sys.executable,

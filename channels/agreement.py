@@ -12,7 +12,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from server.engine.asr import Segment
+from streamplex.server.engine.asr import Segment
 
 TAIL_OVERLAP = 5  # words of committed text a new hypothesis may repeat at its start
 ECHO_WORDS = 3  # a hypothesis ending with at least this many words said just before, in order, ends with an echo

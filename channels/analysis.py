@@ -27,9 +27,9 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import Field, field_validator
 
-from channels.base import AVAILABLE, Channel, ChannelError, ChannelStatus, ParamsModel, StreamContext, skip_first
-from server.engine import EngineError, StepFailed
-from server.protocol import ErrorCode
+from streamplex.server.channel import AVAILABLE, Channel, ChannelError, ChannelStatus, ParamsModel, StreamContext, skip_first
+from streamplex.server.engine import EngineError, StepFailed
+from streamplex.server.protocol import ErrorCode
 
 log = logging.getLogger(__name__)
 

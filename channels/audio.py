@@ -10,10 +10,10 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import Field, model_validator
 
-from channels.base import Binary, Channel, ParamsModel, Skip, StreamContext
-from channels.media import MAX_START_MS, local_media, media_ref
-from channels.media_decode import AudioDecoder, MediaLimits
-from channels.pacing import Clock
+from streamplex.channels.media import MAX_START_MS, local_media, media_ref
+from streamplex.channels.media_decode import AudioDecoder, MediaLimits
+from streamplex.channels.pacing import Clock
+from streamplex.server.channel import Binary, Channel, ParamsModel, Skip, StreamContext
 
 log = logging.getLogger(__name__)
 

@@ -26,13 +26,13 @@ from typing import TYPE_CHECKING, Any, Literal, cast
 
 from pydantic import Field, field_validator, model_validator
 
-from channels.base import CannotGoOn, Channel, ChannelError, ChannelStatus, Checkpoint, ParamsModel, StreamContext, model_status
-from server.engine import Engine, EngineError, GenerationRequest, SamplingParams, Stream
-from server.engine.detok import IncrementalDetokenizer
-from server.protocol import ErrorCode
+from streamplex.server.channel import CannotGoOn, Channel, ChannelError, ChannelStatus, Checkpoint, ParamsModel, StreamContext, model_status
+from streamplex.server.engine import Engine, EngineError, GenerationRequest, SamplingParams, Stream
+from streamplex.server.engine.detok import IncrementalDetokenizer
+from streamplex.server.protocol import ErrorCode
 
 if TYPE_CHECKING:
-    from server.engine.causal_lm import CausalLMRunner
+    from streamplex.server.engine.causal_lm import CausalLMRunner
 
 MAX_STOP_CHARS = 100
 

@@ -15,11 +15,11 @@ from typing import Any, Literal
 import orjson
 from pydantic import Field, PrivateAttr, model_validator
 
-from channels.base import Channel, ChannelError, ParamsModel, StreamContext
-from channels.content import Records, shared_records
-from channels.files import check_whole, resolve_inside
-from channels.pacing import Pacer
-from server.protocol import ErrorCode
+from streamplex.channels.content import Records, shared_records
+from streamplex.channels.files import check_whole, resolve_inside
+from streamplex.channels.pacing import Pacer
+from streamplex.server.channel import Channel, ChannelError, ParamsModel, StreamContext
+from streamplex.server.protocol import ErrorCode
 
 READ_BATCH = 200  # records a dataset stream holds parsed at a time
 _XML_NAME = re.compile(r"^[A-Za-z_][\w.-]*$")

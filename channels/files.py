@@ -8,8 +8,8 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import IO
 
-from channels.base import ChannelError
-from server.protocol import ErrorCode
+from streamplex.server.channel import ChannelError
+from streamplex.server.protocol import ErrorCode
 
 BLOCK_CHARS = 16384  # per stream reading a document: small, yet one read in a worker thread per 16 Ki characters
 

@@ -8,7 +8,7 @@ from typing import Any, Literal
 
 from pydantic import Field
 
-from channels.base import Channel, Gap, ParamsModel, StreamContext
+from streamplex.server.channel import Channel, Gap, ParamsModel, StreamContext
 
 Level = Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"]
 

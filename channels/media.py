@@ -23,10 +23,10 @@ from typing import IO
 
 import httpx
 
-from channels.base import ChannelError
-from channels.files import resolve_inside
-from server.config import Settings
-from server.protocol import ErrorCode
+from streamplex.channels.files import resolve_inside
+from streamplex.server.channel import ChannelError
+from streamplex.server.config import Settings
+from streamplex.server.protocol import ErrorCode
 
 log = logging.getLogger(__name__)
 

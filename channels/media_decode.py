@@ -26,9 +26,9 @@ import av
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
-from channels.base import ChannelError
-from server.config import Settings
-from server.protocol import ErrorCode
+from streamplex.server.channel import ChannelError
+from streamplex.server.config import Settings
+from streamplex.server.protocol import ErrorCode
 
 T = TypeVar("T")
 _DONE = object()

@@ -16,9 +16,9 @@ from typing import Any, Literal, get_args
 import psutil
 from pydantic import BaseModel, ConfigDict, Field, JsonValue, TypeAdapter
 
-from channels.base import Channel, ChannelError, Gap, ParamsModel, Publish, Shared, StreamContext
-from channels.gpu import GpuProbe
-from server.protocol import ErrorCode
+from streamplex.channels.gpu import GpuProbe
+from streamplex.server.channel import Channel, ChannelError, Gap, ParamsModel, Publish, Shared, StreamContext
+from streamplex.server.protocol import ErrorCode
 
 TOPIC = "metrics"
 VIEW_CACHE = 256

@@ -8,10 +8,10 @@ from typing import Literal
 
 from pydantic import Field, PrivateAttr, model_validator
 
-from channels.base import Channel, ParamsModel, StreamContext
-from channels.content import Text, shared_text
-from channels.files import read_text_blocks, resolve_inside
-from channels.pacing import Pacer
+from streamplex.channels.content import Text, shared_text
+from streamplex.channels.files import read_text_blocks, resolve_inside
+from streamplex.channels.pacing import Pacer
+from streamplex.server.channel import Channel, ParamsModel, StreamContext
 
 MAX_INLINE_CHARS = 1_000_000
 

@@ -30,17 +30,17 @@ from typing import TYPE_CHECKING, Any, Literal, cast
 import numpy as np
 from pydantic import Field, model_validator
 
-from channels.agreement import LocalAgreement, Word, text_of
-from channels.base import Channel, ChannelError, ChannelStatus, ParamsModel, StreamContext, model_status
-from channels.media import MediaRef, local_media, media_ref
-from channels.pacing import Clock
-from server.engine import Engine, EngineError
-from server.engine.asr import SAMPLE_RATE, WINDOW_SECONDS, Segment, TranscriptionRequest, repeated_tail
-from server.engine.vad import FRAME, Endpointer, VadUnavailable, silero
-from server.protocol import ErrorCode
+from streamplex.channels.agreement import LocalAgreement, Word, text_of
+from streamplex.channels.media import MediaRef, local_media, media_ref
+from streamplex.channels.pacing import Clock
+from streamplex.server.channel import Channel, ChannelError, ChannelStatus, ParamsModel, StreamContext, model_status
+from streamplex.server.engine import Engine, EngineError
+from streamplex.server.engine.asr import SAMPLE_RATE, WINDOW_SECONDS, Segment, TranscriptionRequest, repeated_tail
+from streamplex.server.engine.vad import FRAME, Endpointer, VadUnavailable, silero
+from streamplex.server.protocol import ErrorCode
 
 if TYPE_CHECKING:
-    from server.engine.whisper import WhisperRunner
+    from streamplex.server.engine.whisper import WhisperRunner
 
 log = logging.getLogger(__name__)
 
@@ -208,7 +208,7 @@ class TranscriptionChannel(Channel):
             await audio.close()
 
     async def _feed_file(self, ref: MediaRef, realtime: bool, audio: _Audio) -> None:
-        from channels.media_decode import AudioDecoder, MediaLimits
+        from streamplex.channels.media_decode import AudioDecoder, MediaLimits
 
         clock, sent = Clock(), 0
         try:

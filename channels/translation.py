@@ -21,14 +21,14 @@ from typing import TYPE_CHECKING, Any, Literal, cast
 
 from pydantic import ConfigDict, Field
 
-from channels.apertium import Apertium, ApertiumError, code3
-from channels.base import AVAILABLE, Channel, ChannelError, ChannelStatus, ParamsModel, StreamContext, model_status, skip_first
-from server.engine import EngineError, Stream
-from server.engine.detok import IncrementalDetokenizer
-from server.protocol import ErrorCode
+from streamplex.channels.apertium import Apertium, ApertiumError, code3
+from streamplex.server.channel import AVAILABLE, Channel, ChannelError, ChannelStatus, ParamsModel, StreamContext, model_status, skip_first
+from streamplex.server.engine import EngineError, Stream
+from streamplex.server.engine.detok import IncrementalDetokenizer
+from streamplex.server.protocol import ErrorCode
 
 if TYPE_CHECKING:
-    from server.engine.seq2seq import Seq2SeqRunner
+    from streamplex.server.engine.seq2seq import Seq2SeqRunner
 
 IN_FLIGHT = 4  # sentences a neural stream keeps submitted ahead of the one it is streaming
 SENTENCE_END = re.compile(r"[.!?…]+[\"'”’)\]]*(\s+)")

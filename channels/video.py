@@ -10,10 +10,10 @@ from typing import Any
 import av
 from pydantic import Field, model_validator
 
-from channels.base import Binary, Channel, ParamsModel, Skip, StreamContext
-from channels.media import MAX_START_MS, local_media, media_ref
-from channels.media_decode import MediaLimits, VideoDecoder
-from channels.pacing import Clock
+from streamplex.channels.media import MAX_START_MS, local_media, media_ref
+from streamplex.channels.media_decode import MediaLimits, VideoDecoder
+from streamplex.channels.pacing import Clock
+from streamplex.server.channel import Binary, Channel, ParamsModel, Skip, StreamContext
 
 log = logging.getLogger(__name__)
 

@@ -9,8 +9,8 @@ from __future__ import annotations
 import sys
 import time
 
-from server.config import Settings
-from server.engine.factory import build_engine
+from streamplex.server.config import Settings
+from streamplex.server.engine.factory import build_engine
 
 
 def main() -> int:

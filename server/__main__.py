@@ -1,5 +1,5 @@
-"""`python -m server`: the same as `streamplex serve`."""
+"""`python -m streamplex.server`: the same as `streamplex serve`."""
 
-from server.cli import serve
+from streamplex.server.cli import serve
 
 serve()

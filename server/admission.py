@@ -17,8 +17,8 @@ from pathlib import Path
 
 import psutil
 
-from server.config import Settings
-from server.protocol import ErrorCode, ProtocolError
+from streamplex.server.config import Settings
+from streamplex.server.protocol import ErrorCode, ProtocolError
 
 log = logging.getLogger(__name__)
 

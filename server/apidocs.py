@@ -6,9 +6,9 @@ from typing import Any
 
 from pydantic.json_schema import models_json_schema
 
-from channels.base import Channel
-from server.http_stream import NDJSON, PREFIX, SSE
-from server.protocol import CLIENT_OPS, PROTOCOL_VERSION, CloseCode, EndReason, ErrorCode
+from streamplex.server.channel import Channel
+from streamplex.server.http_stream import NDJSON, PREFIX, SSE
+from streamplex.server.protocol import CLIENT_OPS, PROTOCOL_VERSION, CloseCode, EndReason, ErrorCode
 
 TITLE = "streamplex"
 VERSION = "0.1.0"

@@ -19,19 +19,19 @@ from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Receive, Scope, Send
 from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
 
-from server import apidocs, docpages
-from server.auth import Principal
-from server.config import ROOT, Settings
-from server.connection import Connection, Disconnected, TrySend, watch_slow_consumers
-from server.http_stream import PREFIX, HttpStreams, check_key, header_key
-from server.logbuffer import RingLogHandler
-from server.protocol import CloseCode
-from server.runtime import Runtime
-from server.wsprotocol import TRY_SEND
+from streamplex.server import apidocs, docpages
+from streamplex.server.auth import Principal
+from streamplex.server.config import ROOT, Settings
+from streamplex.server.connection import Connection, Disconnected, TrySend, watch_slow_consumers
+from streamplex.server.http_stream import PREFIX, HttpStreams, check_key, header_key
+from streamplex.server.logbuffer import RingLogHandler
+from streamplex.server.protocol import CloseCode
+from streamplex.server.runtime import Runtime
+from streamplex.server.wsprotocol import TRY_SEND
 
 
 class _AsgiTransport:
-    """server.connection.Transport straight over the ASGI callables (Starlette's per-send wrappers cost more than the send)."""
+    """streamplex.server.connection.Transport straight over the ASGI callables (Starlette's per-send wrappers cost more than the send)."""
 
     __slots__ = ("_receive", "_send", "left_cleanly", "try_send")
 
@@ -74,7 +74,7 @@ class App:
 
     With `trusted_proxies`, uvicorn's ProxyHeadersMiddleware first takes the client's address (and scheme) from
     `X-Forwarded-For` (`X-Forwarded-Proto`) of requests that come from one of them; otherwise those headers are
-    ignored, whatever the ASGI server is told (`python -m server` runs uvicorn with its own proxy handling off).
+    ignored, whatever the ASGI server is told (`python -m streamplex.server` runs uvicorn with its own proxy handling off).
     """
 
     def __init__(self, runtime: Runtime, http: Starlette) -> None:

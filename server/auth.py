@@ -12,7 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from server.config import Settings
+from streamplex.server.config import Settings
 
 ADMIN = "admin"
 """The scope that grants every channel, the admin ones (those showing other clients' data, like `logs`) included."""

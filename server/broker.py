@@ -8,7 +8,7 @@ from collections import defaultdict, deque
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
-from channels.base import Gap
+from streamplex.server.channel import Gap
 
 log = logging.getLogger(__name__)
 

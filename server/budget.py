@@ -8,7 +8,7 @@ trimmed, oldest frames first, whenever the rest grows. Whatever holds a per-conn
 
 from __future__ import annotations
 
-from server.outbox import Outbox
+from streamplex.server.outbox import Outbox
 
 
 class Budget:

@@ -1,4 +1,4 @@
-"""`python -m server` (and `streamplex serve`, which the client distribution's console script hands here): run the server with uvicorn, draining on SIGTERM."""
+"""`python -m streamplex.server` (and `streamplex serve`, which the client distribution's console script hands here): run the server with uvicorn, draining on SIGTERM."""
 
 from __future__ import annotations
 
@@ -13,11 +13,11 @@ from typing import Any, get_args, get_origin
 import uvicorn
 from pydantic import ValidationError
 
-from server.app import create_app
-from server.config import Settings
-from server.runtime import Runtime, configure_logging
-from server.workers import bind_reuse_port, supervise
-from server.wsprotocol import DirectProtocol
+from streamplex.server.app import create_app
+from streamplex.server.config import Settings
+from streamplex.server.runtime import Runtime, configure_logging
+from streamplex.server.workers import bind_reuse_port, supervise
+from streamplex.server.wsprotocol import DirectProtocol
 
 
 class DrainingServer(uvicorn.Server):

@@ -8,9 +8,9 @@ from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
-from channels.base import Producer
-from server.hub import Hub
-from server.redis_broker import DEMAND_LEASE, RedisBroker
+from streamplex.server.channel import Producer
+from streamplex.server.hub import Hub
+from streamplex.server.redis_broker import DEMAND_LEASE, RedisBroker
 
 
 class ClusterHub(Hub):

@@ -1,7 +1,7 @@
 """One settings object, read from the environment (`STREAMPLEX_*`) and overridden by CLI flags.
 
 Each field's description is its documentation: docs/configuration.md is generated from it
-(`python -m server.config`), and a test keeps the two in step.
+(`python -m streamplex.server.config`), and a test keeps the two in step.
 """
 
 from __future__ import annotations

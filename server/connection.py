@@ -12,9 +12,9 @@ import math
 from collections.abc import Awaitable, Coroutine
 from typing import Any, Protocol
 
-from server.auth import Principal
-from server.outbox import Outbox, OutboxOverflow, Payload, Pending
-from server.protocol import (
+from streamplex.server.auth import Principal
+from streamplex.server.outbox import Outbox, OutboxOverflow, Payload, Pending
+from streamplex.server.protocol import (
     Auth,
     CloseCode,
     EndReason,
@@ -32,9 +32,9 @@ from server.protocol import (
     frame_id,
     subscribe_id,
 )
-from server.ratelimit import TokenBucket
-from server.runtime import Runtime
-from server.session import Session, parse
+from streamplex.server.ratelimit import TokenBucket
+from streamplex.server.runtime import Runtime
+from streamplex.server.session import Session, parse
 
 log = logging.getLogger(__name__)
 

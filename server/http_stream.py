@@ -24,11 +24,11 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
-from channels.base import END_OF_INPUT, Binary, Channel, ChannelError, Checkpoint, Gap, Shared, StreamContext, as_generator
-from server.auth import Principal, address_key, refusal
-from server.protocol import ErrorCode
-from server.ratelimit import TokenBucket
-from server.runtime import Runtime
+from streamplex.server.auth import Principal, address_key, refusal
+from streamplex.server.channel import END_OF_INPUT, Binary, Channel, ChannelError, Checkpoint, Gap, Shared, StreamContext, as_generator
+from streamplex.server.protocol import ErrorCode
+from streamplex.server.ratelimit import TokenBucket
+from streamplex.server.runtime import Runtime
 
 log = logging.getLogger(__name__)
 

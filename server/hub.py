@@ -8,14 +8,14 @@ import logging
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
-from channels.base import Producer
-from server.broker import MemoryBroker
+from streamplex.server.broker import MemoryBroker
+from streamplex.server.channel import Producer
 
 log = logging.getLogger(__name__)
 
 
 class Hub:
-    """Implements channels.base.Feeds over a broker."""
+    """Implements streamplex.server.channel.Feeds over a broker."""
 
     def __init__(self, broker: MemoryBroker) -> None:
         self.broker = broker
@@ -54,11 +54,11 @@ class Hub:
             log.exception("producer for %s failed", topic)
 
     def provide(self, topic: str, producer: Producer) -> None:
-        """Register `topic`'s producer for starts without a local subscriber (server.cluster.ClusterHub)."""
+        """Register `topic`'s producer for starts without a local subscriber (streamplex.server.cluster.ClusterHub)."""
         self._provided[topic] = producer
 
     def accept(self, topic: str, check: Callable[[Any], Any]) -> None:
-        """How `topic`'s messages from other nodes are checked; one node alone has none (server.cluster.ClusterHub)."""
+        """How `topic`'s messages from other nodes are checked; one node alone has none (streamplex.server.cluster.ClusterHub)."""
 
     def producers(self) -> list[str]:
         """Topics whose producer is running."""

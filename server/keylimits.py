@@ -16,7 +16,7 @@ from collections.abc import Callable
 
 from redis.exceptions import RedisError, ResponseError
 
-from server.redis_broker import RedisBroker
+from streamplex.server.redis_broker import RedisBroker
 
 log = logging.getLogger(__name__)
 

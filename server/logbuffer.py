@@ -36,7 +36,7 @@ def check_record(message: Any) -> dict[str, Any]:
 
 
 class RingLogHandler(logging.Handler):
-    """Implements channels.base.LogSource. Records marked `extra={"secret": True}` are never kept."""
+    """Implements streamplex.server.channel.LogSource. Records marked `extra={"secret": True}` are never kept."""
 
     topic = LOGS_TOPIC
 

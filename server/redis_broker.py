@@ -25,8 +25,8 @@ from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 from redis.retry import Retry
 
-from server.broker import MemoryBroker, Subscription
-from server.config import Settings
+from streamplex.server.broker import MemoryBroker, Subscription
+from streamplex.server.config import Settings
 
 log = logging.getLogger(__name__)
 

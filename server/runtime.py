@@ -12,28 +12,28 @@ from typing import TYPE_CHECKING, Any
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
-from channels import discover
-from channels.base import Channel, Services
-from server.admission import Admission, LoopMonitor
-from server.auth import AuthThrottle, KeyStore, Principal
-from server.broker import MemoryBroker
-from server.cluster import ClusterHub
-from server.config import Settings
-from server.engine import build_engine
-from server.engine.metrics import families as engine_families
-from server.hub import Hub
-from server.keylimits import KeyLimits
-from server.logbuffer import RingLogHandler, check_record
-from server.protocol import PROTOCOL_VERSION, EndReason
-from server.redact import RedactKeys
-from server.redis_broker import RedisBroker, redis_options
-from server.session import Session
-from server.session_store import SessionStore, digest
-from server.takeover import take_over
-from server.telemetry import Activity, Telemetry
+from streamplex.server.admission import Admission, LoopMonitor
+from streamplex.server.auth import AuthThrottle, KeyStore, Principal
+from streamplex.server.broker import MemoryBroker
+from streamplex.server.channel import Channel, Services
+from streamplex.server.cluster import ClusterHub
+from streamplex.server.config import Settings
+from streamplex.server.engine import build_engine
+from streamplex.server.engine.metrics import families as engine_families
+from streamplex.server.hub import Hub
+from streamplex.server.keylimits import KeyLimits
+from streamplex.server.logbuffer import RingLogHandler, check_record
+from streamplex.server.protocol import PROTOCOL_VERSION, EndReason
+from streamplex.server.redact import RedactKeys
+from streamplex.server.redis_broker import RedisBroker, redis_options
+from streamplex.server.registry import discover, instantiate
+from streamplex.server.session import Session
+from streamplex.server.session_store import SessionStore, digest
+from streamplex.server.takeover import take_over
+from streamplex.server.telemetry import Activity, Telemetry
 
 if TYPE_CHECKING:
-    from server.connection import Connection
+    from streamplex.server.connection import Connection
 
 log = logging.getLogger("streamplex")
 
@@ -74,7 +74,7 @@ class Runtime:
         self.hub.accept(self.logs.topic, check_record)
         self.engine = build_engine(settings)
         self.services = Services(settings=settings, feeds=self.hub, logs=self.logs, stats=self.telemetry.stats.snapshot, engine=self.engine)
-        self.channels: dict[str, Channel] = {name: cls(self.services) for name, cls in discover().items()}
+        self.channels: dict[str, Channel] = instantiate(discover(), self.services)
         self.telemetry.register(self.collect)
         self.connections: set[Connection] = set()
         self.detached: dict[str, tuple[Session, asyncio.TimerHandle]] = {}  # by resume token

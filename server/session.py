@@ -19,13 +19,13 @@ from typing import Any, Protocol
 
 import orjson
 
-from channels.base import END_OF_INPUT, Binary, CannotGoOn, Channel, ChannelError, Checkpoint, Gap, Shared, StreamContext, as_generator
-from server.auth import Principal, refusal
-from server.budget import Budget
-from server.config import Settings
-from server.outbox import Lane, Outbox, OutboxOverflow, Payload
-from server.protocol import EndReason, ErrorCode, ProtocolError, Subscribe, chunk_prefix, encode, encode_binary, encode_chunk, end_frame
-from server.telemetry import Stats
+from streamplex.server.auth import Principal, refusal
+from streamplex.server.budget import Budget
+from streamplex.server.channel import END_OF_INPUT, Binary, CannotGoOn, Channel, ChannelError, Checkpoint, Gap, Shared, StreamContext, as_generator
+from streamplex.server.config import Settings
+from streamplex.server.outbox import Lane, Outbox, OutboxOverflow, Payload
+from streamplex.server.protocol import EndReason, ErrorCode, ProtocolError, Subscribe, chunk_prefix, encode, encode_binary, encode_chunk, end_frame
+from streamplex.server.telemetry import Stats
 
 log = logging.getLogger(__name__)
 

@@ -31,8 +31,8 @@ import orjson
 from pydantic import BaseModel, ConfigDict, Field
 from redis.exceptions import RedisError
 
-from server.protocol import MAX_ID_BYTES, parse_server_binary
-from server.redis_broker import Malformed, RedisBroker
+from streamplex.server.protocol import MAX_ID_BYTES, parse_server_binary
+from streamplex.server.redis_broker import Malformed, RedisBroker
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +88,7 @@ class Entry:
     seq: int
     payload: str | bytes
     end: bool = False
-    position: Any = None  # what the channel recorded with the chunk (see channels.base.Checkpoint)
+    position: Any = None  # what the channel recorded with the chunk (see streamplex.server.channel.Checkpoint)
 
 
 @dataclass(slots=True)

@@ -10,10 +10,10 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from channels.base import Channel, ChannelError
-from server.protocol import EndReason, encode, end_frame
-from server.session import Session
-from server.session_store import Entry, SessionRecord, SessionStore
+from streamplex.server.channel import Channel, ChannelError
+from streamplex.server.protocol import EndReason, encode, end_frame
+from streamplex.server.session import Session
+from streamplex.server.session_store import Entry, SessionRecord, SessionStore
 
 log = logging.getLogger("streamplex")
 

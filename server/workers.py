@@ -1,6 +1,6 @@
 """`streamplex serve --workers N`: a supervisor running N server processes on one port.
 
-Each worker is a plain `python -m server` process that binds its own `SO_REUSEPORT` socket, so the
+Each worker is a plain `python -m streamplex.server` process that binds its own `SO_REUSEPORT` socket, so the
 kernel spreads new connections over the workers and no connection passes through the supervisor.
 The workers are nodes like any other (`NODE-0`, `NODE-1`, ...) sharing Redis. The supervisor only
 starts them, restarts one that dies, and passes SIGTERM/SIGINT on so each drains.
@@ -21,8 +21,8 @@ import time
 from dataclasses import dataclass
 from types import FrameType
 
-from server.auth import ADMIN, generate_key
-from server.config import Settings
+from streamplex.server.auth import ADMIN, generate_key
+from streamplex.server.config import Settings
 
 log = logging.getLogger("streamplex.workers")
 
@@ -83,7 +83,7 @@ class Supervisor:
         return [
             sys.executable,
             "-m",
-            "server",
+            "streamplex.server",
             *self.argv,
             "--workers",
             "1",

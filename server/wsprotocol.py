@@ -27,7 +27,7 @@ from websockets.extensions.base import ExtensionParameter, ServerExtensionFactor
 from websockets.extensions.permessage_deflate import PerMessageDeflate, ServerPerMessageDeflateFactory
 from websockets.protocol import OPEN
 
-from server.outbox import Flag
+from streamplex.server.outbox import Flag
 
 TRY_SEND = "streamplex.try_send"
 """The scope extension: a callable `(payload: str | bytes, compress: bool = True) -> bool`."""

@@ -18,12 +18,12 @@ import numpy as np
 import torch
 import torchaudio
 
-from server.config import Settings
-from server.engine import Engine, Limits
-from server.engine.asr import SAMPLE_RATE, TranscriptionRequest
-from server.engine.device import cpu_threads
-from server.engine.runner import RunnerSpec
-from server.engine.whisper import WhisperRunner
+from streamplex.server.config import Settings
+from streamplex.server.engine import Engine, Limits
+from streamplex.server.engine.asr import SAMPLE_RATE, TranscriptionRequest
+from streamplex.server.engine.device import cpu_threads
+from streamplex.server.engine.runner import RunnerSpec
+from streamplex.server.engine.whisper import WhisperRunner
 from tests.device import TEST_DEVICE
 
 ENGLISH = [

@@ -9,12 +9,12 @@ from functools import cache
 
 import torch
 
-from server.config import Settings
-from server.engine import Engine, Limits
-from server.engine.causal_lm import CausalLMRunner
-from server.engine.device import cpu_threads
-from server.engine.loading import BUNDLED
-from server.engine.runner import RunnerSpec
+from streamplex.server.config import Settings
+from streamplex.server.engine import Engine, Limits
+from streamplex.server.engine.causal_lm import CausalLMRunner
+from streamplex.server.engine.device import cpu_threads
+from streamplex.server.engine.loading import BUNDLED
+from streamplex.server.engine.runner import RunnerSpec
 from tests.device import TEST_DEVICE
 
 

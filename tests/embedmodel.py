@@ -9,10 +9,10 @@ from functools import cache
 
 import torch
 
-from server.engine import BatchRunner, Engine, Limits
-from server.engine.device import cpu_threads
-from server.engine.embedding import BUNDLED, EmbeddingRunner
-from server.engine.runner import RunnerSpec
+from streamplex.server.engine import BatchRunner, Engine, Limits
+from streamplex.server.engine.device import cpu_threads
+from streamplex.server.engine.embedding import BUNDLED, EmbeddingRunner
+from streamplex.server.engine.runner import RunnerSpec
 
 
 @cache

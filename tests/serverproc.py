@@ -1,4 +1,4 @@
-"""Starting the real server (uvicorn via `python -m server`) on a free loopback port, for end-to-end tests."""
+"""Starting the real server (uvicorn via `python -m streamplex.server`) on a free loopback port, for end-to-end tests."""
 
 from __future__ import annotations
 
@@ -100,7 +100,9 @@ def start_server(tmp: Path, port: int | None = None, **settings: Any) -> ServerP
     )
     env.update({f"STREAMPLEX_{k.upper()}": str(v) for k, v in settings.items()})
     log_path = tmp / f"server-{port}.log"
-    proc = subprocess.Popen([sys.executable, "-m", "server", "--port", str(port)], cwd=ROOT, env=env, stdout=log_path.open("wb"), stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "streamplex.server", "--port", str(port)], cwd=ROOT, env=env, stdout=log_path.open("wb"), stderr=subprocess.STDOUT
+    )
     server = ServerProc(proc, port, log_path, env=env)
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:

@@ -32,7 +32,7 @@ echo "$project_site" >"$site/zz_project_torch.pth"
 model="$PEER/whisper-base-ct2"
 parts=$("$ROOT/.venv/bin/python" -c '
 import sys; sys.path.insert(0, sys.argv[1])
-from server.engine.whisper_loading import BUNDLED
+from streamplex.server.engine.whisper_loading import BUNDLED
 print(" ".join(str(p) for p in BUNDLED["whisper-base"].parts()))' "$ROOT")
 if [ ! -s "$model/model.bin" ]; then
   mkdir -p "$model"

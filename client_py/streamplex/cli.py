@@ -25,15 +25,16 @@ DEFAULT_URL = "ws://127.0.0.1:8000/ws"
 
 def _serve(argv: list[str]) -> int:
     """Hand `streamplex serve ...` to the server's own CLI, or say plainly that it is not installed."""
-    if importlib.util.find_spec("server") is None or importlib.util.find_spec("server.cli") is None:
+    if importlib.util.find_spec("streamplex.server") is None or importlib.util.find_spec("streamplex.server.cli") is None:
         print(
             "streamplex: `serve` needs the streamplex server, which is not installed in this Python environment.\n"
-            "Install it from the repository root (`pip install -e .`, or `./scripts/setup`); this client package alone only connects to servers.",
+            "Install the `streamplex` distribution (`pip install .` in the repository root, or `./scripts/setup`); "
+            "`streamplex-client` alone only connects to servers.",
             file=sys.stderr,
         )
         return 2
     try:
-        server_cli = importlib.import_module("server.cli")
+        server_cli = importlib.import_module("streamplex.server.cli")
     except ModuleNotFoundError as exc:
         print(f"streamplex: the server is installed but cannot start: its dependency {exc.name!r} is missing ({exc})", file=sys.stderr)
         return 2

@@ -454,7 +454,8 @@ class Client:
 
     async def _dispatch(self, frame: dict[str, Any]) -> None:
         op = frame.get("op")
-        sub = self._subs.get(frame.get("id")) if isinstance(frame.get("id"), str) else None
+        ident = frame.get("id")
+        sub = self._subs.get(ident) if isinstance(ident, str) else None
         if op == "chunk":
             if sub is not None:
                 await sub._deliver(Chunk(frame["seq"], frame.get("data"), frame.get("dropped", 0)))

@@ -3,9 +3,9 @@
 Importing this package does not import torch; the runners' modules are imported when models load.
 """
 
-from server.engine.batch import BatchRunner, Job, StepFailed
-from server.engine.engine import Engine, EngineError, Limits, Stream, Update
-from server.engine.factory import build_engine
-from server.engine.request import GenerationRequest, SamplingParams
+from streamplex.server.engine.batch import BatchRunner, Job, StepFailed
+from streamplex.server.engine.engine import Engine, EngineError, Limits, Stream, Update
+from streamplex.server.engine.factory import build_engine
+from streamplex.server.engine.request import GenerationRequest, SamplingParams
 
 __all__ = ["BatchRunner", "Engine", "EngineError", "GenerationRequest", "Job", "Limits", "SamplingParams", "StepFailed", "Stream", "Update", "build_engine"]

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-from server.engine.kvcache import KVBlock
+from streamplex.server.engine.kvcache import KVBlock
 
 NAME = "streamplex"
 

@@ -25,13 +25,13 @@ from typing import Any
 
 import torch
 
-from server.engine import attention, loading
-from server.engine.device import use_threads
-from server.engine.kvcache import KVBlock
-from server.engine.request import GenerationRequest
-from server.engine.runner import Runner
-from server.engine.sampling import make_generator, sample
-from server.engine.scheduler import Chunk, Output, StepPlan
+from streamplex.server.engine import attention, loading
+from streamplex.server.engine.device import use_threads
+from streamplex.server.engine.kvcache import KVBlock
+from streamplex.server.engine.request import GenerationRequest
+from streamplex.server.engine.runner import Runner
+from streamplex.server.engine.sampling import make_generator, sample
+from streamplex.server.engine.scheduler import Chunk, Output, StepPlan
 
 
 @dataclass

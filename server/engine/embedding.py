@@ -15,8 +15,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from server.engine.batch import BatchRunner
-from server.engine.device import use_threads
+from streamplex.server.engine.batch import BatchRunner
+from streamplex.server.engine.device import use_threads
 
 BUNDLED = "all-minilm-l6-v2"
 

@@ -17,10 +17,10 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from server.engine.batch import BatchRunner, ItemQueue, Job
-from server.engine.metrics import Histograms, StepStats
-from server.engine.runner import Runner, RunnerSpec
-from server.engine.scheduler import AdmissionError, Output, RoundRobin, Scheduler, Seq
+from streamplex.server.engine.batch import BatchRunner, ItemQueue, Job
+from streamplex.server.engine.metrics import Histograms, StepStats
+from streamplex.server.engine.runner import Runner, RunnerSpec
+from streamplex.server.engine.scheduler import AdmissionError, Output, RoundRobin, Scheduler, Seq
 
 log = logging.getLogger(__name__)
 

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import functools
 
-from server.config import Settings
-from server.engine import whisper_loading
-from server.engine.batch import BatchRunner
-from server.engine.engine import Engine, Limits
-from server.engine.loading import model_name
-from server.engine.runner import Runner, RunnerSpec
+from streamplex.server.config import Settings
+from streamplex.server.engine import whisper_loading
+from streamplex.server.engine.batch import BatchRunner
+from streamplex.server.engine.engine import Engine, Limits
+from streamplex.server.engine.loading import model_name
+from streamplex.server.engine.runner import Runner, RunnerSpec
 
 
 def chat_specs(setting: str) -> list[str]:
@@ -42,8 +42,8 @@ def build_engine(settings: Settings) -> Engine:
 
 
 def _chat_runner(spec: str, settings: Settings) -> Runner:
-    from server.engine.causal_lm import CausalLMRunner
-    from server.engine.device import cpu_threads, resolve_device, resolve_dtype
+    from streamplex.server.engine.causal_lm import CausalLMRunner
+    from streamplex.server.engine.device import cpu_threads, resolve_device, resolve_dtype
 
     device = resolve_device(settings.device)
     dtype = resolve_dtype(settings.dtype, device)
@@ -57,8 +57,8 @@ def _embedding_specs(settings: Settings) -> list[RunnerSpec]:
         return []
 
     def create() -> BatchRunner:
-        from server.engine.device import cpu_threads, resolve_device, resolve_dtype
-        from server.engine.embedding import EmbeddingRunner
+        from streamplex.server.engine.device import cpu_threads, resolve_device, resolve_dtype
+        from streamplex.server.engine.embedding import EmbeddingRunner
 
         device = resolve_device(settings.device)
         return EmbeddingRunner(spec, device, resolve_dtype(settings.dtype, device), cpu_threads(settings.engine_threads))
@@ -73,8 +73,8 @@ def _translation_specs(settings: Settings) -> list[RunnerSpec]:
         return []
 
     def create() -> Runner:
-        from server.engine.device import cpu_threads, resolve_device, resolve_dtype
-        from server.engine.seq2seq import Seq2SeqRunner
+        from streamplex.server.engine.device import cpu_threads, resolve_device, resolve_dtype
+        from streamplex.server.engine.seq2seq import Seq2SeqRunner
 
         device = resolve_device(settings.device)
         return Seq2SeqRunner(spec, device, resolve_dtype(settings.dtype, device), cpu_threads(settings.engine_threads))
@@ -83,8 +83,8 @@ def _translation_specs(settings: Settings) -> list[RunnerSpec]:
 
 
 def _whisper_runner(spec: str, settings: Settings) -> Runner:
-    from server.engine.device import cpu_threads, resolve_device, resolve_dtype
-    from server.engine.whisper import WhisperRunner
+    from streamplex.server.engine.device import cpu_threads, resolve_device, resolve_dtype
+    from streamplex.server.engine.whisper import WhisperRunner
 
     device = resolve_device(settings.device)
     return WhisperRunner(

@@ -12,8 +12,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from server.engine.batch import BatchRunner
-from server.engine.scheduler import Output, StepPlan, summed
+from streamplex.server.engine.batch import BatchRunner
+from streamplex.server.engine.scheduler import Output, StepPlan, summed
 
 
 class Runner(ABC):

@@ -6,7 +6,7 @@ import secrets
 
 import torch
 
-from server.engine.request import SamplingParams
+from streamplex.server.engine.request import SamplingParams
 
 
 def make_generator(params: SamplingParams, device: torch.device) -> torch.Generator | None:

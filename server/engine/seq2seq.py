@@ -22,9 +22,9 @@ from typing import Any
 
 import torch
 
-from server.engine.device import use_threads
-from server.engine.runner import Runner
-from server.engine.scheduler import Output, StepPlan
+from streamplex.server.engine.device import use_threads
+from streamplex.server.engine.runner import Runner
+from streamplex.server.engine.scheduler import Output, StepPlan
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 

@@ -21,7 +21,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from server.engine.asr import SAMPLE_RATE
+from streamplex.server.engine.asr import SAMPLE_RATE
 
 FRAME = 512  # samples Silero scores at a time at 16 kHz (32 ms)
 CONTEXT = 64  # samples of the frame before, prepended to each frame

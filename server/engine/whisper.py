@@ -27,11 +27,11 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from server.engine import whisper_loading
-from server.engine.asr import SAMPLE_RATE, WINDOW_SECONDS, TranscriptionRequest, WhisperVocab, repeated_tail
-from server.engine.device import use_threads
-from server.engine.runner import Runner
-from server.engine.scheduler import Output, StepPlan
+from streamplex.server.engine import whisper_loading
+from streamplex.server.engine.asr import SAMPLE_RATE, WINDOW_SECONDS, TranscriptionRequest, WhisperVocab, repeated_tail
+from streamplex.server.engine.device import use_threads
+from streamplex.server.engine.runner import Runner
+from streamplex.server.engine.scheduler import Output, StepPlan
 
 PAD_SECONDS = 1.0  # silence after the audio, at least; the input is then rounded up to PAD_STEP
 PAD_STEP = SAMPLE_RATE // 10  # 0.1 s: 10 mel frames, 5 encoder frames

@@ -6,11 +6,11 @@ import asyncio
 from pathlib import Path
 from typing import Any
 
-from channels.base import Channel, Services, StreamContext
-from server.broker import MemoryBroker
-from server.config import Settings
-from server.hub import Hub
-from server.logbuffer import RingLogHandler
+from streamplex.server.broker import MemoryBroker
+from streamplex.server.channel import Channel, Services, StreamContext
+from streamplex.server.config import Settings
+from streamplex.server.hub import Hub
+from streamplex.server.logbuffer import RingLogHandler
 
 
 def make(cls: type[Channel], **settings: Any) -> Channel:

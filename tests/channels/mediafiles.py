@@ -15,7 +15,7 @@ from pathlib import Path
 import av
 import numpy as np
 
-from server.config import SAMPLES
+from streamplex.server.config import SAMPLES
 
 MEDIA = SAMPLES / "media"
 SPEECH = "speech.wav"  # espeak-ng, 22 050 Hz mono, about 7.2 s

@@ -10,7 +10,7 @@ from typing import Any
 import orjson
 import websockets
 
-from server.protocol import parse_server_binary
+from streamplex.server.protocol import parse_server_binary
 
 
 @dataclass

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from channels.agreement import LocalAgreement, text_of, timed_words
-from server.engine.asr import Segment
+from streamplex.channels.agreement import LocalAgreement, text_of, timed_words
+from streamplex.server.engine.asr import Segment
 
 
 def test_words_are_timed_by_length() -> None:
@@ -52,7 +52,7 @@ def test_an_echo_at_the_end_is_not_final_and_made_up_words_are_dropped_at_the_en
 
 
 def test_speech_end() -> None:
-    from channels.transcription import speech_end
+    from streamplex.channels.transcription import speech_end
 
     t = np.arange(16_000) / 16_000
     tone = 0.3 * np.sin(2 * np.pi * 220 * t).astype(np.float32)
@@ -62,14 +62,14 @@ def test_speech_end() -> None:
 
 
 def test_looping_segments_are_dropped() -> None:
-    from channels.transcription import without_repeats
+    from streamplex.channels.transcription import without_repeats
 
     looped = [Segment(0, 2, " The train leaves."), Segment(2, 4, " The train leaves!"), Segment(4, 5, " At noon."), Segment(5, 5, " At noon again.")]
     assert [s.text for s in without_repeats(looped)] == [" The train leaves.", " At noon."]
 
 
 def test_a_looping_hypothesis_is_recognised() -> None:
-    from channels.transcription import looping
+    from streamplex.channels.transcription import looping
 
     assert looping([Segment(0, 9, " He for train to the city" + " for train to the city" * 20)])
     assert not looping([Segment(0, 9, " The weather today is sunny with a light breeze from the west. Please send the report to my office.")])

@@ -12,14 +12,14 @@ import numpy as np
 import orjson
 import pytest
 
-from channels.analysis import DEFAULT_TOPICS, AnalysisChannel, centrality_summary
-from channels.base import AVAILABLE, ChannelError, ChannelStatus, Services
-from server.broker import MemoryBroker
-from server.config import Settings
-from server.engine import Engine
-from server.engine.runner import RunnerSpec
-from server.hub import Hub
-from server.logbuffer import RingLogHandler
+from streamplex.channels.analysis import DEFAULT_TOPICS, AnalysisChannel, centrality_summary
+from streamplex.server.broker import MemoryBroker
+from streamplex.server.channel import AVAILABLE, ChannelError, ChannelStatus, Services
+from streamplex.server.config import Settings
+from streamplex.server.engine import Engine
+from streamplex.server.engine.runner import RunnerSpec
+from streamplex.server.hub import Hub
+from streamplex.server.logbuffer import RingLogHandler
 from tests.channels.helpers import assert_goes_on_from_every_chunk, make, run
 from tests.embedmodel import embedding_runner, engine_with
 from tests.serverproc import ServerProc, collect, connect, send, start_server
@@ -105,7 +105,7 @@ async def test_summary_is_an_ordered_subset(channel: AnalysisChannel) -> None:
 
 
 async def test_too_many_sentences_end_with_an_error(channel: AnalysisChannel, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("channels.analysis.MAX_SENTENCES", 3)
+    monkeypatch.setattr("streamplex.channels.analysis.MAX_SENTENCES", 3)
     with pytest.raises(ChannelError, match="4 sentences; the limit is 3"):
         await run(channel, {"content": "One. Two. Three. Four.", "analysis_type": "sentiment"})
 

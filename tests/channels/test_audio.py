@@ -17,10 +17,10 @@ import pytest
 import torch
 import torchaudio
 
-from channels.audio import AudioChannel
-from channels.base import Binary, ChannelError, StreamContext
-from channels.pacing import Clock
-from server.protocol import ErrorCode
+from streamplex.channels.audio import AudioChannel
+from streamplex.channels.pacing import Clock
+from streamplex.server.channel import Binary, ChannelError, StreamContext
+from streamplex.server.protocol import ErrorCode
 from tests.channels.helpers import make, run
 from tests.channels.mediafiles import MEDIA, SPEECH, VIDEO, broken_files, http_server
 from tests.channels.mediaws import read_stream

@@ -10,14 +10,14 @@ from typing import Any
 
 import pytest
 
-from channels.base import END_OF_INPUT, CannotGoOn, ChannelError, Checkpoint, StreamContext, plain
-from channels.chat import ChatChannel, StopText, pushed_turn
-from server.config import Settings
-from server.engine import Engine
-from server.engine.causal_lm import CausalLMRunner
-from server.engine.loading import BUNDLED
-from server.engine.runner import RunnerSpec
-from server.protocol import ErrorCode
+from streamplex.channels.chat import ChatChannel, StopText, pushed_turn
+from streamplex.server.channel import END_OF_INPUT, CannotGoOn, ChannelError, Checkpoint, StreamContext, plain
+from streamplex.server.config import Settings
+from streamplex.server.engine import Engine
+from streamplex.server.engine.causal_lm import CausalLMRunner
+from streamplex.server.engine.loading import BUNDLED
+from streamplex.server.engine.runner import RunnerSpec
+from streamplex.server.protocol import ErrorCode
 from tests.chatmodel import bundled_runner, engine_with
 
 FRANCE = "What is the capital of France?"

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from channels.base import ChannelError
-from channels.data import DataChannel
-from server.protocol import ErrorCode
+from streamplex.channels.data import DataChannel
+from streamplex.server.channel import ChannelError
+from streamplex.server.protocol import ErrorCode
 from tests.channels.helpers import make, run, write
 
 RECORDS = [{"id": i, "name": f'n "{i}", <x> & y\nz', "tags": ["a", i], "ok": i % 2 == 0, "none": None} for i in range(25)]

@@ -12,9 +12,9 @@ import pytest
 import torch
 import torchaudio
 
-from channels.base import ChannelError
-from channels.media_decode import AudioDecoder, StreamingResampler, VideoDecoder
-from server.protocol import ErrorCode
+from streamplex.channels.media_decode import AudioDecoder, StreamingResampler, VideoDecoder
+from streamplex.server.channel import ChannelError
+from streamplex.server.protocol import ErrorCode
 from tests.channels.mediafiles import MEDIA, SPEECH, VIDEO, broken_files, read_counter
 
 

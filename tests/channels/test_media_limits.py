@@ -16,11 +16,11 @@ from typing import Any
 import av
 import pytest
 
-from channels.base import ChannelError
-from channels.media import DISK, local_media, media_ref
-from channels.media_decode import AudioDecoder, MediaLimits, VideoDecoder, open_media
-from server.config import Settings
-from server.protocol import ErrorCode
+from streamplex.channels.media import DISK, local_media, media_ref
+from streamplex.channels.media_decode import AudioDecoder, MediaLimits, VideoDecoder, open_media
+from streamplex.server.channel import ChannelError
+from streamplex.server.config import Settings
+from streamplex.server.protocol import ErrorCode
 from tests.channels.mediafiles import MEDIA, SPEECH, http_server, nesting_lists, write_undeclared_audio, write_video
 
 LOOPBACK = "127.0.0.0/8"

@@ -10,10 +10,10 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 
-from channels.base import ChannelError
-from channels.media import local_media, media_ref
-from server.config import Settings
-from server.protocol import ErrorCode
+from streamplex.channels.media import local_media, media_ref
+from streamplex.server.channel import ChannelError
+from streamplex.server.config import Settings
+from streamplex.server.protocol import ErrorCode
 from tests.channels.mediafiles import MEDIA, SPEECH, broken_files, http_server, nesting_lists, write_video
 from tests.channels.mediaws import read_stream
 from tests.serverproc import ServerProc, connect, send, start_server

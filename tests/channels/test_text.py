@@ -9,9 +9,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from channels.base import ChannelError
-from channels.text import TextChannel
-from server.protocol import ErrorCode
+from streamplex.channels.text import TextChannel
+from streamplex.server.channel import ChannelError
+from streamplex.server.protocol import ErrorCode
 from tests.channels.helpers import make, run, write
 
 UNITS = ["chars", "words", "sentences", "bytes"]

@@ -13,9 +13,9 @@ import numpy as np
 import orjson
 import pytest
 
-from server.config import Settings
-from server.engine.asr import SAMPLE_RATE
-from server.engine.whisper_loading import model_folder
+from streamplex.server.config import Settings
+from streamplex.server.engine.asr import SAMPLE_RATE
+from streamplex.server.engine.whisper_loading import model_folder
 from tests.asrmodel import ENGLISH, SPANISH, speech, speech_wav, wer, words
 from tests.serverproc import ServerProc, collect, connect, recv, send, start_server
 

@@ -7,14 +7,14 @@ from typing import Any
 
 import numpy as np
 
-from channels.base import END_OF_INPUT, Services, StreamContext
-from channels.transcription import TranscriptionChannel
-from server.broker import MemoryBroker
-from server.config import Settings
-from server.engine import Engine
-from server.engine.asr import SAMPLE_RATE
-from server.hub import Hub
-from server.logbuffer import RingLogHandler
+from streamplex.channels.transcription import TranscriptionChannel
+from streamplex.server.broker import MemoryBroker
+from streamplex.server.channel import END_OF_INPUT, Services, StreamContext
+from streamplex.server.config import Settings
+from streamplex.server.engine import Engine
+from streamplex.server.engine.asr import SAMPLE_RATE
+from streamplex.server.hub import Hub
+from streamplex.server.logbuffer import RingLogHandler
 from tests.asrmodel import ENGLISH, bundled_whisper, engine_with, speech, wer
 
 

@@ -11,16 +11,16 @@ import orjson
 import pytest
 import torch
 
-from channels.apertium import escape, unescape
-from channels.base import ChannelError, Services, StreamContext
-from channels.translation import TranslationChannel, TranslationParams, sentences
-from server.broker import MemoryBroker
-from server.config import Settings
-from server.engine import Engine, Limits
-from server.engine.runner import RunnerSpec
-from server.engine.seq2seq import Seq2SeqRunner
-from server.hub import Hub
-from server.logbuffer import RingLogHandler
+from streamplex.channels.apertium import escape, unescape
+from streamplex.channels.translation import TranslationChannel, TranslationParams, sentences
+from streamplex.server.broker import MemoryBroker
+from streamplex.server.channel import ChannelError, Services, StreamContext
+from streamplex.server.config import Settings
+from streamplex.server.engine import Engine, Limits
+from streamplex.server.engine.runner import RunnerSpec
+from streamplex.server.engine.seq2seq import Seq2SeqRunner
+from streamplex.server.hub import Hub
+from streamplex.server.logbuffer import RingLogHandler
 from tests.channels.helpers import assert_goes_on_from_every_chunk, make, run
 from tests.serverproc import ServerProc, collect, connect, send, start_server
 from tests.tinymarian import tiny_marian

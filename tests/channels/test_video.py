@@ -13,9 +13,9 @@ import av
 import numpy as np
 import pytest
 
-from channels.base import Binary, ChannelError, StreamContext
-from channels.video import VideoChannel, qscale
-from server.protocol import ErrorCode
+from streamplex.channels.video import VideoChannel, qscale
+from streamplex.server.channel import Binary, ChannelError, StreamContext
+from streamplex.server.protocol import ErrorCode
 from tests.channels.helpers import make, run
 from tests.channels.mediafiles import SPEECH, VIDEO, broken_files, read_counter
 from tests.channels.mediaws import read_stream

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -119,8 +120,13 @@ def test_serve_runs_the_server(tmp_path: Path) -> None:
 
 
 def test_serve_without_the_server_says_so(tmp_path: Path) -> None:
-    # Without site processing the editable server install is invisible; only the client and its dependencies are on the path.
-    path = os.pathsep.join([str(ROOT / "client_py"), sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]])
+    # What the streamplex-client distribution installs: the SDK's modules without the server and channels subpackages.
+    # Without site processing the editable install is invisible; only that copy and the dependencies are on the path.
+    sdk = tmp_path / "sdk" / "streamplex"
+    sdk.mkdir(parents=True)
+    for module in (ROOT / "client_py" / "streamplex").glob("*.py"):
+        shutil.copy(module, sdk)
+    path = os.pathsep.join([str(sdk.parent), sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]])
     code = "import sys; from streamplex.cli import main; main(sys.argv[1:])"
     done = subprocess.run([sys.executable, "-S", "-c", code, "serve"], cwd=tmp_path, env={"PYTHONPATH": path}, capture_output=True, text=True, timeout=60)
     assert done.returncode == 2, done.stderr

@@ -7,8 +7,8 @@ import subprocess
 import time
 
 import pytest
-import streamplex
 
+import streamplex
 from tests.serverproc import ServerProc, start_server
 
 TEXT = "One socket carries many streams. Each has its own sequence. Leaving a loop cancels it."

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import streamplex
-
 from tests.serverproc import ServerProc
 
 

@@ -6,8 +6,7 @@ import re
 
 import streamplex
 from streamplex.errors import ERRORS, protocol_error
-
-from server.protocol import ErrorCode
+from streamplex.server.protocol import ErrorCode
 from tests.serverproc import ROOT
 
 

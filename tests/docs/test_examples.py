@@ -176,7 +176,7 @@ def run(example: Example, server: ServerProc, cwd: Path, tmp: Path) -> None:
         assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
         assert done.stdout.strip() or "print(" not in code, "the example printed nothing"
         return
-    if re.search(r"(streamplex serve|-m server)\b", code):
+    if re.search(r"(streamplex serve|-m streamplex.server)\b", code):
         run_server(code, port, cwd, env)
         return
     if code.startswith("pip install"):  # as written, in a fresh venv (its dependencies come from the package index)

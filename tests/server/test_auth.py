@@ -5,8 +5,8 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
-from server.auth import AuthThrottle, KeyStore, address_key
-from server.config import Settings
+from streamplex.server.auth import AuthThrottle, KeyStore, address_key
+from streamplex.server.config import Settings
 
 
 def test_keys_from_settings_with_scopes_and_hashed_file(tmp_path: Path) -> None:

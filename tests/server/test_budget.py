@@ -7,16 +7,16 @@ import asyncio
 
 import orjson
 
-from channels.base import Services
-from channels.text import TextChannel
-from server.auth import Principal
-from server.broker import MemoryBroker
-from server.config import Settings
-from server.hub import Hub
-from server.logbuffer import RingLogHandler
-from server.protocol import EndReason, Subscribe
-from server.session import Session
-from server.telemetry import Stats
+from streamplex.channels.text import TextChannel
+from streamplex.server.auth import Principal
+from streamplex.server.broker import MemoryBroker
+from streamplex.server.channel import Services
+from streamplex.server.config import Settings
+from streamplex.server.hub import Hub
+from streamplex.server.logbuffer import RingLogHandler
+from streamplex.server.protocol import EndReason, Subscribe
+from streamplex.server.session import Session
+from streamplex.server.telemetry import Stats
 
 
 def session_with(settings: Settings) -> Session:

@@ -16,9 +16,9 @@ from typing import Any
 import orjson
 import pytest
 import websockets
-from streamplex import connect as sdk_connect
 
-from server.protocol import parse_server_binary
+from streamplex import connect as sdk_connect
+from streamplex.server.protocol import parse_server_binary
 from tests.channels.mediafiles import MEDIA, SPEECH, http_server
 from tests.nginxproc import NGINX, running_nginx
 from tests.redisproc import RedisProc, running_redis

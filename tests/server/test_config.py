@@ -5,13 +5,13 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
-from server.cli import build_parser
-from server.config import ROOT, Settings, settings_table
+from streamplex.server.cli import build_parser
+from streamplex.server.config import ROOT, Settings, settings_table
 
 
 def test_configuration_doc_lists_every_setting() -> None:
     doc = (ROOT / "docs" / "configuration.md").read_text()
-    assert settings_table() in doc, "regenerate with: python -m server.config"
+    assert settings_table() in doc, "regenerate with: python -m streamplex.server.config"
 
 
 def test_env_then_flags_override(monkeypatch) -> None:

@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from server.connection import start_eagerly
+from streamplex.server.connection import start_eagerly
 
 
 async def test_a_coroutine_that_never_suspends_finishes_in_the_callers_stack() -> None:

@@ -16,10 +16,10 @@ import uvicorn
 import websockets
 from websockets.frames import Frame, Opcode
 
-from server.app import App, create_app
-from server.config import Settings
-from server.protocol import CloseCode
-from server.wsprotocol import DirectProtocol, LazyDeflate, frame_header
+from streamplex.server.app import App, create_app
+from streamplex.server.config import Settings
+from streamplex.server.protocol import CloseCode
+from streamplex.server.wsprotocol import DirectProtocol, LazyDeflate, frame_header
 from tests.server.test_ws import closed_with
 from tests.serverproc import KEY, free_port, recv, send
 

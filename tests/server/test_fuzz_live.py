@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect as sync_connect
 
-from server.protocol import CloseCode, EndReason, ErrorCode, parse_server_binary
+from streamplex.server.protocol import CloseCode, EndReason, ErrorCode, parse_server_binary
 from tests.serverproc import ServerProc, start_server
 
 SERVER_OPS = {"subscribed", "chunk", "end", "error", "pong", "resumed"}

@@ -12,7 +12,7 @@ import orjson
 import pytest
 import websockets
 
-from server.config import Settings
+from streamplex.server.config import Settings
 from tests.serverproc import PLAIN, ROOT, ServerProc, connect, recv, start_server
 
 TEXT = {"text": "Curl users stream too. One line per chunk.", "unit": "words", "chunk_size": 2}

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import asyncio
 
-from channels.base import Gap
-from server.broker import MemoryBroker
-from server.hub import Hub
+from streamplex.server.broker import MemoryBroker
+from streamplex.server.channel import Gap
+from streamplex.server.hub import Hub
 
 
 async def test_one_producer_shared_and_stopped_with_last_subscriber() -> None:

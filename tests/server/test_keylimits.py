@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from server.keylimits import Gcra, KeyLimits
+from streamplex.server.keylimits import Gcra, KeyLimits
 
 
 class Clock:

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from server.outbox import Flag, Lane, Outbox, OutboxOverflow, Pending
+from streamplex.server.outbox import Flag, Lane, Outbox, OutboxOverflow, Pending
 
 
 async def test_lossless_put_waits_for_room() -> None:

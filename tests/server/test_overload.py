@@ -13,9 +13,9 @@ from typing import Any
 import orjson
 import pytest
 
-from server.admission import Admission, LoopMonitor
-from server.config import Settings
-from server.protocol import ErrorCode, ProtocolError
+from streamplex.server.admission import Admission, LoopMonitor
+from streamplex.server.config import Settings
+from streamplex.server.protocol import ErrorCode, ProtocolError
 from tests.serverproc import ServerProc, connect, recv, send, start_server
 
 MiB = 1 << 20

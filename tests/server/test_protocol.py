@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from server.protocol import (
+from streamplex.server.protocol import (
     Auth,
     ErrorCode,
     ProtocolError,

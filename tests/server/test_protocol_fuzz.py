@@ -12,7 +12,7 @@ import orjson
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from server.protocol import (
+from streamplex.server.protocol import (
     CLIENT_OPS,
     MAX_ID_BYTES,
     Auth,

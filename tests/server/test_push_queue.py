@@ -5,16 +5,16 @@ from __future__ import annotations
 import orjson
 import pytest
 
-from channels.base import Services
-from channels.chat import ChatChannel
-from server.auth import Principal
-from server.broker import MemoryBroker
-from server.config import Settings
-from server.hub import Hub
-from server.logbuffer import RingLogHandler
-from server.protocol import EndReason, ErrorCode, ProtocolError, Subscribe
-from server.session import Session
-from server.telemetry import Stats
+from streamplex.channels.chat import ChatChannel
+from streamplex.server.auth import Principal
+from streamplex.server.broker import MemoryBroker
+from streamplex.server.channel import Services
+from streamplex.server.config import Settings
+from streamplex.server.hub import Hub
+from streamplex.server.logbuffer import RingLogHandler
+from streamplex.server.protocol import EndReason, ErrorCode, ProtocolError, Subscribe
+from streamplex.server.session import Session
+from streamplex.server.telemetry import Stats
 from tests.chatmodel import bundled_runner, engine_with
 
 

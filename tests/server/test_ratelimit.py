@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from server.ratelimit import TokenBucket
+from streamplex.server.ratelimit import TokenBucket
 
 
 class Clock:

@@ -6,7 +6,7 @@ import logging
 
 import pytest
 
-from server.redact import RedactKeys, redact
+from streamplex.server.redact import RedactKeys, redact
 
 
 @pytest.mark.parametrize(

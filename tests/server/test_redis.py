@@ -15,7 +15,7 @@ import orjson
 import pytest
 import websockets
 
-from server.session_store import digest
+from streamplex.server.session_store import digest
 from tests.redisproc import RedisProc, running_redis
 from tests.serverproc import PLAIN, ServerProc, connect, free_port, recv, send, start_server
 

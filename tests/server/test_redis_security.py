@@ -16,7 +16,7 @@ import pytest
 import trustme
 import websockets
 
-from server.session_store import digest
+from streamplex.server.session_store import digest
 from tests.redisproc import RedisProc, running_redis
 from tests.server.test_redis import _wait_for_node_records
 from tests.serverproc import ServerProc, connect, free_port, recv, send, start_server

@@ -8,8 +8,8 @@ import time
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from server.outbox import Outbox
-from server.telemetry import Activity, SendDelay, Stats
+from streamplex.server.outbox import Outbox
+from streamplex.server.telemetry import Activity, SendDelay, Stats
 from tests.serverproc import ServerProc, collect, connect, send, start_server
 
 

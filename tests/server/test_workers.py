@@ -1,4 +1,4 @@
-"""`python -m server --workers 2` as real processes on one port with a real redis-server: refused without Redis,
+"""`python -m streamplex.server --workers 2` as real processes on one port with a real redis-server: refused without Redis,
 connections spread over both workers, logs shared, a SIGKILLed worker restarted, SIGTERM draining both, no worker
 outliving a SIGKILLed supervisor."""
 
@@ -99,7 +99,7 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisProc
 
 @contextlib.contextmanager
 def running_workers(tmp: Path, redis_server: RedisProc) -> Iterator[Workers]:
-    """`python -m server --workers 2` on a free port, both workers ready, until the block ends."""
+    """`python -m streamplex.server --workers 2` on a free port, both workers ready, until the block ends."""
     port = free_port()
     log_path = tmp / "workers.log"
     # The password in the environment (as compose.yaml and the GKE manifests give it), which the workers inherit.
@@ -113,7 +113,7 @@ def running_workers(tmp: Path, redis_server: RedisProc) -> Iterator[Workers]:
         shutdown_timeout="5",
         activity_log_interval="0.5",
     )
-    cmd = [sys.executable, "-m", "server", "--workers", "2", "--port", str(port)]
+    cmd = [sys.executable, "-m", "streamplex.server", "--workers", "2", "--port", str(port)]
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log_path.open("wb"), stderr=subprocess.STDOUT)
     server = Workers(proc, port, log_path)
     left: list[int] = []
@@ -145,7 +145,9 @@ def workers(tmp_path_factory: pytest.TempPathFactory, redis_server: RedisProc) -
 def test_more_than_one_worker_without_redis_is_refused(how: str) -> None:
     env = _env(workers="3") if how == "env" else _env()
     args = [] if how == "env" else ["--workers", "3"]
-    run = subprocess.run([sys.executable, "-m", "server", "--port", str(free_port()), *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    run = subprocess.run(
+        [sys.executable, "-m", "streamplex.server", "--port", str(free_port()), *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60
+    )
     assert run.returncode != 0
     assert "workers=3 needs redis_url (STREAMPLEX_REDIS_URL)" in run.stderr, run.stderr
     assert "Traceback" not in run.stderr

@@ -11,7 +11,7 @@ import pytest
 import websockets
 from websockets.exceptions import ConnectionClosed
 
-from server.protocol import parse_server_binary
+from streamplex.server.protocol import parse_server_binary
 from tests.serverproc import ServerProc, collect, connect, recv, send, start_server
 
 ERROR_CODES = {
@@ -275,7 +275,7 @@ async def test_disconnect_with_open_streams_leaves_nothing_behind(tmp) -> None:
 
 
 async def test_binary_frame_header_roundtrip() -> None:
-    from server.protocol import encode_binary
+    from streamplex.server.protocol import encode_binary
 
     assert parse_server_binary(encode_binary("s1", 7, b"pcm")) == ("s1", 7, b"pcm")
 

@@ -9,9 +9,9 @@ from collections.abc import Callable
 import pytest
 import torch
 
-from server.engine import Engine, GenerationRequest, SamplingParams, Stream
-from server.engine.causal_lm import CausalLMRunner
-from server.engine.detok import IncrementalDetokenizer
+from streamplex.server.engine import Engine, GenerationRequest, SamplingParams, Stream
+from streamplex.server.engine.causal_lm import CausalLMRunner
+from streamplex.server.engine.detok import IncrementalDetokenizer
 from tests.chatmodel import bundled_runner, engine_with
 
 
@@ -162,7 +162,7 @@ async def test_the_prefix_cache_is_per_tenant(runner: CausalLMRunner) -> None:
 
 
 def test_prefix_cache_entries_are_matched_within_their_tenant_only() -> None:
-    from server.engine.causal_lm import PrefixCache
+    from streamplex.server.engine.causal_lm import PrefixCache
 
     cache = PrefixCache(8)
     kv = torch.zeros(2, 1, 4, 1)

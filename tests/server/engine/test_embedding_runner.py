@@ -10,8 +10,8 @@ from typing import Any
 import numpy as np
 import pytest
 
-from server.engine import BatchRunner, EngineError, StepFailed
-from server.engine.embedding import EmbeddingRunner
+from streamplex.server.engine import BatchRunner, EngineError, StepFailed
+from streamplex.server.engine.embedding import EmbeddingRunner
 from tests.embedmodel import embedding_runner, engine_with
 
 DOCS = [

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from server.engine.kvcache import COLUMN_GROWTH, KVBlock
+from streamplex.server.engine.kvcache import COLUMN_GROWTH, KVBlock
 
 
 def block() -> KVBlock:

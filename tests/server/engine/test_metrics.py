@@ -6,8 +6,8 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from server.engine import Engine, GenerationRequest, SamplingParams
-from server.engine.metrics import families
+from streamplex.server.engine import Engine, GenerationRequest, SamplingParams
+from streamplex.server.engine.metrics import families
 from tests.chatmodel import bundled_runner, engine_with
 from tests.embedmodel import embedding_runner
 from tests.embedmodel import engine_with as embedding_engine_with

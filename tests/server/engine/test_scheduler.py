@@ -8,9 +8,9 @@ import sys
 
 import pytest
 
-from server.engine import Engine, EngineError, Limits
-from server.engine.runner import Runner, RunnerSpec
-from server.engine.scheduler import AdmissionError, Chunk, Output, RoundRobin, Scheduler, Seq, StepPlan
+from streamplex.server.engine import Engine, EngineError, Limits
+from streamplex.server.engine.runner import Runner, RunnerSpec
+from streamplex.server.engine.scheduler import AdmissionError, Chunk, Output, RoundRobin, Scheduler, Seq, StepPlan
 
 
 def make(**kw: int) -> Scheduler:

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from server.engine import Engine, Limits
-from server.engine.runner import RunnerSpec
-from server.engine.seq2seq import Seq2SeqRunner
+from streamplex.server.engine import Engine, Limits
+from streamplex.server.engine.runner import RunnerSpec
+from streamplex.server.engine.seq2seq import Seq2SeqRunner
 from tests.device import TEST_DEVICE
 from tests.tinymarian import tiny_marian
 

@@ -13,20 +13,20 @@ from typing import Any
 import orjson
 import pytest
 
-from channels.base import Services
-from channels.chat import ChatChannel
-from server.auth import Principal
-from server.broker import MemoryBroker
-from server.config import Settings
-from server.engine import Engine, GenerationRequest, Limits, SamplingParams, Stream
-from server.engine.causal_lm import CausalLMRunner
-from server.engine.runner import Runner, RunnerSpec
-from server.engine.scheduler import Output, StepPlan
-from server.hub import Hub
-from server.logbuffer import RingLogHandler
-from server.protocol import EndReason, Subscribe
-from server.session import Session
-from server.telemetry import Stats
+from streamplex.channels.chat import ChatChannel
+from streamplex.server.auth import Principal
+from streamplex.server.broker import MemoryBroker
+from streamplex.server.channel import Services
+from streamplex.server.config import Settings
+from streamplex.server.engine import Engine, GenerationRequest, Limits, SamplingParams, Stream
+from streamplex.server.engine.causal_lm import CausalLMRunner
+from streamplex.server.engine.runner import Runner, RunnerSpec
+from streamplex.server.engine.scheduler import Output, StepPlan
+from streamplex.server.hub import Hub
+from streamplex.server.logbuffer import RingLogHandler
+from streamplex.server.protocol import EndReason, Subscribe
+from streamplex.server.session import Session
+from streamplex.server.telemetry import Stats
 from tests.chatmodel import bundled_runner
 
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from server.engine.asr import SAMPLE_RATE
-from server.engine.vad import Boundary, Endpointer, silero
+from streamplex.server.engine.asr import SAMPLE_RATE
+from streamplex.server.engine.vad import Boundary, Endpointer, silero
 from tests.asrmodel import ENGLISH, speech
 
 

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from server.engine.asr import SAMPLE_RATE, Segment, TranscriptionRequest, WhisperVocab, repeated_tail
-from server.engine.whisper import padded_samples
+from streamplex.server.engine.asr import SAMPLE_RATE, Segment, TranscriptionRequest, WhisperVocab, repeated_tail
+from streamplex.server.engine.whisper import padded_samples
 from tests.asrmodel import ENGLISH, SPANISH, bundled_whisper, engine_with, speech, transcribe, wer
 
 

@@ -16,9 +16,9 @@ from typing import Any, ClassVar, Literal, Protocol, cast
 import orjson
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from server.config import Settings
-from server.engine import Engine
-from server.protocol import ErrorCode, validation_details
+from streamplex.server.config import Settings
+from streamplex.server.engine import Engine
+from streamplex.server.protocol import ErrorCode, validation_details
 
 
 @dataclass(frozen=True, slots=True)
