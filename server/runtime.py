@@ -113,6 +113,11 @@ class Runtime:
             yield CounterMetricFamily(
                 "streamplex_redis_session_writes_dropped", "Session and replay writes to Redis dropped while it was unreachable.", value=self.store.dropped
             )
+            yield CounterMetricFamily(
+                "streamplex_redis_sessions_fenced",
+                "Sessions this node still wrote for after another node had taken them over (paused or cut from Redis meanwhile); their writes were refused.",
+                value=self.store.fenced,
+            )
         yield from engine_families(self.engine.metrics())
         yield from self.engine.histograms.collect()
 
@@ -187,14 +192,23 @@ class Runtime:
         record = await store.load(token)
         if record is None or record.label != principal.label:
             return None
-        if record.owner == self.settings.node:
+        if record.owner == self.settings.node and record.inst == store.instance:
             await self.release(digest(token))
-        elif not await store.claim(token, record):
+        claim = await store.claim(token, record)
+        if claim is None:
             return None
         session = Session(self.settings, self.channels, principal, self.telemetry.stats, store, (record.id, token))
         report, frames = await take_over(store, session, record, self.channels, last_seqs)
         store.attached(token, session.id, principal.label, session.specs())
-        log.info("session %s taken over from node %s: %d stream(s), %d frame(s) replayed", session.id, record.owner or "(released)", len(report), len(frames))
+        log.info(
+            "session %s taken over from node %s, %s, after %.3f s of waiting for it: %d stream(s), %d frame(s) replayed",
+            session.id,
+            record.owner or "(released)",
+            claim.how,
+            claim.waited,
+            len(report),
+            len(frames),
+        )
         return session, report, frames
 
     async def release(self, key: str) -> None:

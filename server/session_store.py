@@ -12,8 +12,14 @@ Writes leave the session's path through one bounded queue, sent in pipelined bat
 a chunk never waits for Redis. While Redis is away they are dropped (and counted): what a client
 then misses can be replayed only by the node that holds the session, or regenerated (channels that
 restart at a position). A node announces it is alive with a key that expires `NODE_TTL` after its
-last heartbeat; a node taking over a session from a live owner asks it, on a pub/sub channel, to
-let go first (see `claim`).
+last heartbeat, and with a pub/sub subscription of its own (`{prefix}:alive:{instance}`) that Redis
+drops the moment the process's connection closes: a node taking over a session whose owner is gone
+takes it at once; a live owner it asks, on a pub/sub channel, to let go first (see `claim`).
+
+Every write a node makes for a session is fenced: it goes to Redis in a script that first checks the
+session's record still names this node and process (`owner`, `inst`); a node that lost a session
+(paused, or cut from Redis, while another node took it over) writes nothing more for it and stops
+its streams.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ import asyncio
 import contextlib
 import hashlib
 import logging
+import secrets
 import struct
 import time
 from dataclasses import dataclass, field
@@ -29,7 +36,7 @@ from typing import Any, cast
 
 import orjson
 from pydantic import BaseModel, ConfigDict, Field
-from redis.exceptions import RedisError
+from redis.exceptions import RedisError, ResponseError
 
 from streamplex.server.protocol import MAX_ID_BYTES, parse_server_binary
 from streamplex.server.redis_broker import Malformed, RedisBroker
@@ -46,6 +53,36 @@ REDIS_TIMEOUT = 2.0
 LET_GO = """
 if redis.call('HGET', KEYS[1], 'owner') == ARGV[1] then redis.call('HSET', KEYS[1], 'owner', '') end
 return 1
+"""
+
+# A batch of writes, each run only if the session it is for is still this process's.
+# KEYS: the session records the batch writes for; ARGV[1] this node, ARGV[2] its instance, then per command:
+# the index of its record in KEYS (0: none), its number of arguments, the arguments. A record that does not
+# exist yet (its first HSET is in the batch) or names this node with this instance (or none) is this
+# process's. Returns the records that are not (another node took them over), then how many commands failed.
+FENCED_BATCH = """
+local mine = {}
+for i, key in ipairs(KEYS) do
+  local o = redis.call('HMGET', key, 'owner', 'inst')
+  mine[i] = (not o[1]) or (o[1] == ARGV[1] and (not o[2] or o[2] == ARGV[2]))
+end
+local failed = 0
+local i = 3
+while i <= #ARGV do
+  local k = tonumber(ARGV[i])
+  local n = tonumber(ARGV[i + 1])
+  if k == 0 or mine[k] then
+    local r = redis.pcall(unpack(ARGV, i + 2, i + 1 + n))
+    if type(r) == 'table' and r.err then failed = failed + 1 end
+  end
+  i = i + 2 + n
+end
+local lost = {}
+for j, key in ipairs(KEYS) do
+  if not mine[j] then lost[#lost + 1] = key end
+end
+lost[#lost + 1] = failed
+return lost
 """
 
 
@@ -78,6 +115,7 @@ class SessionRecord:
     id: str
     label: str
     owner: str
+    inst: str = ""  # the owner's process (SessionStore.instance); empty in records of older nodes
     streams: dict[str, StreamSpec] = field(default_factory=dict)
 
 
@@ -113,19 +151,33 @@ class SessionStore:
         self.handover_timeout = handover_timeout
         self.refresh_interval = min(5.0, max(0.2, window / 3))
         self.dropped = 0
+        self.fenced = 0  # sessions this process lost to another node while it still wrote for them
+        self.instance = secrets.token_hex(8)  # this process: a node restarted under the same name is another owner
         self.on_release: Any = None  # async (digest) -> None: let go of a session another node takes over
-        self._queue: asyncio.Queue[tuple[Any, ...] | asyncio.Future[None]] = asyncio.Queue(QUEUE_DEPTH)
+        self._queue: asyncio.Queue[tuple[str | None, tuple[Any, ...]] | asyncio.Future[None]] = asyncio.Queue(QUEUE_DEPTH)
         self._held: dict[str, _Held] = {}  # by digest
+        self._fences: dict[str, str] = {}  # session id -> digest, for every session this process writes for
         self._tasks: list[asyncio.Task[None]] = []
         self._warned = False
+        self._probe = True  # PUBSUB NUMSUB answers (an ACL may forbid it: then only the heartbeat key tells)
         self._let_go = self.redis.register_script(LET_GO)
+        self._batch = self.redis.register_script(FENCED_BATCH)
         broker.handlers[self.handover_channel] = self._handover_requested
+        broker.handlers[self.alive_channel] = _ignore
 
     # keys --------------------------------------------------------------------------------------
 
     @property
     def handover_channel(self) -> str:
         return f"{self.prefix}:handover"
+
+    @property
+    def alive_channel(self) -> str:
+        """The channel this process stays subscribed to while it lives: its subscriber count says whether it is gone."""
+        return self._alive_channel(self.instance)
+
+    def _alive_channel(self, instance: str) -> str:
+        return f"{self.prefix}:alive:{instance}"
 
     def _sess_key(self, token_digest: str) -> str:
         return f"{self.prefix}:sess:{token_digest}"
@@ -173,11 +225,12 @@ class SessionStore:
         held = self._held.get(key)
         if held is None:
             held = self._held[key] = _Held(session_id, label)
-            self._put("HSET", self._sess_key(key), "id", session_id, "label", label, "owner", self.node)
+            self._fences[session_id] = key
+            self._put(key, "HSET", self._sess_key(key), "id", session_id, "label", label, "owner", self.node, "inst", self.instance)
         spec = orjson.dumps({"channel": channel, "params": params})
         held.streams[stream_id] = spec
-        self._put("HSET", self._sess_key(key), f"s:{stream_id}", spec)
-        self._put("PEXPIRE", self._sess_key(key), self.window_ms)
+        self._put(key, "HSET", self._sess_key(key), f"s:{stream_id}", spec)
+        self._put(key, "PEXPIRE", self._sess_key(key), self.window_ms)
 
     def chunk(self, session_id: str, stream_id: str, seq: int, payload: str | bytes, first_kept: int, position: Any = None) -> None:
         """A lossless chunk was sent: append it (with its producer's position, if any), and trim what the node's
@@ -185,44 +238,49 @@ class SessionStore:
         key = self._replay_key(session_id, stream_id)
         kind = "b" if isinstance(payload, bytes) else "c"
         extra = () if position is None else ("p", orjson.dumps(position))
-        self._put("XADD", key, "MINID", f"{first_kept}-0", f"{seq}-1", kind, payload, *extra)
-        self._put("PEXPIRE", key, self.window_ms)
+        fence = self._fences.get(session_id)
+        self._put(fence, "XADD", key, "MINID", f"{first_kept}-0", f"{seq}-1", kind, payload, *extra)
+        self._put(fence, "PEXPIRE", key, self.window_ms)
 
     def ended(self, session_id: str, stream_id: str, next_seq: int, payload: str) -> None:
         """A stream ended with an `end` frame the client must get: it is the stream's last entry."""
         key = self._replay_key(session_id, stream_id)
-        self._put("XADD", key, f"{next_seq}-1", "e", payload)
-        self._put("PEXPIRE", key, self.window_ms)
+        fence = self._fences.get(session_id)
+        self._put(fence, "XADD", key, f"{next_seq}-1", "e", payload)
+        self._put(fence, "PEXPIRE", key, self.window_ms)
 
     def attached(self, token: str, session_id: str, label: str, streams: dict[str, tuple[str, dict[str, Any]]]) -> None:
         """This node now holds the session's connection (after a resume): own it and keep it fresh."""
         key = digest(token)
         held = self._held[key] = _Held(session_id, label, {sid: orjson.dumps({"channel": c, "params": p}) for sid, (c, p) in streams.items()})
+        self._fences[session_id] = key
         if held.streams:
-            self._put("HSET", self._sess_key(key), "id", session_id, "label", label, "owner", self.node, *_flat(held.streams))
-            self._put("PEXPIRE", self._sess_key(key), self.window_ms)
+            self._put(key, "HSET", self._sess_key(key), "id", session_id, "label", label, "owner", self.node, "inst", self.instance, *_flat(held.streams))
+            self._put(key, "PEXPIRE", self._sess_key(key), self.window_ms)
 
     def detached(self, token: str) -> None:
         """The connection dropped: the record now lives `resume_window` more, unless resumed."""
         held = self._held.get(digest(token))
         if held is not None:
             held.attached = False
-            self._put("PEXPIRE", self._sess_key(digest(token)), self.window_ms)
+            self._put(digest(token), "PEXPIRE", self._sess_key(digest(token)), self.window_ms)
 
     def forget(self, token: str, session_id: str, stream_ids: list[str]) -> None:
         """The session is over (closed cleanly, expired, or ended): delete its record and replay."""
         key = digest(token)
         held = self._held.pop(key, None)
         ids = set(stream_ids) | set(held.streams if held else ())
-        self._put("DEL", self._sess_key(key), *(self._replay_key(session_id, sid) for sid in ids))
+        self._put(key, "DEL", self._sess_key(key), *(self._replay_key(session_id, sid) for sid in ids))
+        self._fences.pop(session_id, None)
 
     def disown(self, token: str) -> None:
         """Stop refreshing a session another node takes over (its record stays)."""
         self._held.pop(digest(token), None)
 
-    def _put(self, *command: Any) -> None:
+    def _put(self, fence: str | None, *command: Any) -> None:
+        """Queue a write; with `fence` (a session's digest), it is made only while that session is this process's."""
         try:
-            self._queue.put_nowait(command)
+            self._queue.put_nowait((fence, command))
         except asyncio.QueueFull:
             self._drop(1, "the write queue is full")
 
@@ -242,22 +300,46 @@ class SessionStore:
                 self._drop(len(commands), "Redis is down")
             elif commands:
                 try:
-                    async with asyncio.timeout(REDIS_TIMEOUT):
-                        pipe = self.redis.pipeline(transaction=False)
-                        for command in commands:
-                            pipe.execute_command(*command)
-                        results = await pipe.execute(raise_on_error=False)
+                    await self._execute(commands)
                     self._warned = False
-                    for command, result in zip(commands, results, strict=True):
-                        if isinstance(result, Exception):
-                            # An XADD below the stream's top: another node took the stream over (we keep quiet).
-                            log.debug("Redis refused %s %s: %s", command[0], command[1], result)
                 except (RedisError, OSError, TimeoutError) as exc:
                     self.broker.mark_down(exc)
                     self._drop(len(commands), "Redis failed")
             for item in batch:
                 if isinstance(item, asyncio.Future) and not item.done():
                     item.set_result(None)
+
+    async def _execute(self, commands: list[tuple[str | None, tuple[Any, ...]]]) -> None:
+        """Run `commands` in one fenced batch (FENCED_BATCH); let go of the sessions another node took over."""
+        records: dict[str, int] = {}
+        args: list[Any] = [self.node, self.instance]
+        for fence, command in commands:
+            index = 0 if fence is None else records.setdefault(fence, len(records) + 1)
+            args += [index, len(command), *command]
+        async with asyncio.timeout(REDIS_TIMEOUT):
+            answer = await self._batch(keys=[self._sess_key(k) for k in records], args=args)
+        *lost, failed = cast("list[Any]", answer)
+        if failed:
+            # An XADD below the stream's top (another node wrote the stream on), a key of another type: kept quiet.
+            log.debug("Redis refused %s of %d session write(s)", failed, len(commands))
+        for key in lost:
+            self._lost(key.decode().rsplit(":", 1)[-1])
+
+    def _lost(self, key: str) -> None:
+        """Another node owns the session this process still wrote for: write nothing more for it, stop its streams."""
+        held = self._held.pop(key, None)
+        if held is None:
+            return  # already let go of
+        self.fenced += 1
+        log.warning("session %s is owned by another node now (this node was paused or cut from Redis meanwhile); its streams stop here", held.id)
+        task = asyncio.get_running_loop().create_task(self._stop_lost(key, held.id), name="sessions:fenced")
+        self._tasks.append(task)
+        task.add_done_callback(lambda t: self._tasks.remove(t) if t in self._tasks else None)
+
+    async def _stop_lost(self, key: str, session_id: str) -> None:
+        if self.on_release is not None:
+            await self.on_release(key)
+        self._fences.pop(session_id, None)
 
     async def _beat(self) -> None:
         """Say this node is alive; keep attached sessions' records alive; rewrite them after every (re)connection to
@@ -279,18 +361,19 @@ class SessionStore:
             await asyncio.sleep(HEARTBEAT)
 
     async def _refresh(self, rewrite: bool) -> None:
-        pipe = self.redis.pipeline(transaction=False)
-        for key, held in self._held.items():
+        commands: list[tuple[str | None, tuple[Any, ...]]] = []
+        for key, held in list(self._held.items()):
             if not held.attached:
                 continue
-            if rewrite and held.streams:  # Redis may have lost everything
-                pipe.hset(
-                    self._sess_key(key), mapping={"id": held.id, "label": held.label, "owner": self.node, **{f"s:{sid}": s for sid, s in held.streams.items()}}
+            if rewrite and held.streams:  # Redis may have lost everything (a record another node owns now is not written: fenced)
+                commands.append(
+                    (key, ("HSET", self._sess_key(key), "id", held.id, "label", held.label, "owner", self.node, "inst", self.instance, *_flat(held.streams)))
                 )
-            pipe.pexpire(self._sess_key(key), self.window_ms)
+            commands.append((key, ("PEXPIRE", self._sess_key(key), self.window_ms)))
             for sid in held.streams:  # a stream that sends nothing for a while (a chat waiting for a turn) keeps its replay
-                pipe.pexpire(self._replay_key(held.id, sid), self.window_ms)
-        await pipe.execute(raise_on_error=False)
+                commands.append((key, ("PEXPIRE", self._replay_key(held.id, sid), self.window_ms)))
+        if commands:
+            await self._execute(commands)
 
     # taking a session over ---------------------------------------------------------------------
 
@@ -313,32 +396,66 @@ class SessionStore:
             return None
         return record
 
-    async def claim(self, token: str, record: SessionRecord) -> bool:
-        """Make this node the session's owner. A live owner is asked to let go first (it stops the streams and
-        sends what it queued); a dead one (its heartbeat key expired) is not waited for. False when Redis failed."""
+    async def claim(self, token: str, record: SessionRecord) -> Claim | None:
+        """Make this process the session's owner, and say how. An owner whose process is gone (its Redis connection
+        closed: Redis dropped its `alive` subscription) or an earlier process of this node is not waited for; a live
+        owner is asked to let go first (it stops the streams and sends what it queued), waited for until it does, its
+        heartbeat key lapses, or `resume_handover_timeout`. The owner's later writes for the session are fenced off
+        (FENCED_BATCH). None when Redis failed."""
         key = digest(token)
+        started = time.monotonic()
+        how = "unowned"
         try:
             owner = record.owner
-            if owner and owner != self.node:
-                await self.redis.publish(self.handover_channel, orjson.dumps({"node": self.node, "m": {"owner": owner, "session": key}}))
-                deadline = time.monotonic() + self.handover_timeout
-                while time.monotonic() < deadline:
-                    async with asyncio.timeout(REDIS_TIMEOUT):
-                        pipe = self.redis.pipeline(transaction=False)
-                        pipe.hget(self._sess_key(key), "owner")
-                        pipe.exists(self._node_key(owner))
-                        current, alive = await pipe.execute()
-                    if current != owner.encode() or not alive:
-                        break
-                    await asyncio.sleep(0.05)
-                else:
-                    log.warning("node %s did not hand session %s over within %g s; taking it anyway", owner, record.id, self.handover_timeout)
+            if owner == self.node and record.inst == self.instance:
+                how = "this process"
+            elif owner == self.node:
+                how = "an earlier process of this node"
+            elif owner and await self._gone(record.inst) is True:
+                how = "gone (its Redis connection closed)"
+            elif owner:
+                how = await self._hand_over(key, record)
             async with asyncio.timeout(REDIS_TIMEOUT):
-                await self.redis.hset(self._sess_key(key), "owner", self.node)
+                await self.redis.hset(self._sess_key(key), mapping={"owner": self.node, "inst": self.instance})
         except (RedisError, OSError, TimeoutError) as exc:
             self.broker.mark_down(exc)
-            return False
-        return True
+            return None
+        return Claim(how, time.monotonic() - started)
+
+    async def _hand_over(self, key: str, record: SessionRecord) -> str:
+        """Ask the live-looking owner to let go, and wait: how it ended."""
+        owner = record.owner
+        await self.redis.publish(self.handover_channel, orjson.dumps({"node": self.node, "m": {"owner": owner, "session": key}}))
+        deadline = time.monotonic() + self.handover_timeout
+        while time.monotonic() < deadline:
+            async with asyncio.timeout(REDIS_TIMEOUT):
+                pipe = self.redis.pipeline(transaction=False)
+                pipe.hget(self._sess_key(key), "owner")
+                pipe.exists(self._node_key(owner))
+                current, alive = await pipe.execute()
+            if current != owner.encode():
+                return "handed over"
+            if not alive:
+                return "dead (its heartbeat lapsed)"
+            if await self._gone(record.inst) is True:
+                return "gone (its Redis connection closed)"
+            await asyncio.sleep(0.05)
+        log.warning("node %s did not hand session %s over within %g s; taking it anyway", owner, record.id, self.handover_timeout)
+        return "not handed over in time"
+
+    async def _gone(self, instance: str) -> bool | None:
+        """Whether the owner process `instance` is gone: nobody subscribes to its `alive` channel any more. None when
+        Redis cannot tell (no instance in the record, or an ACL without PUBSUB NUMSUB: then the heartbeat key tells)."""
+        if not instance or not self._probe:
+            return None
+        try:
+            async with asyncio.timeout(REDIS_TIMEOUT):
+                counts = await self.redis.pubsub_numsub(self._alive_channel(instance))
+        except ResponseError as exc:  # NOPERM: the ACL user may not count subscribers
+            self._probe = False
+            log.warning("Redis refused PUBSUB NUMSUB (%s); a node taking over a session from a dead node waits for its heartbeat to lapse", exc)
+            return None
+        return not counts or int(counts[0][1]) == 0
 
     async def replay(self, session_id: str, stream_id: str, after: int) -> list[Entry] | None:
         """The stream's entries after seq `after`, in order; None when Redis failed."""
@@ -369,7 +486,9 @@ class SessionStore:
     async def _release(self, key: str) -> None:
         try:
             await self.on_release(key)
-            self._held.pop(key, None)
+            held = self._held.pop(key, None)
+            if held is not None:
+                self._fences.pop(held.id, None)
             await self.flush()
             async with asyncio.timeout(REDIS_TIMEOUT):
                 await self._let_go(keys=[self._sess_key(key)], args=[self.node])
@@ -379,7 +498,7 @@ class SessionStore:
 
 def _record(raw: dict[bytes, bytes]) -> SessionRecord:
     """A session's hash as read from Redis, checked; raise ValueError when it is not what a node writes."""
-    record = SessionRecord(raw[b"id"].decode(), raw.get(b"label", b"").decode(), raw.get(b"owner", b"").decode())
+    record = SessionRecord(raw[b"id"].decode(), raw.get(b"label", b"").decode(), raw.get(b"owner", b"").decode(), raw.get(b"inst", b"").decode())
     if not record.id or len(record.id) > MAX_ID_BYTES:
         raise Malformed("no session id")
     for name, value in raw.items():
@@ -417,16 +536,29 @@ def _position(fields: dict[bytes, bytes]) -> Any:
     return orjson.loads(fields[b"p"]) if b"p" in fields else None
 
 
-def _one_expiry_per_key(commands: list[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
+def _ignore(message: Any) -> None:
+    """A message on a node's `alive` channel: nodes only count its subscribers."""
+
+
+@dataclass(frozen=True, slots=True)
+class Claim:
+    """How a node took a session over: from whom (`how`), and how long it waited for the owner."""
+
+    how: str
+    waited: float
+
+
+def _one_expiry_per_key(commands: list[tuple[str | None, tuple[Any, ...]]]) -> list[tuple[str | None, tuple[Any, ...]]]:
     """The batch with only the last PEXPIRE of each key (after the key's last write in it): one per stream, not per chunk."""
     seen: set[Any] = set()
     kept = []
-    for command in reversed(commands):
+    for item in reversed(commands):
+        command = item[1]
         if command[0] == "PEXPIRE":
             if command[1] in seen:
                 continue
             seen.add(command[1])
-        kept.append(command)
+        kept.append(item)
     kept.reverse()
     return kept
 

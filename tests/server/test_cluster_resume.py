@@ -147,6 +147,32 @@ async def test_sigkilled_node_the_client_resumes_on_another_and_gets_everything_
     await ws.close()
 
 
+async def test_a_sigkilled_owner_is_taken_over_at_once_however_long_its_heartbeat_key_lives(cluster: Cluster) -> None:
+    a, b, _ = cluster.nodes
+    ws, token = await _open_both(a)
+    reader = Reader()
+    await reader.read(ws, lambda: len(reader.chunks["t"]) >= 10)
+    a.stop(signal.SIGKILL)
+    # Node A's heartbeat key says it is alive for 60 s more: only Redis's closed connection says it is gone.
+    with cluster.redis.client() as admin:
+        admin.set("sp-resume:node:node-a", "1", px=60_000)
+    try:
+        with pytest.raises(websockets.ConnectionClosed):
+            await reader.read(ws, lambda: False, timeout=5)
+        ws = await connect(b)
+        await send(ws, op="resume", token=token, streams=reader.last())
+        resumed = await recv(ws)
+        assert resumed["op"] == "resumed" and all(s["resumed"] for s in resumed["streams"].values()), resumed
+        await reader.read(ws, lambda: len(reader.ends) == 2)
+        assert reader.text("t") == TEXT and reader.text("d") == CSV
+        assert "taken over from node node-a, gone (its Redis connection closed)" in b.log()
+        assert "did not hand session" not in b.log()
+        await ws.close()
+    finally:
+        with cluster.redis.client() as admin:
+            admin.delete("sp-resume:node:node-a")
+
+
 async def test_live_owner_hands_the_session_over_and_stops_its_streams(cluster: Cluster) -> None:
     a, _, c = cluster.nodes
     ws, token = await _open_both(a)
