@@ -10,7 +10,10 @@ reconnects through nginx and sends `resume` with its token and the last `seq` it
 docs/protocol.md says. It counts, over all streams:
 - lost: records of a stream never received (a failed resume, a `resume_gap`, an end before the last record);
 - duplicated: records received twice; out of order: a record that is not the next one;
-- resume time: from the SIGKILL to the first frame of the resumed stream, per client whose node was killed.
+- resume time: from the SIGKILL to the first frame of the resumed stream, per client whose node was killed, and
+  its phases: the client noticing the close (through nginx), reconnecting (failed attempts and the 50 ms between
+  them), the handshake up to `ready`, the `resume` round trip (of which the new node's wait for the old owner,
+  read from the nodes' logs), and from `resumed` to the stream's first frame (the producer's restart).
 
 Phase `failover`: three nodes, one killed (SIGKILL) every `--kill-every` seconds and started again at once on
 the same port under the same node name, for `--duration` seconds; then the streams in flight run to their end.
@@ -49,6 +52,7 @@ from tests.redisproc import RedisProc  # noqa: E402
 from tests.serverproc import KEY, ServerProc, free_port, start_server  # noqa: E402
 
 NODES = ("fo-1", "fo-2", "fo-3")
+TAKEN_OVER = re.compile(r"taken over from node \S+, (.+?), after ([\d.]+) s of waiting for it")
 
 
 @dataclass
@@ -71,6 +75,16 @@ class Tally:
     resume_times: list[float] = field(default_factory=list)
     ready_times: list[float] = field(default_factory=list)  # from the kill to `ready` on the new connection
     resumed_times: list[float] = field(default_factory=list)  # from the kill to the `resumed` answer
+    phases: dict[str, list[float]] = field(default_factory=lambda: {name: [] for name in PHASES})
+
+
+PHASES = {
+    "notice": "the client sees the close (kill -> close through nginx)",
+    "reconnect": "reconnecting (close -> start of the connect that worked)",
+    "handshake": "handshake (connect -> `ready`)",
+    "resume": "resume round trip (`resume` sent -> `resumed`)",
+    "first": "producer restart (`resumed` -> first frame of the stream)",
+}
 
 
 class Cluster:
@@ -79,6 +93,7 @@ class Cluster:
     def __init__(self, tmp: Path, settings: dict[str, Any]) -> None:
         self.tmp = tmp
         self.settings = settings
+        self.logs: list[str] = []  # the logs of the nodes killed so far (a node started again on its port writes its log anew)
         self.redis = RedisProc(free_port(), tmp / "redis.log", password="failover-bench")
         self.redis.start()
         self.ports = {name: free_port() for name in NODES}
@@ -88,7 +103,16 @@ class Cluster:
         self.nodes[name] = start_server(self.tmp, port=self.ports[name], node=name, redis_url=self.redis.url, **self.settings)
 
     def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
-        self.nodes.pop(name).stop(sig)
+        node = self.nodes.pop(name)
+        node.stop(sig)
+        self.logs.append(node.log())
+
+    def takeovers(self) -> list[tuple[str, float]]:
+        """Every session a node took over from another, from the nodes' logs: how, and how long it waited for the owner."""
+        found = []
+        for text in [*self.logs, *(node.log() for node in self.nodes.values())]:
+            found += [(how, float(waited)) for how, waited in TAKEN_OVER.findall(text)]
+        return found
 
     def cpu(self) -> float:
         """CPU seconds of the running node processes so far."""
@@ -127,6 +151,7 @@ class Client:
         self.next = 0
         self.last_seq = -1
         self.dropped_at: float | None = None  # when the connection dropped with a stream open
+        self.marks: dict[str, float] = {}  # the moments of the current resume (see PHASES)
         self.acked = False  # `subscribed` came for the current stream
 
     @property
@@ -136,10 +161,12 @@ class Client:
     async def _connect(self) -> tuple[websockets.ClientConnection, dict[str, Any]]:
         deadline = time.monotonic() + 30
         while True:
+            self.marks["connect"] = time.monotonic()
             try:
                 ws = await asyncio.wait_for(websockets.connect(self.url, additional_headers={"X-API-Key": KEY}, max_queue=None), 5)
                 ready = orjson.loads(await asyncio.wait_for(ws.recv(), 5))
                 if ready.get("op") == "ready":
+                    self.marks["ready"] = time.monotonic()
                     return ws, ready
                 await ws.close()
             except (OSError, TimeoutError, websockets.WebSocketException) as exc:
@@ -166,10 +193,12 @@ class Client:
 
     async def _resume(self, ws: websockets.ClientConnection, ready: dict[str, Any]) -> bool:
         """Resume the dropped session on this new connection; False when the stream could not go on."""
+        self.marks["resume"] = time.monotonic()
         await ws.send(orjson.dumps({"op": "resume", "token": self.token, "streams": {self.sid: self.last_seq}}).decode())
         while True:
             frame = orjson.loads(await asyncio.wait_for(ws.recv(), 30))
             if frame["op"] == "resumed":
+                self.marks["resumed"] = time.monotonic()
                 self.tally.resumed += 1
                 if self.dropped_at is not None:
                     self.tally.resumed_times.append(self._since_kill())
@@ -198,6 +227,18 @@ class Client:
         """The first frame of the stream since the drop: the resume time counts from the kill that caused it."""
         if self.dropped_at is not None:
             self.tally.resume_times.append(self._since_kill())
+            m = self.marks
+            if "resumed" in m:
+                kill = max((k for k in self.kills if k <= self.dropped_at + 0.001), default=self.dropped_at)
+                steps = {
+                    "notice": self.dropped_at - kill,
+                    "reconnect": m["connect"] - self.dropped_at,
+                    "handshake": m["ready"] - m["connect"],
+                    "resume": m["resumed"] - m["resume"],
+                    "first": time.monotonic() - m["resumed"],
+                }
+                for name, value in steps.items():
+                    self.tally.phases[name].append(value)
             self.dropped_at = None
 
     def _record(self, frame: dict[str, Any]) -> None:
@@ -259,6 +300,7 @@ class Client:
             except websockets.ConnectionClosed:
                 self.tally.drops += 1
                 self.dropped_at = time.monotonic() if open_stream else None
+                self.marks = {}
 
 
 def _pct(values: list[float], q: float) -> float:
@@ -293,7 +335,7 @@ async def _killer(cluster: Cluster, every: float, until: float, kills: list[floa
         log.append(f"  {time.monotonic() - t0:5.1f} s  {name} ready again ({time.monotonic() - started:.1f} s after the kill)")
 
 
-def _print_tally(tally: Tally) -> None:
+def _print_tally(tally: Tally, takeovers: list[tuple[str, float]] | None = None) -> None:
     print(f"  streams: {tally.streams} started, {tally.complete} complete; ends: {dict(tally.ends)}")
     print(
         f"  frames delivered: {tally.frames}; connection drops: {tally.drops}; failed connect attempts: {tally.reconnect_failures} {dict(tally.connect_errors)}"
@@ -310,6 +352,17 @@ def _print_tally(tally: Tally) -> None:
         for name, values in (("`ready` on the new connection", tally.ready_times), ("the `resumed` answer", tally.resumed_times)):
             if values:
                 print(f"    of which, from the kill to {name}: p50 {_pct(values, 50):.3f} s, p99 {_pct(values, 99):.3f} s")
+        print(f"  its phases (n={len(tally.phases['first'])}, the resumes that got a frame back), p50 / p99 / max:")
+        for key, label in PHASES.items():
+            values = tally.phases[key]
+            if values:
+                print(f"    {label:60s} {_pct(values, 50):.3f} / {_pct(values, 99):.3f} / {max(values):.3f} s")
+        if takeovers:
+            waits = [w for _, w in takeovers]
+            print(
+                f"    of the resume round trip, the new node waiting for the old owner: {_pct(waits, 50):.3f} / {_pct(waits, 99):.3f} / {max(waits):.3f} s"
+                f" (n={len(waits)} takeovers; the owner was: {dict(Counter(how for how, _ in takeovers))})"
+            )
     else:
         print("  resume time: no stream came back after a kill")
 
@@ -355,7 +408,7 @@ async def main() -> None:
                     f"\nphase failover: 3 nodes, one SIGKILLed every {args.kill_every:g} s for {args.duration:g} s ({len(kills)} kills), streams in flight then run to their end"
                 )
                 print("\n".join(log))
-                _print_tally(tally)
+                _print_tally(tally, cluster.takeovers())
                 print(f"  nginx errors: {dict(errors.most_common(5))}")
 
             if args.cpu_seconds > 0:

@@ -16,6 +16,8 @@ export const ERROR_CODES = Object.freeze([
 
 /** Close codes after which reconnecting with the same key cannot help. */
 const FATAL_CLOSES = new Set([4001, 4002, 4003]);
+/** Close codes that ask the client to wait (overloaded, rate limited): even the first reconnect waits the backoff. */
+const WAIT_CLOSES = new Set([1013, 4008]);
 
 /** A refused frame or a stream that ended with an error: `code` is one of ERROR_CODES. */
 export class StreamplexError extends Error {
@@ -401,11 +403,14 @@ export class Client extends EventTarget {
     this._reconnect(error);
   }
 
+  /** Connect again and resume: the first attempt at once (a node that died, a drain: the session is waiting on
+   * another node), unless the server asked to wait (1013, 4008); then with backoff. */
   async _reconnect(lastError) {
     let delay = this.backoff[0];
     const start = this.urls.indexOf(this.url);
+    const wait = WAIT_CLOSES.has(lastError?.closeCode);
     for (let attempt = 1; !this._closing; attempt += 1) {
-      await new Promise((resolve) => setTimeout(resolve, delay * (0.5 + Math.random() / 2)));
+      if (attempt > 1 || wait) await new Promise((resolve) => setTimeout(resolve, delay * (0.5 + Math.random() / 2)));
       if (this._closing) return;
       if (this.urls.length > 1) this.url = this.urls[(start + attempt) % this.urls.length];
       try {
@@ -417,7 +422,7 @@ export class Client extends EventTarget {
         lastError = error;
         if (error instanceof AuthenticationError || attempt >= this.maxRetries) break;
       }
-      delay = Math.min(this.backoff[1], delay * 2);
+      if (attempt > 1 || wait) delay = Math.min(this.backoff[1], delay * 2);
     }
     this._failAll(lastError);
     this._setState("closed");

@@ -147,7 +147,7 @@ class Settings(BaseSettings):
     resume_handover_timeout: float = Field(
         2.0,
         gt=0,
-        description="With Redis: seconds a node taking over a session waits for the live node that holds it to stop its streams and hand it over; past it, it takes the session anyway. A dead node (no heartbeat for 1.5 s) is not waited for.",
+        description="With Redis: seconds a node taking over a session waits for the live node that holds it to stop its streams and hand it over; past it, it takes the session anyway. A dead node is not waited for: one whose Redis connection closed (at once) or whose heartbeat lapsed (1.5 s).",
     )
     lossy_depth: int = Field(
         32, ge=1, description="Frames a lossy stream (logs, metrics) keeps pending once the outbox is full; older ones are dropped and counted."

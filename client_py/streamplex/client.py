@@ -35,6 +35,8 @@ log = logging.getLogger("streamplex.client")
 
 # Close codes after which reconnecting with the same key cannot help.
 _FATAL_CLOSES = {4001: AuthenticationError, 4002: AuthenticationError, 4003: AuthThrottled}
+# Close codes that ask the client to wait (overloaded, rate limited): even the first reconnect waits the backoff.
+_WAIT_CLOSES = {1013, 4008}
 
 
 @dataclass(frozen=True, slots=True)
@@ -392,17 +394,20 @@ class Client:
                 self._fail_all(closed)
                 return
             log.warning("%s; reconnecting", closed)
-            if not await self._reconnect():
+            if not await self._reconnect(closed):
                 return
             await self._resubscribe()
 
-    async def _reconnect(self) -> bool:
+    async def _reconnect(self, closed: ConnectionClosed) -> bool:
+        """Connect again and resume: the first attempt at once (a node that died, a drain: the session is waiting on
+        another node), unless the server asked to wait (1013, 4008); then with backoff."""
         delay, ceiling = self.backoff
         attempt = 0
         start = self.urls.index(self.url)
         while not self._closing:
             attempt += 1
-            await asyncio.sleep(delay * random.uniform(0.5, 1.0))
+            if attempt > 1 or closed.code in _WAIT_CLOSES:
+                await asyncio.sleep(delay * random.uniform(0.5, 1.0))
             # With several URLs (nodes of one deployment), each attempt tries the next: the session resumes on any.
             self.url = self.urls[(start + attempt) % len(self.urls)] if len(self.urls) > 1 else self.url
             try:
@@ -417,7 +422,8 @@ class Client:
                 if self.max_retries is not None and attempt >= self.max_retries:
                     self._fail_all(exc if isinstance(exc, ConnectionClosed) else ConnectionClosed(None, str(exc)))
                     return False
-            delay = min(ceiling, delay * 2)
+            if attempt > 1 or closed.code in _WAIT_CLOSES:
+                delay = min(ceiling, delay * 2)
         return False
 
     async def _resubscribe(self) -> None:

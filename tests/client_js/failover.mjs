@@ -5,7 +5,8 @@ import WebSocket from "ws";
 import { Client } from "../../client_js/streamplex.js";
 
 const [url, apiKey, textParams, dataParams] = process.argv.slice(2);
-const client = new Client(url.includes(",") ? url.split(",") : url, { apiKey, WebSocketImpl: WebSocket, backoff: [100, 1000], maxRetries: 20 });
+// A backoff longer than the test: the first attempt after the node's death must not wait it.
+const client = new Client(url.includes(",") ? url.split(",") : url, { apiKey, WebSocketImpl: WebSocket, backoff: [90000, 90000], maxRetries: 20 });
 const ready = await client.connect();
 console.log(JSON.stringify({ node: ready.node }));
 

@@ -289,9 +289,10 @@ async def read_text_and_data_killing(client: Any, victim: ServerProc) -> tuple[A
     return text, data, got
 
 
-async def test_the_sdk_resumes_on_another_node_by_itself(cluster: Cluster) -> None:
+async def test_the_sdk_resumes_on_another_node_by_itself_at_its_first_attempt(cluster: Cluster) -> None:
     a, b, c = cluster.nodes
-    async with sdk_connect([a.url, b.url, c.url], a.key, backoff=(0.1, 1.0), max_retries=20) as client:
+    # A backoff longer than the test: the first attempt after the node's death must not wait it.
+    async with sdk_connect([a.url, b.url, c.url], a.key, backoff=(90.0, 90.0), max_retries=20) as client:
         text, data, got = await read_text_and_data_killing(client, a)
         assert client.resumes == 1 and text.restarts == data.restarts == 0
         assert client.url != a.url
