@@ -24,7 +24,10 @@ after `--warmup` seconds a window of `--duration` seconds is measured:
   metrics frame carries its sample time, so arrival - sample time is its delay (one clock, one machine);
 - server RSS, asyncio tasks, connections, open streams and server frames/s over time (from /metrics
   and psutil), sampled every `--every` seconds; peak RSS and its growth per connection;
-- `/health` latency: one GET every 250 ms from the start to the end of the window (10 s timeout);
+- `/health` latency: one GET every 250 ms from the start to the end of the window (10 s timeout), on the main port
+  (answered by the event loop) and on `health_port` (answered by its own thread);
+- in the window: the server's CPU (and its kernel share) and the load generator's, as % of one core, the
+  server's CPU per frame it sent, its loop lag's percentiles and the machine's load average;
 - subscriptions refused with `overloaded`: the client waits `retry_after` and subscribes again, as the
   SDKs do; the share refused at least once is reported.
 Example: `python bench/load.py --conns 1000 --duration 20`.
@@ -447,6 +450,7 @@ def window_mark(server: Any, ps: psutil.Process, procs: list[tuple[Any, Connecti
     return {
         "at": time.monotonic(),
         "server_cpu": cpu.user + cpu.system,
+        "server_sys": cpu.system,
         "clients_cpu": clients_cpu(procs),
         "frames_out": frames_out,
         "lag_buckets": buckets,
@@ -468,6 +472,7 @@ def window_figures(first: dict[str, Any], last: dict[str, Any], delivered: int) 
     return {
         "span_s": round(span, 1),
         "server_cpu_pct": round(100 * server_cpu / span, 1),
+        "server_sys_pct": round(100 * (last["server_sys"] - first["server_sys"]) / span, 1),
         "clients_cpu_pct": round(100 * (last["clients_cpu"] - first["clients_cpu"]) / span, 1),
         "server_frames_out_per_s": round(sent / span, 1),
         "server_cpu_us_per_frame_out": round(1e6 * server_cpu / sent, 1) if sent > 0 else float("nan"),
@@ -523,9 +528,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     settings.update(dict(item.split("=", 1) for item in args.setting))
     if args.chat:
         settings["chat_model"] = "smollm2-135m-instruct"
+    from tests.serverproc import free_port
+
+    settings.setdefault("health_port", free_port())
     server = start_server(tmp, **settings)
     procs: list[tuple[Any, Connection]] = []
     health = HealthProbe(server.http + "/health")
+    threaded = HealthProbe(f"http://127.0.0.1:{settings['health_port']}/health")
     try:
         if args.chat:
             while orjson.loads(server.get("/ready")[1])["channels"]["chat"] == "loading":
@@ -535,6 +544,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         last: dict[str, float] = {}
         timeline = [server_sample(server, ps, t0, last)]
         health.start()
+        threaded.start()
         ctx = mp.get_context("spawn")
         first = 0
         for i in range(args.workers):
@@ -578,6 +588,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         log = server.log()
     finally:
         health.stopped.set()
+        threaded.stopped.set()
         for proc, _ in procs:
             proc.join(30)
             if proc.is_alive():
@@ -606,6 +617,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "rss_kib_per_conn": round((peak - timeline[0]["rss_mib"]) * 1024 / max(1, connected), 1),
         "health_ms": {q: round(1000 * pct(health.latencies, q), 1) for q in (50, 99, 100)},
         "health_probes": len(health.latencies),
+        "health_port_ms": {q: round(1000 * pct(threaded.latencies, q), 1) for q in (50, 99, 100)},
+        "health_port_probes": len(threaded.latencies),
+        "health_port_failures": threaded.failures,
         "loop_lag_ms": lag,
         "health_failures": health.failures,
         "subscriptions": subscribed,
@@ -640,15 +654,17 @@ def report(result: dict[str, Any]) -> str:
             f"| {s['t']:.0f} | {s['rss_mib']:.0f} | {s['tasks']:.0f} | {s['connections']:.0f} | {s['streams']:.0f} | {s['outbox_mib']:.2f} | {s['frames_out_per_s']:.0f} | {s['cpu_pct']:.0f} | {s['clients_cpu_pct']:.0f} |"
         )
     lat, mlat = result["paced_latency_ms"], result["metrics_latency_ms"]
-    health, w = result["health_ms"], result["window"]
+    health, hp, w = result["health_ms"], result["health_port_ms"], result["window"]
     lines += [
         "",
         f"mix {result['mix']} ({result['variants']} inline variant(s)); server RSS {result['rss_start_mib']} MiB at start, peak {result['rss_peak_mib']} MiB: "
         f"{result['rss_kib_per_conn']} KiB per connection",
         f"/health ms: p50 {health[50]}, p99 {health[99]}, max {health[100]} over {result['health_probes']} probes ({result['health_failures']} failed or timed out)",
+        f"/health on health_port (its own thread) ms: p50 {hp[50]}, p99 {hp[99]}, max {hp[100]} over {result['health_port_probes']} probes "
+        f"({result['health_port_failures']} failed or timed out)",
         f"server event-loop lag ms (histogram bucket bounds, whole run): {result['loop_lag_ms']}",
         f"in the window ({w['span_s']} s, load average {w['load_average'][0]} -> {w['load_average'][1]} on {os.cpu_count()} cores): "
-        f"server CPU {w['server_cpu_pct']}% of a core, load generator (all client processes) {w['clients_cpu_pct']}%; "
+        f"server CPU {w['server_cpu_pct']}% of a core ({w['server_sys_pct']}% in the kernel), load generator (all client processes) {w['clients_cpu_pct']}%; "
         f"loop lag ms p50 {w['loop_lag_ms']['p50']}, p99 {w['loop_lag_ms']['p99']}, max {w['loop_lag_ms']['max']} (bucket bounds); "
         f"server sent {w['server_frames_out_per_s']} frames/s at {w['server_cpu_us_per_frame_out']} us CPU each "
         f"({w['server_cpu_us_per_delivered_chunk']} us per chunk the clients got)",

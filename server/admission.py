@@ -11,6 +11,7 @@ import ctypes
 import ctypes.util
 import logging
 import random
+import time
 from collections import deque
 from collections.abc import Callable
 from pathlib import Path
@@ -58,6 +59,7 @@ class LoopMonitor:
         self.memory_every = memory_every
         self.recent: deque[tuple[float, float]] = deque()  # (when, lag) over the last WINDOW seconds
         self.rss = 0
+        self.ticked = time.monotonic()  # when the last probe ran (read by the health thread: the loop is alive)
         self._process = psutil.Process()
         self._trim = _malloc_trim()
         self._trimmed_at = (0, 0.0)  # RSS and time after the last trim
@@ -76,6 +78,7 @@ class LoopMonitor:
             start = loop.time()
             await asyncio.sleep(TICK)
             now = loop.time()
+            self.ticked = time.monotonic()
             lag = max(0.0, now - start - TICK)
             self.observe(lag)
             self.recent.append((now, lag))

@@ -168,6 +168,18 @@ class Settings(BaseSettings):
         le=1024,
         description="Server processes on this host, all on one port (`SO_REUSEPORT`: each binds its own socket and the kernel spreads connections over them), each a node named `NODE-0`, `NODE-1`, ... with `NODE` the `node` setting. A supervisor restarts a worker that dies and passes SIGTERM on to all, each draining. More than 1 requires `redis_url`, which they share as nodes do.",
     )
+    health_port: int | None = Field(
+        None,
+        ge=0,
+        le=65535,
+        description="A second port on `host` where a thread of its own answers `GET /health`, however far the event loop lags behind its "
+        "work (the main port's `/health` answers only when the loop reaches it); point liveness probes here. 0 picks a free one (logged). Unset: none.",
+    )
+    health_stall: float = Field(
+        10.0,
+        gt=0,
+        description="`health_port`'s `/health` answers 503 once the event loop has not run its 50 ms lag probe for this many seconds (the loop is stuck, not just busy).",
+    )
     reuse_port: bool = Field(
         False,
         description="Bind the port with `SO_REUSEPORT`, so that several processes (of the same user) share it. `workers` sets it for its processes; set it yourself only to run several servers on one port by hand.",

@@ -419,12 +419,13 @@ class Connection:
         self._waiting[stream_id] = task
 
     async def _open_when_admitted(self, session: Session, stream_id: str, size: int, op: Subscribe | str, turn: asyncio.Future[None] | None) -> None:
-        """Wait for a subscribe's turn (`turn`; None: it is now), decode a large one in the parser thread, check the load again
-        and open the stream; a refusal is answered as the reader would. Cancelled by `unsubscribe` or when the client leaves."""
+        """Wait for a subscribe's turn (`turn`; None: it is now), check the load again, decode a large one in the parser thread
+        and open the stream (a subscribe whose params were parsed is not refused for load: that work is done); a refusal is answered as the reader would. Cancelled by `unsubscribe` or when the client leaves."""
         loop = asyncio.get_running_loop()
         try:
             if turn is not None:
                 await turn
+            self.runtime.admission.check(stream_id)  # the load now, before a large one's params are decoded and parsed
             params = None
             if isinstance(op, str):
                 op = await loop.run_in_executor(self.runtime.parser, decode_text, op)
@@ -432,7 +433,6 @@ class Connection:
                     raise ProtocolError(ErrorCode.BAD_REQUEST, "a subscribe's op and id must not be repeated", id=stream_id)
                 channel = session.check(op, size, self._waiting.keys() - {stream_id})
                 params = await loop.run_in_executor(self.runtime.parser, parse, channel, op)
-            self.runtime.admission.check(stream_id)
             if self._waiting.get(stream_id) is asyncio.current_task():
                 del self._waiting[stream_id]
             session.subscribe(op, size, params)

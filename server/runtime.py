@@ -20,6 +20,7 @@ from streamplex.server.cluster import ClusterHub
 from streamplex.server.config import Settings
 from streamplex.server.engine import build_engine
 from streamplex.server.engine.metrics import families as engine_families
+from streamplex.server.health import HealthServer
 from streamplex.server.hub import Hub
 from streamplex.server.keylimits import KeyLimits
 from streamplex.server.logbuffer import RingLogHandler, check_record
@@ -50,6 +51,7 @@ class Runtime:
         self.admission = Admission(settings, self.monitor)
         self._monitoring: asyncio.Task[None] | None = None
         self._reporting: asyncio.Task[None] | None = None
+        self.health: HealthServer | None = None
         # Large subscribes are decoded and validated here, one at a time: off the loop, and never several
         # threads at once contending with the loop for the GIL.
         self.parser = ThreadPoolExecutor(1, thread_name_prefix="params")
@@ -124,6 +126,19 @@ class Runtime:
     async def start(self) -> None:
         """Start channels and live log publishing; announce the generated key once."""
         self._monitoring = asyncio.create_task(self.monitor.run(), name="loop-monitor")
+        if self.settings.health_port is not None:
+            monitor = self.monitor
+            self.health = HealthServer(
+                self.settings.host,
+                self.settings.health_port,
+                self.settings.node,
+                lambda: monitor.ticked,
+                lambda: monitor.lag,
+                self.settings.health_stall,
+                reuse_port=self.settings.reuse_port,
+            )
+            self.health.start()
+            log.info("/health also on port %d, answered by its own thread", self.health.port)
         if self.settings.activity_log_interval > 0:
             self._reporting = asyncio.create_task(self._report_activity(), name="activity-log")
         self.logs.attach(asyncio.get_running_loop(), self.broker.publish)
@@ -258,6 +273,9 @@ class Runtime:
         """Stop channels and producers."""
         self.started = False
         self.admission.close()
+        if self.health is not None:
+            await asyncio.to_thread(self.health.stop)
+            self.health = None
         for task in (self._monitoring, self._reporting):
             if task is not None:
                 task.cancel()
