@@ -8,7 +8,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from server.health import HealthServer
+from streamplex.server.health import HealthServer
 from tests.serverproc import free_port, start_server
 
 
