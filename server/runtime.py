@@ -15,7 +15,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from streamplex.server.admission import Admission, LoopMonitor
 from streamplex.server.auth import AuthThrottle, KeyStore, Principal
 from streamplex.server.broker import MemoryBroker
-from streamplex.server.channel import Channel, Services
+from streamplex.server.channel import Channel, ChannelStatus, Services
 from streamplex.server.cluster import ClusterHub
 from streamplex.server.config import Settings
 from streamplex.server.engine import build_engine
@@ -149,8 +149,12 @@ class Runtime:
         await self.key_limits.start()
         await self.http_limits.start()
         await self.engine.start()
-        for channel in self.channels.values():
-            await channel.start()
+        for name, channel in list(self.channels.items()):
+            try:
+                await channel.start()
+            except Exception:  # one channel's failure (a third-party one, say) must not keep the others from serving
+                log.exception("channel %r is left out: its start() failed", name)
+                del self.channels[name]
         if self.generated_key is not None:
             log.warning(
                 "no API key configured (STREAMPLEX_API_KEYS or STREAMPLEX_KEYS_FILE); generated one for this run: %s",
@@ -288,8 +292,11 @@ class Runtime:
         if isinstance(self.broker, RedisBroker):
             await self.broker.close()
         await self.engine.stop()
-        for channel in self.channels.values():
-            await channel.stop()
+        for name, channel in self.channels.items():
+            try:
+                await channel.stop()
+            except Exception:
+                log.exception("channel %r: its stop() failed", name)
         self.logs.detach()
         self.parser.shutdown(wait=False, cancel_futures=True)
 
@@ -299,7 +306,11 @@ class Runtime:
         for name, channel in self.channels.items():
             if principal is not None and not principal.may_use(name, channel.admin):
                 continue
-            status = channel.status()
+            try:
+                status = channel.status()
+            except Exception as exc:
+                log.exception("channel %r: its status() failed", name)
+                status = ChannelStatus("unavailable", f"its status check failed: {exc}")
             entry: dict[str, Any] = {
                 "name": name,
                 "status": status.state,
