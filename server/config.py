@@ -16,7 +16,18 @@ from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 ROOT = Path(__file__).resolve().parent.parent
+"""The repository root in a checkout (an editable install too); the installed `streamplex` package's folder in a
+wheel install, which carries samples/ and client_js/ as package data at the same places."""
 SAMPLES = ROOT / "samples"
+
+
+def _cache_root() -> Path:
+    """`.cache` in a checkout; the user's cache folder for an installed package (site-packages is no place for models)."""
+    if (ROOT / "pyproject.toml").is_file():
+        return ROOT / ".cache"
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "streamplex"
+
+
 # FFmpeg demuxers that open further files or URLs named inside the source (playlists, lists, patterns): never allowed.
 NESTING_FORMATS = frozenset({"hls", "applehttp", "concat", "dash", "imf", "image2", "sdp", "rtp", "rtsp", "mpegtsraw", "tee"})
 
@@ -319,8 +330,9 @@ class Settings(BaseSettings):
         "auto", description="Precision of model weights: `auto` is float16 on CUDA and float32 on the CPU."
     )
     cache_dir: Path = Field(
-        ROOT / ".cache",
-        description="Folder for converted models: the bundled chat model's GGUF is dequantised into it once (about 540 MB), so later starts load in about a second.",
+        _cache_root(),
+        description="Folder for converted models: the bundled chat model's GGUF is dequantised into it once (about 540 MB), so later starts load in about a second. "
+        "The default is `.cache` in a checkout, `$XDG_CACHE_HOME/streamplex` (or `~/.cache/streamplex`) for a wheel install.",
     )
     chat_model: str = Field(
         "smollm2-135m-instruct",
