@@ -1,4 +1,4 @@
-"""`python -m streamplex.server` (and `streamplex serve`, which the client distribution's console script hands here): run the server with uvicorn, draining on SIGTERM."""
+"""`python -m streamplex.server` (and `streamplex serve`, which the `streamplex` console script hands here): run the server with uvicorn, draining on SIGTERM."""
 
 from __future__ import annotations
 
