@@ -7,6 +7,7 @@ so identical texts or record sets sent by many clients are held once, for as lon
 
 from __future__ import annotations
 
+import itertools
 import threading
 import weakref
 from array import array
@@ -38,17 +39,12 @@ class Records:
     @classmethod
     def encode(cls, records: Iterable[Any]) -> Records:
         """Encode records (JSON values) compactly; the keys of those that are objects become `columns`."""
-        parts: list[bytes] = []
+        records = records if isinstance(records, list) else list(records)
+        # Comprehensions and C-level passes, not a loop of statements: a large inline set is encoded per subscribe.
+        parts = [orjson.dumps(record, option=orjson.OPT_APPEND_NEWLINE) for record in records]
         offsets = array("Q", [0])
-        columns: dict[str, None] = {}
-        end = 0
-        for record in records:
-            line = orjson.dumps(record, option=orjson.OPT_APPEND_NEWLINE)
-            parts.append(line)
-            end += len(line)
-            offsets.append(end)
-            if isinstance(record, dict):
-                columns.update(dict.fromkeys(record))
+        offsets.extend(itertools.accumulate(map(len, parts)))
+        columns = dict.fromkeys(itertools.chain.from_iterable(record for record in records if isinstance(record, dict)))
         return cls(b"".join(parts), offsets, tuple(columns))
 
     def __len__(self) -> int:
