@@ -30,7 +30,7 @@ after `--warmup` seconds a window of `--duration` seconds is measured:
   server's CPU per frame it sent, its loop lag's percentiles and the machine's load average;
 - subscriptions refused with `overloaded`: the client waits `retry_after` and subscribes again, as the
   SDKs do; the share refused at least once is reported.
-Example: `python bench/load.py --conns 1000 --duration 20`.
+Example: `python bench/load.py --conns 1000 --duration 20` (`--py-spy FILE` also samples the server with py-spy, if on PATH).
 """
 
 from __future__ import annotations
