@@ -200,6 +200,8 @@ class ChannelStatus:
 
     state: Status
     reason: str | None = None
+    retry_after: float | None = None
+    """Seconds a refused client should wait (a `loading` channel: 5 s unless set)."""
 
 
 AVAILABLE = ChannelStatus("available")

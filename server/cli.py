@@ -15,6 +15,7 @@ from pydantic import ValidationError
 
 from streamplex.server.app import create_app
 from streamplex.server.config import Settings
+from streamplex.server.model_worker import run_worker
 from streamplex.server.runtime import Runtime, configure_logging
 from streamplex.server.workers import bind_reuse_port, supervise
 from streamplex.server.wsprotocol import DirectProtocol
@@ -72,6 +73,8 @@ def serve(argv: list[str] | None = None) -> None:
     except ValidationError as exc:
         problems = "\n".join(f"  {'.'.join(map(str, e['loc'])) + ': ' if e['loc'] else ''}{e['msg'].removeprefix('Value error, ')}" for e in exc.errors())
         sys.exit(f"streamplex serve: invalid settings:\n{problems}")
+    if settings.role == "model":
+        sys.exit(run_worker(settings, configure_logging(settings)))
     if settings.workers > 1:
         sys.exit(supervise(settings, argv))
     ring = configure_logging(settings)

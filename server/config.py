@@ -29,6 +29,9 @@ def _cache_root() -> Path:
 
 
 # FFmpeg demuxers that open further files or URLs named inside the source (playlists, lists, patterns): never allowed.
+# Channels a node can hand to model workers: their input is all in the subscribe params (transcription's pushed
+# live audio would have to flow to the worker, which is not built).
+REMOTE_CAPABLE = frozenset({"chat", "translation", "analysis"})
 NESTING_FORMATS = frozenset({"hls", "applehttp", "concat", "dash", "imf", "image2", "sdp", "rtp", "rtsp", "mpegtsraw", "tee"})
 
 
@@ -220,6 +223,57 @@ class Settings(BaseSettings):
         description="Incoming ops per second one API key may send across all its connections and nodes (GCRA; 0: no limit). Applies on top of the per-connection `rate`.",
     )
     key_burst: int = Field(200, ge=1, description="Ops one API key may send in a burst before `key_rate` applies.")
+
+    # the model tier (issue 14, part 4)
+    role: Literal["node", "model"] = Field(
+        "node",
+        description="`node`: a server that holds client connections (an edge node). `model`: a model worker (`streamplex serve --role model`), which holds no client and runs the jobs of the `remote_channels` that edge nodes queue in Redis; it serves Prometheus metrics on `port` (`/metrics`, any path answers). Needs `redis_url`.",
+    )
+    remote_channels: str = Field(
+        "",
+        description="Comma-separated model channels (`chat`, `translation`, `analysis`) this node hands to model workers through Redis Streams instead of running them: it loads none of their models (and no torch for them), queues each stream as a job and streams the worker's results back. On a model worker: the channels it serves. Needs `redis_url`. Empty: every channel runs here.",
+    )
+    model_claim_idle: float = Field(
+        10.0,
+        gt=0,
+        description="Seconds a running job may go without its model worker's sign of life (each worker refreshes its jobs every quarter of this) before another worker claims it (XAUTOCLAIM) and goes on from its last result's checkpoint.",
+    )
+    model_worker_jobs: int = Field(64, ge=1, description="Jobs one model worker runs at once, all its channels together; more wait in Redis for a free worker.")
+    model_max_queue: int = Field(
+        256,
+        ge=1,
+        description="Jobs of one channel waiting in Redis for a model worker past which an edge node refuses new streams of that channel with `unavailable` (with `retry_after`).",
+    )
+    model_retry_after: float = Field(
+        5.0,
+        gt=0,
+        description="Seconds an `unavailable` refusal tells the client to wait when no model worker is alive for a remote channel or its queue is full.",
+    )
+    model_result_max: int = Field(
+        16384,
+        ge=16,
+        description="Entries a job's result stream (and its pushed-input stream) keeps in Redis (MAXLEN ~); a stream whose client fell further behind than this ends with `internal`, and a worker claiming it cannot go on from a trimmed history.",
+    )
+    model_result_ttl: float = Field(
+        600.0, gt=0, description="Seconds a job's result stream lives in Redis after its last write (the edge node deletes it when the stream ends)."
+    )
+
+    @model_validator(mode="after")
+    def _model_tier(self) -> Self:
+        names = self.remote_names()
+        if unknown := sorted(names - REMOTE_CAPABLE):
+            raise ValueError(
+                f"remote_channels: {', '.join(unknown)} cannot be handed to model workers; the remote-capable channels are {', '.join(sorted(REMOTE_CAPABLE))}"
+            )
+        if (names or self.role == "model") and not self.redis_url:
+            raise ValueError("remote_channels and role=model need redis_url (STREAMPLEX_REDIS_URL): jobs and results travel through Redis Streams")
+        if self.role == "model" and not names:
+            raise ValueError("a model worker (role=model) needs remote_channels: the channels it serves")
+        return self
+
+    def remote_names(self) -> set[str]:
+        """The channels handed to model workers (`remote_channels`)."""
+        return {part.strip() for part in self.remote_channels.split(",") if part.strip()}
 
     @model_validator(mode="after")
     def _redis_tls(self) -> Self:

@@ -183,7 +183,10 @@ class HttpStreams:
         status = channel.status()
         if status.state != "available":
             return error_response(
-                503, str(ErrorCode.UNAVAILABLE), f"channel {name!r} is {status.state}: {status.reason}", retry_after=5.0 if status.state == "loading" else None
+                503,
+                str(ErrorCode.UNAVAILABLE),
+                f"channel {name!r} is {status.state}: {status.reason}",
+                retry_after=5.0 if status.state == "loading" and status.retry_after is None else status.retry_after,
             )
         key_limits = self.runtime.key_limits
         if key_limits.rate > 0 and (wait := await key_limits.take(principal.label)):

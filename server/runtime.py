@@ -28,6 +28,7 @@ from streamplex.server.protocol import PROTOCOL_VERSION, EndReason
 from streamplex.server.redact import RedactKeys
 from streamplex.server.redis_broker import RedisBroker, redis_options
 from streamplex.server.registry import discover, instantiate
+from streamplex.server.remote import ModelClient, remote
 from streamplex.server.session import Session
 from streamplex.server.session_store import SessionStore, digest
 from streamplex.server.takeover import take_over
@@ -74,9 +75,14 @@ class Runtime:
         self.http_limits = KeyLimits(settings.node, settings.http_key_max_streams, 0.0, 1, shared, f"{settings.redis_prefix}:http")  # open HTTP streams per key
         self.logs = log_handler or RingLogHandler(settings.log_buffer, settings.node)
         self.hub.accept(self.logs.topic, check_record)
-        self.engine = build_engine(settings)
+        remote_names = settings.remote_names()
+        self.engine = build_engine(settings, without=remote_names)
         self.services = Services(settings=settings, feeds=self.hub, logs=self.logs, stats=self.telemetry.stats.snapshot, engine=self.engine)
         self.channels: dict[str, Channel] = instantiate(discover(), self.services)
+        self.models = ModelClient(settings, sorted(remote_names)) if remote_names else None  # the model tier's client
+        if self.models is not None:
+            for name in remote_names & self.channels.keys():
+                self.channels[name] = remote(self.channels[name], self.models)
         self.telemetry.register(self.collect)
         self.connections: set[Connection] = set()
         self.detached: dict[str, tuple[Session, asyncio.TimerHandle]] = {}  # by resume token
@@ -120,6 +126,8 @@ class Runtime:
                 "Sessions this node still wrote for after another node had taken them over (paused or cut from Redis meanwhile); their writes were refused.",
                 value=self.store.fenced,
             )
+        if self.models is not None:
+            yield from self.models.families()
         yield from engine_families(self.engine.metrics())
         yield from self.engine.histograms.collect()
 
@@ -149,6 +157,8 @@ class Runtime:
         await self.key_limits.start()
         await self.http_limits.start()
         await self.engine.start()
+        if self.models is not None:
+            await self.models.start()
         for name, channel in list(self.channels.items()):
             try:
                 await channel.start()
@@ -297,6 +307,8 @@ class Runtime:
                 await channel.stop()
             except Exception:
                 log.exception("channel %r: its stop() failed", name)
+        if self.models is not None:
+            await self.models.close()
         self.logs.detach()
         self.parser.shutdown(wait=False, cancel_futures=True)
 

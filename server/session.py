@@ -220,7 +220,7 @@ class Session:
                 ErrorCode.UNAVAILABLE,
                 f"channel {op.channel!r} is {status.state}: {status.reason}",
                 id=op.id,
-                retry_after=5.0 if status.state == "loading" else None,
+                retry_after=5.0 if status.state == "loading" and status.retry_after is None else status.retry_after,
             )
         if len(self.streams) + len(waiting) >= self.settings.max_streams:
             raise ProtocolError(ErrorCode.TOO_MANY_STREAMS, f"at most {self.settings.max_streams} streams per connection", id=op.id)

@@ -149,3 +149,28 @@ async def collect(ws: websockets.ClientConnection, stream_id: str, timeout: floa
             chunks.append(frame)
         elif frame["op"] == "end":
             return chunks, frame
+
+
+def start_model_worker(tmp: Path, **settings: Any) -> ServerProc:
+    """Start a model worker (`python -m streamplex.server --role model`) with STREAMPLEX_* settings on a free metrics port; returns
+    once the metrics answer (its models may still be loading: the edge node's `/ready` says when they are)."""
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("STREAMPLEX_")}
+    env.update({"STREAMPLEX_CHAT_MODEL": "", "STREAMPLEX_ASR_MODEL": "", "STREAMPLEX_EMBEDDING_MODEL": "", "PYTHONUNBUFFERED": "1"})
+    env.update({f"STREAMPLEX_{k.upper()}": str(v) for k, v in settings.items()})
+    log_path = tmp / f"worker-{port}.log"
+    command = [sys.executable, "-m", "streamplex.server", "--role", "model", "--port", str(port)]
+    proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log_path.open("wb"), stderr=subprocess.STDOUT)
+    worker = ServerProc(proc, port, log_path, env=env)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"model worker exited with {proc.returncode}:\n{worker.log()}")
+        try:
+            if worker.get("/metrics")[0] == 200:
+                return worker
+        except OSError:
+            pass
+        time.sleep(0.1)
+    worker.stop()
+    raise RuntimeError(f"model worker did not start:\n{worker.log()}")

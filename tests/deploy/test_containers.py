@@ -11,6 +11,7 @@ from pathlib import Path
 
 import yaml
 
+from streamplex.server.config import Settings
 from tests.serverproc import ROOT
 
 BIN = Path(sys.executable).parent
@@ -78,6 +79,25 @@ def test_compose_runs_server_redis_and_nginx_with_a_gpu_profile() -> None:
     assert "./deploy/nginx/streamplex.conf:/etc/nginx/conf.d/default.conf:ro" in services["nginx"]["volumes"]
 
 
+def test_compose_tiered_profile_runs_two_edge_nodes_and_a_model_worker_on_the_gpu() -> None:
+    services = yaml.safe_load(COMPOSE.read_text())["services"]
+    members = {name: s for name, s in services.items() if s.get("profiles") == ["tiered"]}
+    assert set(members) == {"edge-1", "edge-2", "model-1"}
+    upstreams = set(re.findall(r"server (streamplex-\d):8000", (ROOT / "deploy/nginx/streamplex.conf").read_text()))
+    edges = [members["edge-1"], members["edge-2"]]
+    assert {a for s in edges for a in s["networks"]["default"]["aliases"]} == upstreams, "nginx reaches the edge nodes"
+    model = members["model-1"]
+    assert model["environment"]["STREAMPLEX_ROLE"] == "model" and model["networks"] == ["backend"], "the worker holds no client"
+    assert model["image"] == "streamplex:cuda" and model["deploy"]["resources"]["reservations"]["devices"][0]["capabilities"] == ["gpu"]
+    for s in [*edges, model]:
+        env = s["environment"]
+        assert env["STREAMPLEX_REMOTE_CHANNELS"] == "chat,translation,analysis"
+        assert env["STREAMPLEX_REDIS_PASSWORD"] == "${REDIS_PASSWORD:?set REDIS_PASSWORD in .env}"
+        Settings(**{k.removeprefix("STREAMPLEX_").lower(): v for k, v in env.items() if "$" not in v})  # a valid configuration
+    assert all(s["image"] == "streamplex:cpu" and "deploy" not in s for s in edges), "edge nodes need no GPU"
+    assert {"edge-1", "edge-2"} <= set(services["nginx"]["depends_on"])
+
+
 def test_compose_redis_requires_a_password_and_only_the_servers_reach_it() -> None:
     compose = yaml.safe_load(COMPOSE.read_text())
     services = compose["services"]
@@ -88,7 +108,7 @@ def test_compose_redis_requires_a_password_and_only_the_servers_reach_it() -> No
     assert redis["environment"]["REDISCLI_AUTH"] == password, "the health check authenticates"
     assert redis["networks"] == ["backend"] and compose["networks"]["backend"] == {"internal": True}
     on_backend = {name for name, s in services.items() if "backend" in s.get("networks", ())}
-    assert on_backend == {"redis", "cpu-1", "cpu-2", "gpu-1", "gpu-2"}, "nginx must not reach Redis"
+    assert on_backend == {"redis", "cpu-1", "cpu-2", "gpu-1", "gpu-2", "edge-1", "edge-2", "model-1"}, "nginx must not reach Redis"
     assert "STREAMPLEX_WORKERS" in services["cpu-1"]["environment"]
 
 

@@ -42,7 +42,7 @@ def render(kubectl: Path, overlay: str) -> dict[tuple[str, str], dict[str, Any]]
     return {(doc["kind"], doc["metadata"]["name"]): doc for doc in yaml.safe_load_all(out)}
 
 
-@pytest.fixture(scope="module", params=["cpu", "gpu"])
+@pytest.fixture(scope="module", params=["cpu", "gpu", "tiered"])
 def overlay(request: pytest.FixtureRequest, kubectl: Path) -> Iterator[tuple[str, dict[tuple[str, str], dict[str, Any]]]]:
     yield request.param, render(kubectl, request.param)
 
@@ -93,7 +93,7 @@ def test_deployment_probes_drain_keys_and_settings(overlay) -> None:
     config = next(doc for (kind, _), doc in docs.items() if kind == "ConfigMap")
     assert server["envFrom"] == [{"configMapRef": {"name": config["metadata"]["name"]}}], "settings from the (hashed) ConfigMap"
     settings = config["data"]
-    assert settings["STREAMPLEX_DEVICE"] == {"cpu": "cpu", "gpu": "cuda"}[name]
+    assert settings["STREAMPLEX_DEVICE"] == {"cpu": "cpu", "gpu": "cuda", "tiered": "cpu"}[name]
     # Only the Google front ends' X-Forwarded-For is believed, and the balancer's own address once it replaces STATIC_IP.
     assert settings["STREAMPLEX_TRUSTED_PROXIES"] == "130.211.0.0/22,35.191.0.0/16,STATIC_IP" and "FORWARDED_ALLOW_IPS" not in settings
     pre_stop = int(server["lifecycle"]["preStop"]["exec"]["command"][1])
@@ -138,7 +138,7 @@ def test_ingress_backendconfig_hpa_and_pdb(overlay) -> None:
     metrics = {m["type"]: m for m in hpa["spec"]["metrics"]}
     assert metrics["Resource"]["resource"]["name"] == "cpu"
     assert metrics["Pods"]["pods"]["metric"]["name"] == "prometheus.googleapis.com|streamplex_streams_active|gauge"
-    assert metrics["Pods"]["pods"]["target"]["averageValue"] == {"cpu": "200", "gpu": "1000"}[name]
+    assert metrics["Pods"]["pods"]["target"]["averageValue"] == {"cpu": "200", "gpu": "1000", "tiered": "1000"}[name]
     monitor = docs["PodMonitoring", "streamplex"]
     assert monitor["spec"]["endpoints"][0]["path"] == "/metrics"
     selector = _server(docs)["spec"]["selector"]["matchLabels"]
@@ -176,7 +176,38 @@ def test_redis_requires_its_secret_and_admits_only_the_server_pods(overlay) -> N
     assert policy["podSelector"]["matchLabels"] == redis_pod["metadata"]["labels"]
     assert policy["policyTypes"] == ["Ingress"]
     (rule,) = policy["ingress"]
-    (peer,) = rule["from"]
-    assert set(peer) == {"podSelector"}, "no namespace or IP block: only pods of this namespace"
-    assert peer["podSelector"]["matchLabels"] == _server(docs)["spec"]["template"]["metadata"]["labels"]
+    clients = [doc["spec"]["template"]["metadata"]["labels"] for (kind, name), doc in docs.items() if kind == "Deployment" and name != "streamplex-redis"]
+    assert len(rule["from"]) == len(clients) == (2 if overlay[0] == "tiered" else 1)
+    for peer in rule["from"]:
+        assert set(peer) == {"podSelector"}, "no namespace or IP block: only pods of this namespace"
+        assert peer["podSelector"]["matchLabels"] in clients, "only streamplex pods"
     assert rule["ports"] == [{"protocol": "TCP", "port": "redis"}] and redis["ports"][0]["name"] == "redis"
+
+
+def test_tiered_overlay_runs_model_workers_on_gpu_nodes_scaled_on_their_demand(kubectl: Path) -> None:
+    docs = render(kubectl, "tiered")
+    assert all(doc["metadata"].get("namespace") == "streamplex" for (kind, _), doc in docs.items() if kind != "Namespace")
+    config = next(doc for (kind, _), doc in docs.items() if kind == "ConfigMap")["data"]
+    assert config["STREAMPLEX_REMOTE_CHANNELS"] == "chat,translation,analysis" and config["STREAMPLEX_DEVICE"] == "cpu"
+    edge = _server(docs)["spec"]["template"]["spec"]
+    assert "nvidia.com/gpu" not in edge["containers"][0]["resources"]["limits"] and "nodeSelector" not in edge
+    model = docs["Deployment", "streamplex-model"]
+    pod = model["spec"]["template"]["spec"]
+    (worker,) = pod["containers"]
+    env = {e["name"]: e for e in worker["env"]}
+    assert env["STREAMPLEX_ROLE"]["value"] == "model" and env["STREAMPLEX_DEVICE"]["value"] == "cuda"
+    assert env["STREAMPLEX_REDIS_PASSWORD"]["valueFrom"] == {"secretKeyRef": {"name": "streamplex-redis", "key": "password"}}
+    assert worker["envFrom"] == _server(docs)["spec"]["template"]["spec"]["containers"][0]["envFrom"], "the same settings as the edge"
+    assert worker["image"] == "us-docker.pkg.dev/PROJECT_ID/streamplex/streamplex:cuda"
+    assert worker["resources"]["limits"]["nvidia.com/gpu"] == 1
+    assert pod["nodeSelector"]["cloud.google.com/gke-accelerator"].startswith("nvidia-")
+    assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in pod["tolerations"]
+    assert pod["terminationGracePeriodSeconds"] > float(config["STREAMPLEX_SHUTDOWN_TIMEOUT"]) + 5
+    assert ("Service", "streamplex-model") not in docs, "a model worker holds no client"
+    hpa = docs["HorizontalPodAutoscaler", "streamplex-model"]["spec"]
+    assert hpa["scaleTargetRef"]["name"] == "streamplex-model"
+    (metric,) = hpa["metrics"]
+    assert metric["pods"]["metric"]["name"] == "prometheus.googleapis.com|streamplex_model_worker_demand|gauge"
+    monitor = docs["PodMonitoring", "streamplex-model"]["spec"]
+    assert monitor["selector"]["matchLabels"] == model["spec"]["selector"]["matchLabels"] == model["spec"]["template"]["metadata"]["labels"]
+    assert monitor["endpoints"][0]["port"] == worker["ports"][0]["name"]
