@@ -15,12 +15,18 @@ of `min_silence_ms` ends the utterance, whose remaining words are made final at 
 - `{"type":"partial","start":s,"end":s,"text":...}`: the words after the final ones (may still change);
 - `{"type":"final","start":s,"end":s,"text":...}`: words that will not change (times in seconds of audio);
 - last, `{"type":"transcript","text":...,"language":...,"duration_s":...,"segments":n}`: the whole text.
+
+With voice-activity detection, audio is taken one 32 ms frame at a time, so that what is decoded when depends on the
+audio only, never on how fast it arrives: a live stream goes on on another node (docs/protocol.md#resume-across-nodes)
+from its last saved state (saved at least every second of audio and after every chunk), the client sending its audio
+again from the start of the buffer that state holds; the server acknowledges (`ack`) the audio before that point.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 import zlib
@@ -33,7 +39,7 @@ from pydantic import Field, model_validator
 from streamplex.channels.agreement import LocalAgreement, Word, text_of
 from streamplex.channels.media import MediaRef, local_media, media_ref
 from streamplex.channels.pacing import Clock
-from streamplex.server.channel import Channel, ChannelError, ChannelStatus, ParamsModel, StreamContext, model_status
+from streamplex.server.channel import CannotGoOn, Channel, ChannelError, ChannelStatus, ParamsModel, Skip, StreamContext, model_status
 from streamplex.server.engine import Engine, EngineError
 from streamplex.server.engine.asr import SAMPLE_RATE, WINDOW_SECONDS, Segment, TranscriptionRequest, repeated_tail
 from streamplex.server.engine.vad import FRAME, Endpointer, VadUnavailable, silero
@@ -53,6 +59,8 @@ MAX_PENDING_SECONDS = 30.0  # audio received but not yet transcribed; beyond it 
 TAIL_SECONDS = 0.3  # at the end of input, pending words starting this long after the last sound were made up, not heard
 PROMPT_CHARS = 200  # final text before the buffer given to Whisper as context
 BLOCK = SAMPLE_RATE // 10  # file audio is read in 100 ms blocks
+SAVE_SECONDS = 1.0  # a live stream saves its state at least this often (in audio), so that the acknowledged input advances in silence
+KEEP_WORDS = 200  # final words a saved state keeps as words (the prompt, prefix and echo check look back less far); earlier ones as text
 
 
 class TranscriptionParams(ParamsModel):
@@ -118,9 +126,19 @@ class _Audio:
                 raise self.error
             if not self.samples:
                 return None
-            joined = np.concatenate(self.blocks)
-            out, rest = joined[:at_most], joined[at_most:]
-            self.blocks, self.samples = ([rest] if len(rest) else []), len(rest)
+            taken: list[np.ndarray] = []
+            wanted = at_most
+            while wanted and self.blocks:  # from the front, without joining what stays (taking a frame at a time from 30 s)
+                block = self.blocks[0]
+                if len(block) <= wanted:
+                    taken.append(self.blocks.pop(0))
+                    wanted -= len(block)
+                else:
+                    taken.append(block[:wanted])
+                    self.blocks[0] = block[wanted:]
+                    wanted = 0
+            out = np.concatenate(taken) if len(taken) != 1 else taken[0]
+            self.samples -= len(out)
             self.changed.notify_all()
             return out
 
@@ -130,6 +148,8 @@ class TranscriptionChannel(Channel):
     summary = "Live speech-to-text (Whisper, batched across streams): partial and final timed segments from pushed PCM or a media file."
     Params = TranscriptionParams
     accepts_push = True
+    restartable = True
+    saves_state = True
 
     @property
     def engine(self) -> Engine | None:
@@ -143,6 +163,14 @@ class TranscriptionChannel(Channel):
         self._endpointer(params)
         if params.source is not None or params.audio_url is not None:
             media_ref(self.settings, params.source, params.audio_url, "audio_url")
+
+    def acks_input(self, params: TranscriptionParams) -> bool:
+        return params.source is None and params.audio_url is None
+
+    def restarts(self, params: TranscriptionParams) -> bool:
+        # Live audio with voice-activity detection: decoded by frames, the same whatever the pace. A file could restart
+        # too, but only the live stream's audio is acknowledged and sent again; without VAD, decode points follow timing.
+        return self.acks_input(params) and (self.settings.asr_vad if params.vad is None else params.vad)
 
     def _runner(self, params: TranscriptionParams) -> WhisperRunner:
         if self.engine is None:
@@ -186,11 +214,28 @@ class TranscriptionChannel(Channel):
             feeder = self._feed_pushed(ctx, audio)
         else:
             feeder = self._feed_file(media_ref(self.settings, params.source, params.audio_url, "audio_url"), params.realtime, audio)
+        going_on = ctx.start > 0 or ctx.saved is not None
+        if going_on and (endpointer is None or not self.restarts(params)):
+            feeder.close()
+            raise CannotGoOn("only live audio with voice-activity detection goes on on another node")
         task = asyncio.create_task(feeder, name=f"transcription-feed-{ctx.stream_id}")
         try:
             transcriber = _Transcriber(self.engine, runner, params, ctx.stream_id)
-            async for chunk in transcriber.run(audio) if endpointer is None else transcriber.run_vad(audio, endpointer):
-                yield chunk
+            if endpointer is None:
+                async for chunk in transcriber.run(audio):
+                    yield chunk
+            else:
+                if going_on:
+                    if ctx.saved_at > ctx.start:
+                        raise CannotGoOn(f"its saved state is after chunk {ctx.saved_at}, the client has {ctx.start}")
+                    try:
+                        if ctx.saved is not None:
+                            await transcriber.restore(ctx.saved, endpointer, audio)
+                    except (KeyError, TypeError, ValueError) as exc:
+                        raise CannotGoOn(f"its saved state is not one this node can read ({type(exc).__name__}: {exc})") from None
+                transcriber.skip = Skip(ctx.start - ctx.saved_at)
+                async for chunk in transcriber.run_vad(audio, endpointer, ctx, fresh=ctx.saved is None):
+                    yield chunk
         finally:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -242,6 +287,11 @@ class _Transcriber:
         self.last_partial: str | None = None
         self.finals = 0
         self.windows = 0
+        self.head = ""  # final text before the words `agreement.committed` holds (a stream going on from a saved state)
+        self.received = 0  # samples of the stream so far: the buffer ends there
+        self.speaking = False
+        self.decoded_at = 0.0  # stream time of the buffer's end at its last transcription
+        self.skip = Skip(0)  # chunks made again that the client already has (going on from a saved state)
 
     async def run(self, audio: _Audio) -> AsyncIterator[Any]:
         """Without voice-activity detection: every `step_ms` of audio the buffer is transcribed again."""
@@ -265,51 +315,35 @@ class _Transcriber:
         log.info("transcription %s: %.1f s of audio in %d windows, %.1f s", self.stream_id, duration, self.windows, time.perf_counter() - started)
         yield self._transcript(duration)
 
-    async def run_vad(self, audio: _Audio, endpointer: Endpointer) -> AsyncIterator[Any]:
+    async def run_vad(self, audio: _Audio, endpointer: Endpointer, ctx: StreamContext, fresh: bool = True) -> AsyncIterator[Any]:
         """With voice-activity detection: only utterances are transcribed (every `step_ms` of one); a pause ends one with a final at once.
 
         Outside an utterance the buffer keeps only the padding an utterance may start with, and nothing is decoded.
+        Audio is taken one frame at a time (and the state saved after each frame that made chunks, else every
+        SAVE_SECONDS of audio), so that the chunks depend on the audio only.
         """
         step = self.params.step_ms * SAMPLE_RATE // 1000
         preroll = endpointer.pad + FRAME
         started = time.perf_counter()
-        received = 0  # samples of the stream so far: the buffer ends there
-        speaking = False
-        decoded_at = 0.0  # stream time of the buffer's end at its last transcription
-        if self.language is not None:
-            yield {"type": "language", "language": self.language, "detected": False}
+        saved_at = self.received
+        if fresh and self.language is not None:
+            for chunk in self._out([{"type": "language", "language": self.language, "detected": False}]):
+                yield chunk
         while True:
             room = WINDOW_SECONDS * SAMPLE_RATE - len(self.buffer)
-            new = await audio.take(min(FRAME, room), min(step, room))
+            new = await audio.take(min(FRAME, room), min(FRAME, room))
             if new is None:
                 break
-            self.buffer = np.concatenate([self.buffer, new])
-            received += len(new)
-            for boundary in endpointer.feed(new):
-                if boundary.kind == "start":
-                    self._cut(boundary.at / SAMPLE_RATE)
-                    speaking, decoded_at = True, self.offset
-                elif boundary.kind == "pause" and decoded_at < boundary.at / SAMPLE_RATE:
-                    # transcribe the utterance up to the pause now: if the pause ends it, its final needs no decoding then
-                    for chunk in await self._transcribe_until(boundary.at / SAMPLE_RATE):
-                        yield chunk
-                    decoded_at = boundary.at / SAMPLE_RATE
-                else:
-                    for chunk in await self._end_utterance(boundary.at / SAMPLE_RATE, decoded_at):
-                        yield chunk
-                    speaking = False
-            if not speaking:
-                self._cut((received - preroll) / SAMPLE_RATE)
-                continue
-            if received / SAMPLE_RATE - decoded_at >= step / SAMPLE_RATE or len(self.buffer) >= WINDOW_SECONDS * SAMPLE_RATE:
-                decoded_at = received / SAMPLE_RATE
-                chunks, final = await self._advance()
-                for chunk in chunks + self._settle(final):
-                    yield chunk
-        for boundary in endpointer.finish():
-            for chunk in await self._end_utterance(boundary.at / SAMPLE_RATE, decoded_at):
+            chunks = await self._frame(new, endpointer, step, preroll)
+            for chunk in self._out(chunks):
                 yield chunk
-        duration = received / SAMPLE_RATE
+            if not self.skip.left and (chunks or self.received - saved_at >= SAVE_SECONDS * SAMPLE_RATE):
+                saved_at = self.received
+                ctx.save(2 * (self.received - len(self.buffer)), functools.partial(self.state, endpointer))
+        chunks = []
+        for boundary in endpointer.finish():
+            chunks += await self._end_utterance(boundary.at / SAMPLE_RATE, self.decoded_at)
+        duration = self.received / SAMPLE_RATE
         stats = endpointer.stats()
         log.info(
             "transcription %s: %.1f s of audio (%.0f%% speech by VAD) in %d windows, %.1f s",
@@ -319,7 +353,79 @@ class _Transcriber:
             self.windows,
             time.perf_counter() - started,
         )
-        yield self._transcript(duration)
+        for chunk in self._out([*chunks, self._transcript(duration)]):
+            yield chunk
+
+    async def _frame(self, new: np.ndarray, endpointer: Endpointer, step: int, preroll: int) -> list[dict[str, Any]]:
+        """Take one frame of audio: its utterance boundaries, and a transcription when `step` of an utterance came since the last."""
+        self.buffer = np.concatenate([self.buffer, new])
+        self.received += len(new)
+        chunks: list[dict[str, Any]] = []
+        for boundary in endpointer.feed(new):
+            if boundary.kind == "start":
+                self._cut(boundary.at / SAMPLE_RATE)
+                self.speaking, self.decoded_at = True, self.offset
+            elif boundary.kind == "pause" and self.decoded_at < boundary.at / SAMPLE_RATE:
+                # transcribe the utterance up to the pause now: if the pause ends it, its final needs no decoding then
+                chunks += await self._transcribe_until(boundary.at / SAMPLE_RATE)
+                self.decoded_at = boundary.at / SAMPLE_RATE
+            else:
+                chunks += await self._end_utterance(boundary.at / SAMPLE_RATE, self.decoded_at)
+                self.speaking = False
+        if not self.speaking:
+            self._cut((self.received - preroll) / SAMPLE_RATE)
+        elif self.received / SAMPLE_RATE - self.decoded_at >= step / SAMPLE_RATE or len(self.buffer) >= WINDOW_SECONDS * SAMPLE_RATE:
+            self.decoded_at = self.received / SAMPLE_RATE
+            advanced, final = await self._advance()
+            chunks += advanced + self._settle(final)
+        return chunks
+
+    def _out(self, chunks: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """The chunks to send: those the client does not have yet (going on from a saved state, it has the first few)."""
+        return [chunk for chunk in chunks if not self.skip()]
+
+    def state(self, endpointer: Endpointer) -> dict[str, Any]:
+        """Everything the stream carries from frame to frame but its buffer's audio (which the client sends again), as JSON."""
+        committed = self.agreement.committed
+        head = " ".join(t for t in (self.head, text_of(committed[:-KEEP_WORDS])) if t)
+        return {
+            "received": self.received,
+            "buffered": len(self.buffer),
+            "offset": self.offset,
+            "speaking": self.speaking,
+            "decoded_at": self.decoded_at,
+            "language": self.language,
+            "finals": self.finals,
+            "windows": self.windows,
+            "last_partial": self.last_partial,
+            "head": head,
+            "committed": [[w.start, w.end, w.text] for w in committed[-KEEP_WORDS:]],
+            "pending": [[w.start, w.end, w.text] for w in self.agreement.pending],
+            "cut_points": self.agreement.cut_points,
+            "vad": endpointer.snapshot(),
+        }
+
+    async def restore(self, state: dict[str, Any], endpointer: Endpointer, audio: _Audio) -> None:
+        """Carry on from another node's `state`: its buffer is the first audio the client sends again (raises
+        ValueError, KeyError or TypeError when `state` is not one, CannotGoOn when the input ends before it)."""
+        buffered, received = int(state["buffered"]), int(state["received"])
+        if not 0 <= buffered <= min(received, WINDOW_SECONDS * SAMPLE_RATE):
+            raise ValueError("its buffer is not within the stream")
+        self.received, self.offset = received, float(state["offset"])
+        self.speaking, self.decoded_at = bool(state["speaking"]), float(state["decoded_at"])
+        language = state["language"]
+        self.language = language if isinstance(language, str) or language is None else str(language)
+        self.finals, self.windows = int(state["finals"]), int(state["windows"])
+        self.last_partial = state["last_partial"] if state["last_partial"] is None else str(state["last_partial"])
+        self.head = str(state["head"])
+        self.agreement.committed = [Word(float(a), float(b), str(t)) for a, b, t in state["committed"]]
+        self.agreement.pending = [Word(float(a), float(b), str(t)) for a, b, t in state["pending"]]
+        self.agreement.cut_points = [float(t) for t in state["cut_points"]]
+        endpointer.restore(state["vad"])
+        buffer = await audio.take(buffered, buffered) if buffered else np.zeros(0, dtype=np.float32)
+        if buffer is None or len(buffer) < buffered:
+            raise CannotGoOn("the client's audio ended before the point its saved state was at")
+        self.buffer = buffer
 
     async def _transcribe_until(self, at: float) -> list[dict[str, Any]]:
         """Transcribe the buffer's audio before stream time `at` only (audio after it, already received when the loop lags, is kept for later)."""
@@ -381,7 +487,7 @@ class _Transcriber:
     def _transcript(self, duration: float) -> dict[str, Any]:
         return {
             "type": "transcript",
-            "text": text_of(self.agreement.committed),
+            "text": " ".join(t for t in (self.head, text_of(self.agreement.committed)) if t),
             "language": self.language,
             "duration_s": round(duration, 3),
             "segments": self.finals,

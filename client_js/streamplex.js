@@ -80,6 +80,79 @@ export function decodeBinary(buffer) {
 
 const END = Symbol("end");
 
+/** Pushed input bytes after the server's last `ack`, kept to be sent again after a resume (at most `limit`: past it a push waits). */
+export class HeldInput {
+  static PIECE = 32 * 1024; // at most this much input per binary frame when held input is sent (again)
+
+  constructor(limit) {
+    this.limit = limit;
+    this.data = new Uint8Array(0);
+    this.length = 0;
+    this.base = 0; // position of data[0]: the last acknowledged byte
+    this.sent = 0; // position up to which input went out on the current connection
+    this.ended = false;
+    this.endSent = false;
+    this._waiters = [];
+  }
+
+  get end() {
+    return this.base + this.length;
+  }
+
+  /** Whether `n` more bytes may be held now (one push larger than the limit is held alone). */
+  fits(n) {
+    return this.length === 0 || this.length + n <= this.limit;
+  }
+
+  add(bytes) {
+    if (this.length + bytes.length > this.data.length) {
+      const grown = new Uint8Array(Math.max(this.length + bytes.length, this.data.length * 2, 4096));
+      grown.set(this.data.subarray(0, this.length));
+      this.data = grown;
+    }
+    this.data.set(bytes, this.length);
+    this.length += bytes.length;
+  }
+
+  /** The server no longer needs the input before `position`: drop it (an ack never moves back). */
+  ack(position) {
+    const drop = Math.min(Math.max(0, position - this.base), this.length);
+    if (drop) {
+      this.data.copyWithin(0, drop, this.length);
+      this.length -= drop;
+      this.base += drop;
+      this.sent = Math.max(this.sent, this.base);
+    }
+    this.wake();
+  }
+
+  /** After a resume, send again from `position`; false when that input is no longer held. */
+  rewind(position) {
+    if (position < this.base) return false;
+    this.sent = Math.min(position, this.end);
+    this.endSent = false;
+    return true;
+  }
+
+  /** The next bytes to send (from `sent`, at most PIECE), or null when all were sent. */
+  piece() {
+    if (this.sent >= this.end) return null;
+    const start = this.sent - this.base;
+    return this.data.slice(start, Math.min(this.length, start + HeldInput.PIECE));
+  }
+
+  room(n) {
+    return this.fits(n) ? Promise.resolve() : new Promise((resolve) => this._waiters.push({ n, resolve }));
+  }
+
+  wake(all = false) {
+    this._waiters = this._waiters.filter((w) => {
+      if (all || this.fits(w.n)) w.resolve();
+      return !(all || this.fits(w.n));
+    });
+  }
+}
+
 /** One stream: iterate it (`for await`), or pass callbacks; leaving the loop unsubscribes. */
 export class Subscription {
   constructor(client, channel, params, id, { onChunk, onEnd, onError, resume = true } = {}) {
@@ -100,6 +173,8 @@ export class Subscription {
     this._waiter = null;
     this._terminal = null;
     this._awaitingSubscribed = true;
+    this._input = null; // a HeldInput when the server acknowledges this stream's pushed input
+    this._pushing = Promise.resolve(); // pushes are held in the order they were made
     this.opened = new Promise((resolve, reject) => {
       this._resolveOpened = resolve;
       this._rejectOpened = reject;
@@ -127,9 +202,10 @@ export class Subscription {
     this._wake();
   }
 
-  _subscribed() {
+  _subscribed(acks = false) {
     if (!this._awaitingSubscribed) return;
     this._awaitingSubscribed = false;
+    this._input = acks ? new HeldInput(this.client.inputBuffer) : null; // a new stream (or one started over) counts its input from 0
     if (this._openedDone) this.restarts += 1;
     this._openedDone = true;
     this._resolveOpened(this);
@@ -147,10 +223,12 @@ export class Subscription {
       this._resolveOpened(this);
     }
     if (this.onEnd) this.onEnd(this.reason, this);
+    this._input?.wake(true);
     this._wake();
   }
 
-  /** Push input: a JSON value, or an ArrayBuffer / typed array (sent as a binary frame). */
+  /** Push input: a JSON value, or an ArrayBuffer / typed array (sent as a binary frame). On a stream whose input the
+   * server acknowledges, bytes are held until acknowledged: the returned promise waits while `inputBuffer` bytes are held. */
   push(data) {
     return this.client.push(this.id, data);
   }
@@ -189,7 +267,7 @@ export class Subscription {
  * `state` (detail: "connecting" | "open" | "reconnecting" | "closed"), `warning` (detail: a refused frame without a stream).
  */
 export class Client extends EventTarget {
-  constructor(url, { apiKey, reconnect = true, backoff = [500, 30000], maxRetries = Infinity, retry = {}, heartbeatMs = 15000, heartbeatTimeoutMs = 10000, WebSocketImpl = globalThis.WebSocket } = {}) {
+  constructor(url, { apiKey, reconnect = true, backoff = [500, 30000], maxRetries = Infinity, retry = {}, heartbeatMs = 15000, heartbeatTimeoutMs = 10000, inputBuffer = 4 << 20, WebSocketImpl = globalThis.WebSocket } = {}) {
     super();
     // Refused subscribes with these codes and a `retry_after` are sent again after it, up to maxAttempts per
     // stream and maxWaitMs of waiting in all (`retry: false` turns this off).
@@ -205,6 +283,7 @@ export class Client extends EventTarget {
     this.maxRetries = maxRetries;
     this.heartbeatMs = heartbeatMs;
     this.heartbeatTimeoutMs = heartbeatTimeoutMs;
+    this.inputBuffer = inputBuffer; // bytes of unacknowledged pushed input held per stream (past it, push waits)
     this.WebSocketImpl = WebSocketImpl;
     this.ready = null;
     this.state = "closed";
@@ -262,7 +341,8 @@ export class Client extends EventTarget {
             // take the dropped session over: each stream goes on after the last seq this client saw
             resuming = true;
             const streams = Object.fromEntries([...this._subs.values()].map((sub) => [sub.id, sub.lastSeq]));
-            ws.send(JSON.stringify({ op: "resume", token: previous, streams }));
+            const inputs = Object.fromEntries([...this._subs.values()].filter((sub) => sub._input).map((sub) => [sub.id, sub._input.base]));
+            ws.send(JSON.stringify({ op: "resume", token: previous, streams, inputs }));
             return;
           }
           opened(frame);
@@ -273,9 +353,12 @@ export class Client extends EventTarget {
           const answer = JSON.parse(event.data);
           if (answer.op === "resumed") {
             this.resumes += 1;
-            for (const id of Object.keys(answer.streams ?? {})) {
+            for (const [id, entry] of Object.entries(answer.streams ?? {})) {
               const sub = this._subs.get(id);
-              if (sub) sub._resumed = true; // `resumed: false` is followed by its `end` (reason resume_gap)
+              if (!sub) continue;
+              sub._resumed = true; // `resumed: false` is followed by its `end` (reason resume_gap)
+              // its held input goes out again from where the server asks
+              if (sub._input && Number.isInteger(entry?.input) && !sub._input.rewind(entry.input)) console.warn(`stream ${id}: its input from byte ${entry.input} is no longer held`);
             }
           }
           opened(this.ready);
@@ -319,7 +402,10 @@ export class Client extends EventTarget {
         sub?._deliver({ seq: frame.seq, data: frame.data, dropped: frame.dropped ?? 0, binary: false });
         break;
       case "subscribed":
-        sub?._subscribed();
+        sub?._subscribed(frame.ack === true);
+        break;
+      case "ack":
+        if (sub?._input && Number.isInteger(frame.input)) sub._input.ack(frame.input);
         break;
       case "end":
         if (sub) this._ended(sub, frame);
@@ -362,6 +448,7 @@ export class Client extends EventTarget {
     if (frame.reason === "shutdown") sub._finish(new StreamplexError("shutdown", "the server shut down", { id: sub.id }), "shutdown");
     else if (frame.reason === "resume_gap") sub._finish(new StreamplexError("resume_gap", "chunks were lost while the connection was down", { id: sub.id }), "resume_gap");
     else if (frame.reason === "producer_lost") sub._finish(new StreamplexError("producer_lost", "its server node died and the stream cannot go on elsewhere", { id: sub.id }), "producer_lost");
+    else if (frame.reason === "input_lost") sub._finish(new StreamplexError("input_lost", "the pushed input the stream needs to go on is no longer held", { id: sub.id }), "input_lost");
     else sub._finish(null, frame.reason);
   }
 
@@ -432,6 +519,7 @@ export class Client extends EventTarget {
     for (const sub of [...this._subs.values()]) {
       if (sub._resumed) {
         sub._resumed = false;
+        if (sub._input) this._sendHeld(sub);
         continue;
       }
       if (!sub.resume) {
@@ -472,9 +560,28 @@ export class Client extends EventTarget {
     return sub;
   }
 
-  /** Push to a stream: binary data (ArrayBuffer, typed array) as a binary frame, anything else as a `push` op. */
+  /** Push to a stream: binary data (ArrayBuffer, typed array) as a binary frame, anything else as a `push` op.
+   * On a stream whose input the server acknowledges (`subscribed` with `ack`: a live transcription), bytes are held until
+   * acknowledged, sent again after a resume from where the server asks, and the returned promise waits while
+   * `inputBuffer` bytes are held (a disconnected client holds them too). */
   push(id, data, { end = false } = {}) {
-    if (data instanceof ArrayBuffer || ArrayBuffer.isView(data)) {
+    const sub = this._subs.get(id);
+    const binary = data instanceof ArrayBuffer || ArrayBuffer.isView(data);
+    if (sub?._input && (binary || data === undefined || data === null)) {
+      const held = sub._input;
+      const bytes = binary ? (data instanceof ArrayBuffer ? new Uint8Array(data) : new Uint8Array(data.buffer, data.byteOffset, data.byteLength)) : new Uint8Array(0);
+      sub._pushing = sub._pushing.then(async () => {
+        await held.room(bytes.length);
+        if (sub.ended) throw sub._terminal === END ? new StreamplexError("unknown_id", `stream ${id} has ended`, { id }) : sub._terminal;
+        held.add(bytes);
+        held.ended ||= end;
+        this._sendHeld(sub);
+      });
+      const pushed = sub._pushing;
+      sub._pushing = pushed.catch(() => {});
+      return pushed;
+    }
+    if (binary) {
       this._send(encodePush(id, data));
       if (end) this._send({ op: "push", id, end: true });
       return;
@@ -483,6 +590,20 @@ export class Client extends EventTarget {
     if (data !== undefined && data !== null) frame.data = data;
     if (end) frame.end = true;
     this._send(frame);
+  }
+
+  /** Send what `sub`'s held input has not sent on this connection, then its end once pushed (nothing while disconnected). */
+  _sendHeld(sub) {
+    const held = sub._input;
+    if (!held || sub.ended || !this._ws || this._ws.readyState !== 1) return;
+    for (let piece = held.piece(); piece; piece = held.piece()) {
+      this._send(encodePush(sub.id, piece));
+      held.sent += piece.length;
+    }
+    if (held.ended && !held.endSent) {
+      this._send({ op: "push", id: sub.id, end: true });
+      held.endSent = true;
+    }
   }
 
   _unsubscribe(sub) {

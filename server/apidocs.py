@@ -183,7 +183,14 @@ def asyncapi(channels: dict[str, Channel]) -> dict[str, Any]:
             },
         ),
         "subscribed": _message(
-            "subscribed", "the stream is open", {"type": "object", "properties": {"op": {"const": "subscribed"}, "id": string, "channel": string}}
+            "subscribed",
+            "the stream is open",
+            {"type": "object", "properties": {"op": {"const": "subscribed"}, "id": string, "channel": string, "ack": {"type": "boolean"}}},
+        ),
+        "ack": _message(
+            "ack",
+            "the stream's pushed input before byte `input` is no longer needed: the client may drop it",
+            {"type": "object", "properties": {"op": {"const": "ack"}, "id": string, "input": {"type": "integer", "minimum": 0}}},
         ),
         "chunk": _message(
             "chunk",

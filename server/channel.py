@@ -64,6 +64,9 @@ class CannotGoOn(Exception):
     reason `producer_lost`."""
 
 
+Saver = Callable[[int, Callable[[], Any]], None]
+
+
 class ChannelError(Exception):
     """A failure to report to the client: at subscribe time as `error`, mid-stream as `end` with reason `error`."""
 
@@ -151,6 +154,18 @@ class StreamContext:
     """The API key's non-secret label: what per-tenant state (the chat prefix cache) is partitioned by."""
     positions: list[Any] = field(default_factory=list)
     """With `needs_positions`, going on elsewhere: the position of each of the `start` chunks delivered (None where none was recorded)."""
+    saved: Any = None
+    """With `saves_state`, going on elsewhere: the last state the stream saved (`save`), None when it saved none."""
+    saved_at: int = 0
+    """The chunks yielded before `saved` was saved: those from there to `start` are made again, not sent."""
+    saver: Saver | None = None
+    """Where `save` records a state; None where nothing would read it (no Redis), so that the state is not even built."""
+
+    def save(self, input_from: int, state: Callable[[], Any]) -> None:
+        """Record where the stream stands after the chunks yielded so far: `state()` (JSON) is what another node goes
+        on from, needing the client's pushed input again from byte `input_from` (what `ack` tells the client)."""
+        if self.saver is not None:
+            self.saver(input_from, state)
 
     async def pushed(self) -> AsyncIterator[Any]:
         """Yield pushed items (JSON values or bytes) until the client ends its input."""
@@ -233,6 +248,9 @@ class Channel(ABC):
     can go on with a stream whose node died (see docs/protocol.md#resume-across-nodes); `restarts` may narrow it per params."""
     needs_positions: ClassVar[bool] = False
     """It yields `Checkpoint`s and, going on elsewhere, needs the positions of every chunk delivered before."""
+    saves_state: ClassVar[bool] = False
+    """It records its state with `StreamContext.save` and, going on elsewhere, starts from the last one saved
+    (`StreamContext.saved`), making again without sending the chunks between it and `StreamContext.start`."""
 
     def __init__(self, services: Services) -> None:
         self.services = services
@@ -259,6 +277,11 @@ class Channel(ABC):
 
     def check(self, params: Any) -> None:
         """Checks beyond the schema (files exist, paths stay inside their folder); raise ChannelError."""
+
+    def acks_input(self, params: Any) -> bool:
+        """Whether the server acknowledges this stream's pushed input (binary frames), so that the client keeps what
+        follows the last `ack` and sends it again after a resume (see docs/protocol.md#pushed-input-across-a-resume)."""
+        return False
 
     def restarts(self, params: Any) -> bool:
         """Whether a stream with these (parsed) params can go on on another node: `restartable`, unless these params'

@@ -234,7 +234,7 @@ class Connection:
         if fresh is None or fresh.streams or fresh.ended or self._waiting or self._resumed:
             raise ProtocolError(ErrorCode.BAD_REQUEST, "resume must be the first op after ready")
         old = self.runtime.reattach(op.token, fresh.principal.label)
-        adopted = None if old is not None else await self.runtime.adopt(op.token, fresh.principal, op.streams)
+        adopted = None if old is not None else await self.runtime.adopt(op.token, fresh.principal, op.streams, op.inputs)
         if old is None and adopted is None:
             raise ProtocolError(ErrorCode.RESUME_FAILED, "no session to resume: its token is unknown or expired, or it belongs to another API key")
         self._resumed = True
@@ -247,7 +247,7 @@ class Connection:
             old, report, frames = adopted
         else:
             assert old is not None
-            report, frames = await old.resume(op.streams)
+            report, frames = await old.resume(op.streams, op.inputs)
         for sid in op.streams.keys() - report.keys():
             # The client has this stream, the session does not: subscribed on a node that died before recording it in
             # Redis, or ended and forgotten since. It cannot go on, and never silently.

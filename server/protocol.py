@@ -63,6 +63,7 @@ class EndReason(StrEnum):
     SHUTDOWN = "shutdown"
     RESUME_GAP = "resume_gap"
     PRODUCER_LOST = "producer_lost"
+    INPUT_LOST = "input_lost"
 
 
 class ProtocolError(Exception):
@@ -134,6 +135,7 @@ class Resume(_Op):
     op: Literal["resume"]
     token: str = Field(max_length=256)
     streams: dict[StreamIdStr, int] = Field(default_factory=dict, max_length=4096)
+    inputs: dict[StreamIdStr, Annotated[int, Field(ge=0)]] = Field(default_factory=dict, max_length=4096)
 
 
 ClientOp = Auth | Subscribe | Push | Unsubscribe | Ping | Resume

@@ -212,7 +212,9 @@ class Runtime:
         if self.store is not None and session.journal is not None:
             self.store.forget(session.token, session.id, [*session.streams, *session.ended])
 
-    async def adopt(self, token: str, principal: Principal, last_seqs: dict[str, int]) -> tuple[Session, dict[str, Any], list[Any]] | None:
+    async def adopt(
+        self, token: str, principal: Principal, last_seqs: dict[str, int], inputs: dict[str, int] | None = None
+    ) -> tuple[Session, dict[str, Any], list[Any]] | None:
         """Take over, from Redis, a session whose connection was on another node (or on this one, not yet noticed as
         dropped): what `resumed` reports, and the frames the client missed. None when there is no such session."""
         store = self.store
@@ -227,7 +229,7 @@ class Runtime:
         if claim is None:
             return None
         session = Session(self.settings, self.channels, principal, self.telemetry.stats, store, (record.id, token))
-        report, frames = await take_over(store, session, record, self.channels, last_seqs)
+        report, frames = await take_over(store, session, record, self.channels, last_seqs, inputs)
         store.attached(token, session.id, principal.label, session.specs())
         log.info(
             "session %s taken over from node %s, %s, after %.3f s of waiting for it: %d stream(s), %d frame(s) replayed",

@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 
 ROUTINE_ENDS = frozenset({EndReason.COMPLETE, EndReason.UNSUBSCRIBED, EndReason.SHUTDOWN})
 ENTRY_BYTES = 64  # what a replay entry costs beside its frame's bytes (the str object and its slot), charged with it
+ACK_INTERVAL = 0.2  # at most one `ack` per stream this often
 
 
 class Journal(Protocol):
@@ -41,6 +42,8 @@ class Journal(Protocol):
     def chunk(self, session_id: str, stream_id: str, seq: int, payload: Payload, first_kept: int, position: Any = None) -> None: ...
 
     def ended(self, session_id: str, stream_id: str, next_seq: int, payload: str) -> None: ...
+
+    def state(self, session_id: str, stream_id: str, next_seq: int, input_from: int, state: Any) -> None: ...
 
     async def flush(self, timeout: float = ...) -> None:
         """Wait until what was recorded so far reached Redis (or was dropped)."""
@@ -94,6 +97,15 @@ class Stream:
     raw: dict[str, Any] = field(default_factory=dict, repr=False)  # the subscribe params as sent, to open it again elsewhere (only with a journal)
     start: int = 0  # chunks the client had when this node took the stream over (see StreamContext.start)
     positions: list[Any] = field(default_factory=list, repr=False)  # their positions, for a channel that needs them
+    saved: Any = field(default=None, repr=False)  # the state another node saved, to go on from (see StreamContext.saved)
+    saved_at: int = 0
+    acks: bool = False  # its pushed input is acknowledged (`ack` ops)
+    durable: bool = False  # its saved states go to Redis: acks follow them, not what was received
+    received: int = 0  # bytes of pushed binary input taken so far (counted from where the client started sending)
+    saved_input: int = 0  # the input position of the last state saved
+    acked: int = 0
+    ack_wanted: asyncio.Event = field(default_factory=asyncio.Event, repr=False)
+    acker: asyncio.Task[None] | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         self.prefix = chunk_prefix(self.id)
@@ -240,7 +252,7 @@ class Session:
             params = parse(channel, op)
         stream = self._new_stream(op.id, channel, params, op.params, size)
         self.streams[op.id] = stream
-        self.reply({"op": "subscribed", "id": op.id, "channel": op.channel})
+        self.reply({"op": "subscribed", "id": op.id, "channel": op.channel, **({"ack": True} if stream.acks else {})})
         if self.journal is not None:
             self.journal.subscribed(self.token, self.id, self.principal.label, op.id, channel.name, op.params)
         self._start(stream)
@@ -254,12 +266,17 @@ class Session:
         self._fit_replay()
         if channel.lossy:
             stream.lane = Lane(self.settings.lossy_depth, stream.render, functools.partial(self._dropped, channel.name))
+        if params is not None and channel.accepts_push:
+            stream.acks = channel.acks_input(params)
+            stream.durable = stream.acks and channel.saves_state and self.journal is not None and channel.restarts(params)
         return stream
 
     def _start(self, stream: Stream) -> None:
         self.stats.streams[stream.channel.name] += 1
         self.stats.streams_total[stream.channel.name] += 1
         stream.task = asyncio.create_task(self._produce(stream), name=f"stream:{self.id}:{stream.id}")
+        if stream.acks:
+            stream.acker = asyncio.create_task(self._acknowledge(stream), name=f"ack:{self.id}:{stream.id}")
 
     def restore(
         self,
@@ -271,13 +288,19 @@ class Session:
         replayed: list[tuple[int, Payload]],
         end: Payload | None,
         positions: list[Any] | None = None,
+        saved: Any = None,
+        saved_at: int = 0,
+        input_from: int = 0,
     ) -> None:
         """Take over a stream from another node: `replayed` are the frames the client gets again; with `end` the
-        stream is over, else it goes on (producer started by `start_restored`) at chunk `next_seq`, from `positions`."""
+        stream is over, else it goes on (producer started by `start_restored`) at chunk `next_seq`, from `positions`
+        or its `saved` state, the client sending its pushed input again from byte `input_from`."""
         stream = self._new_stream(stream_id, channel, params, raw, len(orjson.dumps(raw)) if end is None else 0)
         stream.seq = next_seq
         stream.start = 0 if channel.lossy else next_seq
         stream.positions = positions or []
+        stream.saved, stream.saved_at = saved, saved_at
+        stream.received = stream.saved_input = stream.acked = input_from
         if self.settings.resume_buffer_bytes > 0:
             now = asyncio.get_running_loop().time()
             for seq, payload in replayed:
@@ -318,16 +341,23 @@ class Session:
             )
         for item in items:
             stream.inbox.put_sized(item, size if item is data else 0)
+        if isinstance(data, bytes):
+            stream.received += len(data)
+            if stream.acks and not stream.durable:
+                stream.ack_wanted.set()
         self._fit_replay()
 
-    async def resume(self, last_seqs: dict[str, int]) -> tuple[dict[str, Any], list[Payload]]:
+    async def resume(self, last_seqs: dict[str, int], inputs: dict[str, int] | None = None) -> tuple[dict[str, Any], list[Payload]]:
         """Reattach after a dropped connection: drop what was queued for the old socket and return, per stream,
         what `resumed` reports and the frames to send again (chunks after the client's last seq, then any `end`).
 
         A lossless stream whose missed chunks are no longer all held ends with reason `resume_gap`; lossy
         streams go on from now. Open streams the client does not name are taken as having received nothing;
-        ended ones it does not name as finished with.
+        ended ones it does not name as finished with. A stream whose pushed input is acknowledged reports `input`,
+        the byte the client sends it again from; one whose client no longer holds that byte (`inputs`) ends with
+        `input_lost`.
         """
+        inputs = inputs or {}
         self.outbox.clear()
         report: dict[str, Any] = {}
         frames: list[Payload] = []
@@ -343,9 +373,22 @@ class Session:
                 report[stream.id] = {"channel": stream.channel.name, "resumed": False}
                 continue
             frames += missed
+            entry = report[stream.id] = {"channel": stream.channel.name, "resumed": True, "replayed": len(missed), "next_seq": stream.seq}
             if stream.end_payload is not None and self.streams.get(stream.id) is not stream:
                 frames.append(stream.end_payload)
-            report[stream.id] = {"channel": stream.channel.name, "resumed": True, "replayed": len(missed), "next_seq": stream.seq}
+            elif stream.acks:
+                entry["input"] = stream.received
+                if inputs.get(stream.id, 0) > stream.received:
+                    log.warning(
+                        "session %s stream %s: the client holds its input from byte %d only, not from %d",
+                        self.id,
+                        stream.id,
+                        inputs[stream.id],
+                        stream.received,
+                    )
+                    await self._cancel(stream)
+                    self._finish(stream, EndReason.INPUT_LOST, notify=False)
+                    frames.append(encode(end_frame(stream.id, EndReason.INPUT_LOST)))
         return report, frames
 
     async def unsubscribe(self, stream_id: str) -> None:
@@ -364,6 +407,8 @@ class Session:
             self._finish(stream, reason, notify=notify)
 
     async def _cancel(self, stream: Stream) -> None:
+        if stream.acker is not None:
+            stream.acker.cancel()
         task = stream.task
         if task is not None and not task.done():
             task.cancel()
@@ -375,6 +420,9 @@ class Session:
             return
         del self.streams[stream.id]
         self.stats.streams[stream.channel.name] -= 1
+        if stream.acker is not None:
+            stream.acker.cancel()
+            stream.acker = None
         stream.inbox.release()
         self.budget.params -= stream.params_bytes
         stream.params_bytes = 0
@@ -402,9 +450,17 @@ class Session:
 
     async def _produce(self, stream: Stream) -> None:
         ctx = StreamContext(
-            stream.id, stream.inbox, stream.offer if stream.lane is not None else None, stream.start, tenant=self.principal.label, positions=stream.positions
+            stream.id,
+            stream.inbox,
+            stream.offer if stream.lane is not None else None,
+            stream.start,
+            tenant=self.principal.label,
+            positions=stream.positions,
+            saved=stream.saved,
+            saved_at=stream.saved_at,
+            saver=functools.partial(self._save, stream) if stream.durable else None,
         )
-        stream.positions = []
+        stream.positions, stream.saved = [], None
         reason, error = EndReason.COMPLETE, None
         try:
             async with contextlib.aclosing(as_generator(stream.channel.stream(stream.params, ctx))) as chunks:
@@ -423,6 +479,34 @@ class Session:
         if error is not None:
             self.stats.errors[error["code"]] += 1
         self._finish(stream, reason, error)
+
+    def _save(self, stream: Stream, input_from: int, state: Any) -> None:
+        """Record a stream's state in Redis (after the chunks it sent so far); its input before `input_from` is acknowledged once it is there."""
+        assert self.journal is not None
+        self.journal.state(self.id, stream.id, stream.seq, input_from, state())
+        if input_from > stream.saved_input:
+            stream.saved_input = input_from
+            stream.ack_wanted.set()
+
+    async def _acknowledge(self, stream: Stream) -> None:
+        """Send `ack` as the input position the server no longer needs advances: what was received, or with Redis the
+        saved state's position once the state is in Redis; at most every ACK_INTERVAL."""
+        while True:
+            await stream.ack_wanted.wait()
+            stream.ack_wanted.clear()
+            target = stream.saved_input if stream.durable else stream.received
+            if stream.durable and self.journal is not None:
+                try:
+                    await self.journal.flush()
+                except TimeoutError:  # not surely in Redis yet: try again
+                    stream.ack_wanted.set()
+                    await asyncio.sleep(ACK_INTERVAL)
+                    continue
+            if target > stream.acked:
+                stream.acked = target
+                with contextlib.suppress(OutboxOverflow):
+                    self.reply({"op": "ack", "id": stream.id, "input": target})
+            await asyncio.sleep(ACK_INTERVAL)
 
     def _dropped(self, channel: str, n: int) -> None:
         self.stats.dropped[channel] += n

@@ -108,6 +108,17 @@ class _SpecModel(BaseModel):
     params: dict[str, Any]
 
 
+class SavedState(BaseModel):
+    """A stream's last saved state as a node writes it (`state`); checked before use (Redis is not trusted), its
+    `state` by the channel that reads it."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    next: int = Field(ge=0)
+    input: int = Field(ge=0)
+    state: Any = None
+
+
 @dataclass(slots=True)
 class SessionRecord:
     """A session as Redis holds it."""
@@ -185,6 +196,9 @@ class SessionStore:
     def _replay_key(self, session_id: str, stream_id: str) -> str:
         return f"{self.prefix}:replay:{session_id}:{stream_id}"
 
+    def _state_key(self, session_id: str, stream_id: str) -> str:
+        return f"{self.prefix}:state:{session_id}:{stream_id}"
+
     def _node_key(self, node: str) -> str:
         return f"{self.prefix}:node:{node}"
 
@@ -249,6 +263,12 @@ class SessionStore:
         self._put(fence, "XADD", key, f"{next_seq}-1", "e", payload)
         self._put(fence, "PEXPIRE", key, self.window_ms)
 
+    def state(self, session_id: str, stream_id: str, next_seq: int, input_from: int, state: Any) -> None:
+        """A stream saved its state after chunk `next_seq` - 1 (streamplex.server.channel.StreamContext.save): it replaces the one
+        before, and is written after the chunks before it (one queue), so Redis never holds a state ahead of them."""
+        key = self._state_key(session_id, stream_id)
+        self._put(self._fences.get(session_id), "SET", key, orjson.dumps({"next": next_seq, "input": input_from, "state": state}), "PX", self.window_ms)
+
     def attached(self, token: str, session_id: str, label: str, streams: dict[str, tuple[str, dict[str, Any]]]) -> None:
         """This node now holds the session's connection (after a resume): own it and keep it fresh."""
         key = digest(token)
@@ -270,7 +290,7 @@ class SessionStore:
         key = digest(token)
         held = self._held.pop(key, None)
         ids = set(stream_ids) | set(held.streams if held else ())
-        self._put(key, "DEL", self._sess_key(key), *(self._replay_key(session_id, sid) for sid in ids))
+        self._put(key, "DEL", self._sess_key(key), *(k for sid in ids for k in (self._replay_key(session_id, sid), self._state_key(session_id, sid))))
         self._fences.pop(session_id, None)
 
     def disown(self, token: str) -> None:
@@ -372,6 +392,7 @@ class SessionStore:
             commands.append((key, ("PEXPIRE", self._sess_key(key), self.window_ms)))
             for sid in held.streams:  # a stream that sends nothing for a while (a chat waiting for a turn) keeps its replay
                 commands.append((key, ("PEXPIRE", self._replay_key(held.id, sid), self.window_ms)))
+                commands.append((key, ("PEXPIRE", self._state_key(held.id, sid), self.window_ms)))
         if commands:
             await self._execute(commands)
 
@@ -473,6 +494,23 @@ class SessionStore:
                 # Dropped: the stream then has a gap there, handled as any (replay stops, the stream restarts or ends).
                 log.warning("dropped a malformed replay entry %r of session %s stream %s (%s)", entry_id[:40], session_id, stream_id, str(exc)[:200])
         return entries
+
+    async def saved(self, session_id: str, stream_id: str) -> SavedState | None:
+        """The stream's last saved state, or None when Redis holds none, holds a malformed one, or failed."""
+        key = self._state_key(session_id, stream_id)
+        try:
+            async with asyncio.timeout(REDIS_TIMEOUT):
+                raw = await self.redis.get(key)
+        except (RedisError, OSError, TimeoutError) as exc:
+            self.broker.mark_down(exc)
+            return None
+        if raw is None:
+            return None
+        try:
+            return SavedState.model_validate_json(cast("bytes", raw))
+        except ValueError as exc:
+            log.warning("saved state %s in Redis is malformed (%s); taken as absent", key, str(exc).splitlines()[0][:200])
+            return None
 
     def _handover_requested(self, message: Any) -> None:
         if not isinstance(message, dict) or not isinstance(message.get("owner"), str) or not isinstance(key := message.get("session"), str) or len(key) != 32:

@@ -2,7 +2,9 @@
 
 See docs/protocol.md#resume-across-nodes: the replay entries after the client's last seq are sent again once, in
 order; a restartable channel goes on at the next chunk (from the delivered chunks' positions when it needs them);
-a lossy one goes on from now; any other ends with `producer_lost` (or `resume_gap` when what followed is gone).
+a channel that saves its state goes on from the last state in Redis (the client sending its pushed input again from
+the state's position, or the stream ends with `input_lost`); a lossy one goes on from now; any other ends with
+`producer_lost` (or `resume_gap` when what followed is gone).
 """
 
 from __future__ import annotations
@@ -13,15 +15,21 @@ from typing import Any
 from streamplex.server.channel import Channel, ChannelError
 from streamplex.server.protocol import EndReason, encode, end_frame
 from streamplex.server.session import Session
-from streamplex.server.session_store import Entry, SessionRecord, SessionStore
+from streamplex.server.session_store import Entry, SavedState, SessionRecord, SessionStore
 
 log = logging.getLogger("streamplex")
 
 
 async def take_over(
-    store: SessionStore, session: Session, record: SessionRecord, channels: dict[str, Channel], last_seqs: dict[str, int]
+    store: SessionStore,
+    session: Session,
+    record: SessionRecord,
+    channels: dict[str, Channel],
+    last_seqs: dict[str, int],
+    inputs: dict[str, int] | None = None,
 ) -> tuple[dict[str, Any], list[Any]]:
-    """Restore `record`'s streams into `session`: what `resumed` reports per stream, and the frames to send first."""
+    """Restore `record`'s streams into `session`: what `resumed` reports per stream, and the frames to send first
+    (`inputs`: per stream, the byte of its pushed input from which the client can send it again)."""
     report: dict[str, Any] = {}
     frames: list[Any] = []
     for sid, spec in record.streams.items():
@@ -49,7 +57,8 @@ async def take_over(
             report[sid] = entry_report
             continue
         gap = not replayed and any(e.seq > last for e in entries)  # what follows the client's last chunk is gone
-        reason = _going_on(channel, sid, spec.channel, spec.params, session, expected, replayed, gap, positions)
+        saved = await store.saved(record.id, sid) if channel is not None and channel.saves_state else None
+        reason = _going_on(channel, sid, spec.channel, spec.params, session, expected, replayed, gap, positions, saved, (inputs or {}).get(sid), entry_report)
         if reason is not None:
             end_payload = encode(end_frame(sid, reason))
             frames.append(end_payload)
@@ -70,8 +79,12 @@ def _going_on(
     replayed: list[Any],
     gap: bool,
     positions: list[Any] | None,
+    saved: SavedState | None,
+    held: int | None,
+    report: dict[str, Any],
 ) -> EndReason | None:
-    """Restore a taken-over stream that had not ended, to go on at `next_seq` on this node; or say why it ends."""
+    """Restore a taken-over stream that had not ended, to go on at `next_seq` on this node (from its `saved` state, the
+    client holding its pushed input from byte `held`, which `report` gets the position to send again from); or say why it ends."""
     lost_positions = channel is not None and channel.needs_positions and positions is None
     if channel is None or not (channel.restartable or channel.lossy) or lost_positions or channel.status().state != "available":
         why = "its channel cannot start at a position" if channel is not None else "its channel does not exist here"
@@ -92,7 +105,33 @@ def _going_on(
     if not channel.lossy and not channel.restarts(params):
         log.warning("session %s stream %s (%s) cannot go on on this node: its output with these params may differ from run to run", session.id, sid, name)
         return EndReason.RESUME_GAP if gap else EndReason.PRODUCER_LOST
-    session.restore(sid, channel, params, raw, next_seq, replayed, None, positions or [])
+    if not channel.saves_state:
+        session.restore(sid, channel, params, raw, next_seq, replayed, None, positions or [])
+        return None
+    saved_at, input_from = (saved.next, saved.input) if saved is not None else (0, 0)
+    if saved_at > next_seq:  # a batch of writes to Redis was lost: the chunks before the state are not all there
+        log.warning(
+            "session %s stream %s (%s) cannot go on on this node: Redis lacks chunks %d to %d before its saved state",
+            session.id,
+            sid,
+            name,
+            next_seq,
+            saved_at - 1,
+        )
+        return EndReason.RESUME_GAP
+    if channel.acks_input(params):
+        if held is None or held > input_from:
+            log.warning(
+                "session %s stream %s (%s) cannot go on on this node: it needs the client's input from byte %d, and the client holds it from %s",
+                session.id,
+                sid,
+                name,
+                input_from,
+                "nowhere (it did not say)" if held is None else f"byte {held}",
+            )
+            return EndReason.INPUT_LOST
+        report["input"] = input_from
+    session.restore(sid, channel, params, raw, next_seq, replayed, None, saved=None if saved is None else saved.state, saved_at=saved_at, input_from=input_from)
     return None
 
 

@@ -30,6 +30,7 @@ from streamplex.errors import (
     protocol_error,
 )
 from streamplex.frames import decode_chunk, encode_push
+from streamplex.held import HeldInput
 
 log = logging.getLogger("streamplex.client")
 
@@ -104,7 +105,7 @@ class Subscription:
     there) and unsubscribes on exit, which suits streams that take pushed input.
     """
 
-    def __init__(self, client: Client, channel: str, params: dict[str, Any], id: str, resume: bool, limit: int) -> None:
+    def __init__(self, client: Client, channel: str, params: dict[str, Any], id: str, resume: bool, limit: int, input_limit: int = 4 << 20) -> None:
         self.client = client
         self.channel = channel
         self.params = params
@@ -125,6 +126,10 @@ class Subscription:
         self._awaiting_subscribed = False
         self._resumed = False
         self._left = False
+        self._input_limit = input_limit
+        self._input: HeldInput | None = None  # pushed input kept until acknowledged, when the server acknowledges it
+        self._push_lock = asyncio.Lock()
+        self._send_lock = asyncio.Lock()
 
     # called by the client's reader --------------------------------------------------------------
 
@@ -137,7 +142,9 @@ class Subscription:
             self._items.append(chunk)
             self._readable.set()
 
-    def _subscribed(self) -> None:
+    def _subscribed(self, acks: bool = False) -> None:
+        if self._awaiting_subscribed:  # a new stream (or one started over): its input counts from 0
+            self._input = HeldInput(self._input_limit) if acks else None
         if self._awaiting_subscribed and self._opened is not None and not self._opened.done():
             self._opened.set_result(None)
         elif self._awaiting_subscribed:
@@ -160,6 +167,8 @@ class Subscription:
             self._terminal = outcome if outcome is not None else _END
             self.reason = reason or ("error" if outcome is not None else None)
             self._readable.set()
+            if self._input is not None:
+                self._input.room.set()  # a push waiting for room gives up
             if self._opened is not None and not self._opened.done():
                 self._opened.set_exception(outcome or StreamEnded(self.id, reason or "ended"))
 
@@ -234,6 +243,7 @@ class Client:
         backoff: tuple[float, float] = (0.5, 30.0),
         open_timeout: float = 10.0,
         queue_size: int = 256,
+        input_buffer: int = 4 << 20,
         retry: Retry | None = Retry(),
         **ws_options: Any,
     ) -> None:
@@ -247,6 +257,7 @@ class Client:
         self.backoff = backoff
         self.open_timeout = open_timeout
         self.queue_size = queue_size
+        self.input_buffer = input_buffer
         self.retry = retry
         self.ws_options = ws_options
         self.ready: dict[str, Any] = {}
@@ -303,10 +314,18 @@ class Client:
         stream_id = id if id is not None else f"{channel[:8]}-{next(self._ids)}"
         if stream_id in self._subs:
             raise DuplicateId(f"stream id {stream_id!r} is already open", id=stream_id)
-        return Subscription(self, channel, params, stream_id, resume, self.queue_size)
+        return Subscription(self, channel, params, stream_id, resume, self.queue_size, self.input_buffer)
 
     async def push(self, stream_id: str, data: Any = None, *, end: bool = False) -> None:
-        """Push input to a stream: bytes go in a binary frame, anything else in a `push` op."""
+        """Push input to a stream: bytes go in a binary frame, anything else in a `push` op.
+
+        On a stream whose input the server acknowledges (live transcription), bytes are kept until acknowledged (at
+        most `input_buffer` bytes: past that, `push` waits for an `ack`) and sent again from where the server asks
+        after a resume on another node."""
+        sub = self._subs.get(stream_id)
+        if sub is not None and sub._input is not None and (data is None or isinstance(data, bytes | bytearray | memoryview)):
+            await self._push_held(sub, sub._input, b"" if data is None else bytes(data), end)
+            return
         if isinstance(data, bytes | bytearray | memoryview):
             await self._send(encode_push(stream_id, bytes(data)))
             if end:
@@ -330,9 +349,53 @@ class Client:
 
     # internals ----------------------------------------------------------------------------------
 
+    async def _push_held(self, sub: Subscription, held: HeldInput, payload: bytes, end: bool) -> None:
+        async with sub._push_lock:  # pushes are held in the order they were made
+            while not held.fits(len(payload)) and not sub.ended:
+                held.room.clear()
+                await held.room.wait()
+            if sub.ended:
+                raise sub._terminal if isinstance(sub._terminal, BaseException) else StreamEnded(sub.id, sub.reason or "ended")
+            held.add(payload)
+            held.ended = held.ended or end
+        await self._send_held(sub, held)
+
+    async def _send_held(self, sub: Subscription, held: HeldInput) -> None:
+        """Send what `held` has not sent on this connection (then its end, once pushed); resumes rewind it."""
+        async with sub._send_lock:
+            while sub._input is held and not sub.ended:
+                await self._connected.wait()
+                if self._failure is not None:
+                    raise self._failure
+                ws, epoch = self._ws, held.epoch
+                if ws is None:
+                    continue
+                piece = held.piece()
+                if piece is not None:
+                    upto, payload = piece
+                    message: str | bytes = encode_push(sub.id, payload)
+                elif held.ended and not held.end_sent:
+                    upto, message = held.sent, orjson.dumps({"op": "push", "id": sub.id, "end": True}).decode()
+                else:
+                    return
+                await self._bucket.take()
+                if ws is not self._ws or epoch != held.epoch:
+                    continue  # the connection changed meanwhile: what to send is decided again
+                try:
+                    await ws.send(message)
+                except WsConnectionClosed:
+                    await asyncio.sleep(0.05)  # the supervisor reconnects (and may rewind)
+                    continue
+                if epoch == held.epoch:
+                    held.sent = max(held.sent, upto)
+                    held.end_sent = held.end_sent or isinstance(message, str)
+
     async def _resume(self, ws: ClientConnection, token: str) -> None:
         """Take the dropped session over: its streams go on where this client left them (lossless ones replayed)."""
-        await ws.send(orjson.dumps({"op": "resume", "token": token, "streams": {sub.id: sub.last_seq for sub in self._subs.values()}}).decode())
+        inputs = {sub.id: sub._input.base for sub in self._subs.values() if sub._input is not None}
+        await ws.send(
+            orjson.dumps({"op": "resume", "token": token, "streams": {sub.id: sub.last_seq for sub in self._subs.values()}, "inputs": inputs}).decode()
+        )
         try:
             answer = orjson.loads(await asyncio.wait_for(ws.recv(), self.open_timeout))
         except WsConnectionClosed as exc:
@@ -344,10 +407,13 @@ class Client:
             log.info("session not resumed (%s); subscribing again", answer.get("message", answer))
             return
         self.resumes += 1
-        for stream_id in answer.get("streams", {}):
+        for stream_id, entry in answer.get("streams", {}).items():
             sub = self._subs.get(stream_id)
             if sub is not None:
                 sub._resumed = True  # `resumed: false` is followed by its `end` (reason resume_gap)
+                position = entry.get("input") if isinstance(entry, dict) else None
+                if sub._input is not None and isinstance(position, int) and not sub._input.rewind(position):
+                    log.warning("stream %s: the server needs its input from byte %d, no longer held", sub.id, position)
         log.info("resumed session %s", answer.get("session"))
 
     async def _handshake(self, resume: bool = False) -> None:
@@ -430,6 +496,8 @@ class Client:
         for sub in list(self._subs.values()):
             if sub._resumed:
                 sub._resumed = False
+                if sub._input is not None:  # its held input goes out again from where the server asked
+                    self._spawn(self._send_held_quietly(sub, sub._input), f"streamplex-resend:{sub.id}")
                 continue
             if not sub.resume:
                 del self._subs[sub.id]
@@ -437,6 +505,15 @@ class Client:
                 continue
             sub._awaiting_subscribed = True
             await self._send_op({"op": "subscribe", "id": sub.id, "channel": sub.channel, "params": sub.params})
+
+    def _spawn(self, coro: Any, name: str) -> None:
+        task = asyncio.create_task(coro, name=name)
+        self._retrying.add(task)
+        task.add_done_callback(self._retrying.discard)
+
+    async def _send_held_quietly(self, sub: Subscription, held: HeldInput) -> None:
+        with contextlib.suppress(StreamplexError):
+            await self._send_held(sub, held)
 
     def _fail_all(self, exc: StreamplexError) -> None:
         self._failure = exc
@@ -467,7 +544,10 @@ class Client:
                 await sub._deliver(Chunk(frame["seq"], frame.get("data"), frame.get("dropped", 0)))
         elif op == "subscribed":
             if sub is not None:
-                sub._subscribed()
+                sub._subscribed(frame.get("ack") is True)
+        elif op == "ack":
+            if sub is not None and sub._input is not None and isinstance(frame.get("input"), int):
+                sub._input.ack(frame["input"])
         elif op == "end":
             if sub is not None:
                 self._ended(sub, frame)
@@ -508,6 +588,8 @@ class Client:
             sub._finish(StreamEnded(sub.id, "chunks were lost while the connection was down (resume_gap)"), "resume_gap")
         elif reason == "producer_lost":
             sub._finish(StreamEnded(sub.id, "its server node died and the stream cannot go on elsewhere (producer_lost)"), "producer_lost")
+        elif reason == "input_lost":
+            sub._finish(StreamEnded(sub.id, "the pushed input the stream needs to go on is no longer held by the client (input_lost)"), "input_lost")
         else:
             sub._finish(None, reason)
 

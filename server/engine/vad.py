@@ -12,6 +12,7 @@ when (and if) the pause turns out to end it. Pure bookkeeping over sample counts
 
 from __future__ import annotations
 
+import base64
 import importlib.util
 import threading
 from dataclasses import dataclass
@@ -145,3 +146,28 @@ class Endpointer:
 
     def stats(self) -> dict[str, Any]:
         return {"frames": self.frames, "speech_frames": self.speech_frames}
+
+    def snapshot(self) -> dict[str, Any]:
+        """Everything the endpointer carries from frame to frame, as JSON (arrays as base64 of their float32 bytes), for `restore`."""
+        arrays = {"h": self.state[0], "c": self.state[1], "context": self.context, "rest": self.rest}
+        fields = ("scored", "speaking", "voiced_end", "silent_since", "paused", "floor", "frames", "speech_frames")
+        return {
+            **{k: base64.b64encode(np.ascontiguousarray(v, dtype="<f4").tobytes()).decode() for k, v in arrays.items()},
+            **{k: getattr(self, k) for k in fields},
+        }
+
+    def restore(self, snap: dict[str, Any]) -> None:
+        """Carry on from a `snapshot` (another node's); raise ValueError (KeyError, TypeError) when it is not one."""
+
+        def array(name: str, shape: tuple[int, ...] | None = None) -> np.ndarray:
+            values = np.frombuffer(base64.b64decode(snap[name], validate=True), dtype="<f4").astype(np.float32)
+            return values.reshape(shape) if shape is not None else values
+
+        self.state = (array("h", STATE), array("c", STATE))
+        self.context, self.rest = array("context", (CONTEXT,)), array("rest")
+        if len(self.rest) >= FRAME:
+            raise ValueError("a snapshot's rest holds a whole frame")
+        for name in ("scored", "voiced_end", "floor", "frames", "speech_frames"):
+            setattr(self, name, int(snap[name]))
+        self.speaking, self.paused = bool(snap["speaking"]), bool(snap["paused"])
+        self.silent_since = None if snap["silent_since"] is None else int(snap["silent_since"])

@@ -13,11 +13,13 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import orjson
 import pytest
 import websockets
 
 from streamplex import connect as sdk_connect
+from streamplex.server.engine.asr import SAMPLE_RATE
 from streamplex.server.protocol import parse_server_binary
 from tests.channels.mediafiles import MEDIA, SPEECH, http_server
 from tests.nginxproc import NGINX, running_nginx
@@ -442,3 +444,165 @@ async def test_a_chat_reply_goes_on_on_another_node_as_an_uninterrupted_run(chat
     assert end["reason"] == "complete" and sorted(got) == list(range(len(got)))
     assert "".join(got[i].get("delta", "") for i in sorted(got)) == expected
     assert got[max(got)]["usage"]["completion_tokens"] == 48
+
+
+@pytest.fixture(scope="module")
+def asr_nodes(tmp_path_factory: pytest.TempPathFactory, redis_server: RedisProc) -> Iterator[list[ServerProc]]:
+    """Two nodes with Whisper tiny.en, loaded."""
+    tmp = tmp_path_factory.mktemp("asr")
+    nodes: list[ServerProc] = []
+    try:
+        for name in ("asr-a", "asr-b"):
+            nodes.append(_asr_node(tmp, redis_server.url, name))
+        _wait_for_transcription(nodes)
+        yield nodes
+    finally:
+        for node in nodes:
+            node.stop()
+
+
+def _asr_node(tmp: Path, redis_url: str, name: str) -> ServerProc:
+    node = start_server(tmp, node=name, redis_url=redis_url, redis_prefix="sp-asr", asr_model="whisper-tiny.en", overload_lag=0, resume_window=20)
+    node.name = name  # type: ignore[attr-defined]
+    return node
+
+
+def _wait_for_transcription(nodes: list[ServerProc]) -> None:
+    deadline = time.monotonic() + 300
+    while any(orjson.loads(n.get("/ready")[1])["channels"]["transcription"] != "available" for n in nodes):
+        assert time.monotonic() < deadline, "the transcription model did not load"
+        time.sleep(0.5)
+
+
+def _speech_pcm() -> bytes:
+    from tests.asrmodel import ENGLISH, speech  # the model helpers import torch: only for this test
+
+    pause = np.zeros(SAMPLE_RATE // 2, dtype=np.float32)
+    audio = np.concatenate([part for text in ENGLISH[:3] for part in (speech(text), pause)])
+    return (np.clip(audio, -1, 1) * 32767).astype("<i2").tobytes()
+
+
+async def _transcribe_with_sdk(url: str, key: str, pcm: bytes, frame: int, pace: float, kill: Any = None) -> tuple[list[Any], Any, Any]:
+    """Push `pcm` to a live transcription in `frame`-byte pushes at `pace` times real time (0: at once) and read every
+    chunk; `kill(client)` is called once the first final came. The chunks' data, the subscription and the client."""
+    async with sdk_connect(url, key, backoff=(0.1, 1.0), max_retries=20, input_buffer=1 << 20) as client:
+        sub = client.subscribe("transcription", id="live", language="en")
+        await sub.open()
+        got: list[Any] = []
+        held: list[int] = []
+
+        async def push() -> None:
+            started = time.monotonic()
+            for i in range(0, len(pcm), frame):
+                if pace:
+                    await asyncio.sleep(max(0.0, started + i / 2 / SAMPLE_RATE / pace - time.monotonic()))
+                await sub.push(pcm[i : i + frame])
+                held.append(len(sub._input.data))  # type: ignore[union-attr]
+            await sub.end_input()
+
+        async def read() -> None:
+            async for chunk in sub:
+                got.append(chunk.data)
+                if kill is not None and chunk.data["type"] == "final" and sum(d["type"] == "final" for d in got) == 1:
+                    kill(client)
+
+        await asyncio.wait_for(asyncio.gather(push(), read()), 180)
+        assert max(held) <= 1 << 20, "the SDK holds at most `input_buffer` bytes of unacknowledged input"
+        return got, sub, client
+
+
+@pytest.mark.models
+async def test_a_live_transcription_taken_over_needs_the_clients_input_from_its_saved_state(asr_nodes: list[ServerProc]) -> None:
+    """Handed over from a live node: the `resumed` report says from which byte the client sends its audio again (at or
+    before what it was acknowledged); a stream whose client no longer holds that byte ends with `input_lost`."""
+    a, b = asr_nodes
+    ws = await connect(a)
+    token = ws.ready["resume"]["token"]  # type: ignore[attr-defined]
+    for sid in ("ok", "lost"):
+        await send(ws, op="subscribe", id=sid, channel="transcription", params={"language": "en"})
+    silence = bytes(SAMPLE_RATE // 10 * 2)
+    for _ in range(25):  # 2.5 s each: a state is saved every second of audio, silence too
+        for sid in ("ok", "lost"):
+            await ws.send(bytes([len(sid)]) + sid.encode() + silence)
+    acks: dict[str, int] = {}
+    subscribed = []
+    while len(acks) < 2 or min(acks.values()) < SAMPLE_RATE * 2:
+        frame = await recv(ws, 10)
+        if frame["op"] == "subscribed":
+            subscribed.append(frame)
+        elif frame["op"] == "ack":
+            assert frame["input"] > acks.get(frame["id"], 0) and frame["input"] % 2 == 0, frame
+            acks[frame["id"]] = frame["input"]
+    assert subscribed == [{"op": "subscribed", "id": sid, "channel": "transcription", "ack": True} for sid in ("ok", "lost")]
+    other = await connect(b)
+    await send(other, op="resume", token=token, streams={"ok": 0, "lost": 0}, inputs={"ok": acks["ok"], "lost": acks["lost"] + 2})
+    resumed = await recv(other)
+    assert resumed["op"] == "resumed" and resumed["streams"]["ok"]["input"] >= acks["ok"], resumed
+    assert await recv(other) == {"op": "end", "id": "lost", "reason": "input_lost"}
+    with pytest.raises(websockets.ConnectionClosed) as closed:
+        await recv(ws, 10)
+    assert closed.value.rcvd is not None and closed.value.rcvd.code == 4010
+    position = resumed["streams"]["ok"]["input"]
+    await other.send(bytes([2]) + b"ok" + bytes(25 * len(silence) - position))  # the rest of the 2.5 s of silence
+    await send(other, op="push", id="ok", end=True)
+    chunks, end = await collect(other, "ok", timeout=30)
+    assert end["reason"] == "complete" and chunks[-1]["data"]["duration_s"] == 2.5, chunks
+    assert "needs the client's input from byte" in b.log()
+    await other.close()
+
+
+@pytest.mark.models
+async def test_a_live_transcription_goes_on_on_another_node_through_nginx_as_an_uninterrupted_run_sdk_and_streamplex_js(
+    asr_nodes: list[ServerProc], tmp_path: Path
+) -> None:
+    """The node holding a live transcription is SIGKILLed after its first final: the SDK resumes through nginx on the
+    other node, sends its audio again from the last acknowledged position, and every chunk (partials, finals, the
+    transcript) equals a run without the kill, whose audio was pushed all at once (decoding follows the audio only)."""
+    pcm = _speech_pcm()
+    a, b = asr_nodes
+    expected, _, _ = await _transcribe_with_sdk(b.url, b.key, pcm, SAMPLE_RATE, 0)
+    assert expected[-1]["type"] == "transcript" and expected[-1]["segments"] >= 2, expected
+
+    def kill(client: Any) -> None:
+        holder = next(n for n in asr_nodes if n.name == client.ready["node"])  # type: ignore[attr-defined]
+        killed.append(holder)
+        holder.stop(signal.SIGKILL)
+
+    killed: list[ServerProc] = []
+    with running_nginx(tmp_path, [n.port for n in asr_nodes]) as nginx:
+        got, sub, client = await _transcribe_with_sdk(nginx.ws(), a.key, pcm, SAMPLE_RATE // 10 * 2, 2.0, kill)
+    assert killed and client.resumes == 1 and sub.restarts == 0 and sub.reason == "complete"
+    survivor = next(n for n in asr_nodes if n is not killed[0])
+    assert "goes on at chunk" in survivor.log()
+    assert [d["type"] for d in got] == [d["type"] for d in expected]
+    assert got == expected
+
+    # streamplex.js under Node, through nginx again (the killed node started again).
+    asr_nodes[asr_nodes.index(killed[0])] = _asr_node(killed[0].log_path.parent, a.env["STREAMPLEX_REDIS_URL"], killed[0].name)  # type: ignore[attr-defined]
+    _wait_for_transcription(asr_nodes)
+    pcm_file = tmp_path / "speech.pcm"
+    pcm_file.write_bytes(pcm)
+    js_dir = tmp_path / "js"
+    js_dir.mkdir()
+    with running_nginx(js_dir, [n.port for n in asr_nodes]) as nginx:
+        proc = subprocess.Popen(
+            ["node", str(ROOT / "tests" / "client_js" / "transcribe_failover.mjs"), nginx.ws(), a.key, str(pcm_file)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=ROOT,
+        )
+        try:
+            assert proc.stdout is not None
+            first = json.loads(await asyncio.to_thread(proc.stdout.readline))
+            assert json.loads(await asyncio.to_thread(proc.stdout.readline)) == {"final": 1}
+            next(n for n in asr_nodes if n.name == first["node"]).stop(signal.SIGKILL)  # type: ignore[attr-defined]
+            out, err = await asyncio.to_thread(proc.communicate, timeout=120)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    assert proc.returncode == 0, err[-4000:]
+    report = json.loads(out.strip().splitlines()[-1])
+    assert report["reason"] == "complete" and report["resumes"] == 1 and report["restarts"] == 0 and report["node"] != first["node"], report
+    assert report["max_held"] <= 1 << 20
+    assert report["chunks"] == expected

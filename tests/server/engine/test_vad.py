@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import base64
+
 import numpy as np
+import orjson
+import pytest
 
 from streamplex.server.engine.asr import SAMPLE_RATE
 from streamplex.server.engine.vad import Boundary, Endpointer, silero
@@ -66,3 +70,24 @@ def test_an_utterance_open_at_the_end_of_input_ends_there() -> None:
     audio = np.concatenate([silence(0.3), speech(ENGLISH[3])])
     boundaries = feed(Endpointer(silero(), pad_ms=200), audio, 1600)
     assert [b.kind for b in boundaries] == ["start", "end"] and boundaries[-1].at <= len(audio)
+
+
+def test_a_snapshot_goes_on_elsewhere_exactly() -> None:
+    """An endpointer restored from a snapshot (through JSON, as another node reads it) scores on bit for bit as the original."""
+    audio = np.concatenate([silence(0.5), speech(ENGLISH[0]), silence(0.7), speech(ENGLISH[1]), silence(1.0)])
+    cut = round(len(audio) * 0.4) // 512 * 512 + 100  # mid-utterance, with samples after the last whole frame
+    original = Endpointer(silero(), min_silence_ms=500, pad_ms=200)
+    before = feed_open(original, audio[:cut])
+    copy = Endpointer(silero(), min_silence_ms=500, pad_ms=200)
+    copy.restore(orjson.loads(orjson.dumps(original.snapshot())))
+    assert copy.speaking and before, "the cut falls inside an utterance"
+    rest_original, rest_copy = feed(original, audio[cut:], 512, pauses=True), feed(copy, audio[cut:], 512, pauses=True)
+    assert rest_original and rest_copy == rest_original
+    assert np.array_equal(copy.state[0], original.state[0]) and copy.snapshot() == original.snapshot()
+    with pytest.raises(ValueError):
+        Endpointer(silero()).restore({**original.snapshot(), "rest": base64.b64encode(bytes(4 * 512)).decode()})
+
+
+def feed_open(endpointer: Endpointer, audio: np.ndarray) -> list[Boundary]:
+    """The boundaries of `audio` fed in 100 ms pieces, the input left open."""
+    return [b for i in range(0, len(audio), 1600) for b in endpointer.feed(audio[i : i + 1600])]
