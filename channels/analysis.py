@@ -147,6 +147,8 @@ class AnalysisChannel(Channel):
     summary = "Sentiment (VADER), entities (spaCy), topics (MiniLM zero-shot + YAKE keywords) and an extractive summary, per sentence and section."
     Params = AnalysisParams
     restartable = True
+    remote = True
+    engine_families = ("embedding",)
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)

@@ -161,6 +161,8 @@ class ChatChannel(Channel):
     accepts_push = True
     restartable = True
     needs_positions = True
+    remote = True
+    engine_families = ("chat",)
 
     @property
     def engine(self) -> Engine | None:

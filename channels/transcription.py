@@ -150,6 +150,7 @@ class TranscriptionChannel(Channel):
     accepts_push = True
     restartable = True
     saves_state = True
+    engine_families = ("transcription",)
 
     @property
     def engine(self) -> Engine | None:

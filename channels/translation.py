@@ -63,6 +63,8 @@ class TranslationChannel(Channel):
     summary = "Machine translation streamed as it is produced: Apertium (rule-based) sentence by sentence, or a neural seq2seq model token by token."
     Params = TranslationParams
     restartable = True
+    remote = True
+    engine_families = ("translation",)
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)

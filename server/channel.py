@@ -251,6 +251,12 @@ class Channel(ABC):
     saves_state: ClassVar[bool] = False
     """It records its state with `StreamContext.save` and, going on elsewhere, starts from the last one saved
     (`StreamContext.saved`), making again without sending the chunks between it and `StreamContext.start`."""
+    remote: ClassVar[bool] = False
+    """Its streams can run on a model worker (`remote_channels`): its input is its params and pushed JSON values, its
+    chunks are JSON, and `stream()` goes on from `StreamContext.start` (a worker claiming a dead worker's job does)."""
+    engine_families: ClassVar[tuple[str, ...]] = ()
+    """The engine families (`chat`, `embedding`, ...) its streams use: a node that hands the channel to model workers
+    loads none of their models, and a model worker loads only those of the channels it serves."""
 
     def __init__(self, services: Services) -> None:
         self.services = services

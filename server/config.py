@@ -29,9 +29,6 @@ def _cache_root() -> Path:
 
 
 # FFmpeg demuxers that open further files or URLs named inside the source (playlists, lists, patterns): never allowed.
-# Channels a node can hand to model workers: their input is all in the subscribe params (transcription's pushed
-# live audio would have to flow to the worker, which is not built).
-REMOTE_CAPABLE = frozenset({"chat", "translation", "analysis"})
 NESTING_FORMATS = frozenset({"hls", "applehttp", "concat", "dash", "imf", "image2", "sdp", "rtp", "rtsp", "mpegtsraw", "tee"})
 
 
@@ -261,10 +258,6 @@ class Settings(BaseSettings):
     @model_validator(mode="after")
     def _model_tier(self) -> Self:
         names = self.remote_names()
-        if unknown := sorted(names - REMOTE_CAPABLE):
-            raise ValueError(
-                f"remote_channels: {', '.join(unknown)} cannot be handed to model workers; the remote-capable channels are {', '.join(sorted(REMOTE_CAPABLE))}"
-            )
         if (names or self.role == "model") and not self.redis_url:
             raise ValueError("remote_channels and role=model need redis_url (STREAMPLEX_REDIS_URL): jobs and results travel through Redis Streams")
         if self.role == "model" and not names:

@@ -31,7 +31,6 @@ from streamplex.server.broker import MemoryBroker
 from streamplex.server.channel import END_OF_INPUT, Binary, CannotGoOn, Channel, ChannelError, Checkpoint, Services, StreamContext, as_generator
 from streamplex.server.config import Settings
 from streamplex.server.engine import build_engine
-from streamplex.server.engine.factory import CHANNEL_FAMILIES
 from streamplex.server.engine.metrics import families as engine_families
 from streamplex.server.hub import Hub
 from streamplex.server.logbuffer import RingLogHandler
@@ -39,7 +38,7 @@ from streamplex.server.model_tier import BEAT, GROUP, WORKER_BEAT, WORKER_TTL, W
 from streamplex.server.protocol import EndReason, ErrorCode
 from streamplex.server.redis_broker import redis_options
 from streamplex.server.registry import discover, instantiate
-from streamplex.server.remote import ModelClient
+from streamplex.server.remote import ModelClient, families, remote_capable
 
 log = logging.getLogger("streamplex")
 
@@ -80,11 +79,12 @@ class ModelWorker:
         self.settings = settings
         self.name = settings.node
         self.keys = Keys(settings.redis_prefix)
-        served = settings.remote_names()
-        self.engine = build_engine(settings, without=[name for name in CHANNEL_FAMILIES if name not in served])
+        classes = discover()
+        served = remote_capable(classes, settings.remote_names())
+        self.engine = build_engine(settings, without=families(classes) - families(served))
         hub = Hub(MemoryBroker())
         services = Services(settings=settings, feeds=hub, logs=ring, stats=dict, engine=self.engine)
-        self.channels: dict[str, Channel] = instantiate({name: cls for name, cls in discover().items() if name in served}, services)
+        self.channels: dict[str, Channel] = instantiate(served, services)
         self.redis = aioredis.Redis.from_url(settings.redis_url, **redis_options(settings))
         self.queues = ModelClient(settings, sorted(self.channels), edge=False)  # what the autoscaling metrics read
         self._write = self.redis.register_script(WRITE)

@@ -297,6 +297,22 @@ class RemoteChannel(Channel):
                 self.client.cancel(job)
 
 
+def remote_capable(classes: dict[str, type[Channel]], names: set[str]) -> dict[str, type[Channel]]:
+    """The channel classes `names` (`remote_channels`) name, or ValueError when one is unknown or cannot run on a model worker."""
+    unknown = sorted(names - classes.keys())
+    local = sorted(name for name in names & classes.keys() if not classes[name].remote)
+    if unknown or local:
+        capable = ", ".join(sorted(name for name, cls in classes.items() if cls.remote))
+        problems = [f"no channel {', '.join(unknown)}"] * bool(unknown) + [f"{', '.join(local)} cannot run on a model worker"] * bool(local)
+        raise ValueError(f"remote_channels: {'; '.join(problems)} (the channels that can: {capable})")
+    return {name: classes[name] for name in sorted(names)}
+
+
+def families(classes: dict[str, type[Channel]]) -> set[str]:
+    """The engine families the channels' streams use."""
+    return {family for cls in classes.values() for family in cls.engine_families}
+
+
 def remote(inner: Channel, client: ModelClient) -> Channel:
     """`inner`'s channel as served by model workers: same name, params and flags, streams run elsewhere."""
     cls = type(inner)

@@ -28,7 +28,7 @@ from streamplex.server.protocol import PROTOCOL_VERSION, EndReason
 from streamplex.server.redact import RedactKeys
 from streamplex.server.redis_broker import RedisBroker, redis_options
 from streamplex.server.registry import discover, instantiate
-from streamplex.server.remote import ModelClient, remote
+from streamplex.server.remote import ModelClient, families, remote, remote_capable
 from streamplex.server.session import Session
 from streamplex.server.session_store import SessionStore, digest
 from streamplex.server.takeover import take_over
@@ -75,13 +75,14 @@ class Runtime:
         self.http_limits = KeyLimits(settings.node, settings.http_key_max_streams, 0.0, 1, shared, f"{settings.redis_prefix}:http")  # open HTTP streams per key
         self.logs = log_handler or RingLogHandler(settings.log_buffer, settings.node)
         self.hub.accept(self.logs.topic, check_record)
-        remote_names = settings.remote_names()
-        self.engine = build_engine(settings, without=remote_names)
+        classes = discover()
+        handed = remote_capable(classes, settings.remote_names())  # channels that run on model workers: their models are not loaded here
+        self.engine = build_engine(settings, without=families(handed))
         self.services = Services(settings=settings, feeds=self.hub, logs=self.logs, stats=self.telemetry.stats.snapshot, engine=self.engine)
-        self.channels: dict[str, Channel] = instantiate(discover(), self.services)
-        self.models = ModelClient(settings, sorted(remote_names)) if remote_names else None  # the model tier's client
+        self.channels: dict[str, Channel] = instantiate(classes, self.services)
+        self.models = ModelClient(settings, list(handed)) if handed else None  # the model tier's client
         if self.models is not None:
-            for name in remote_names & self.channels.keys():
+            for name in handed.keys() & self.channels.keys():
                 self.channels[name] = remote(self.channels[name], self.models)
         self.telemetry.register(self.collect)
         self.connections: set[Connection] = set()

@@ -23,21 +23,16 @@ def asr_specs(setting: str) -> list[str]:
     return [part.strip() for part in setting.split(",") if part.strip()]
 
 
-# The engine family each model channel runs on (analysis needs the sentence-embedding model).
-CHANNEL_FAMILIES = {"chat": "chat", "transcription": "transcription", "translation": "translation", "analysis": "embedding"}
-
-
 def build_engine(settings: Settings, without: Collection[str] = ()) -> Engine:
-    """An engine with one runner per configured model, except those of the channels in `without` (handed to model
-    workers, or not served by one); `await engine.start()` begins loading them."""
+    """An engine with one runner per configured model, except those of the families in `without` (their channels run
+    on model workers, or a model worker does not serve them); `await engine.start()` begins loading them."""
     specs = [RunnerSpec("chat", model_name(spec), functools.partial(_chat_runner, spec, settings)) for spec in chat_specs(settings.chat_model)]
     specs += [
         RunnerSpec("transcription", whisper_loading.model_name(spec), functools.partial(_whisper_runner, spec, settings))
         for spec in asr_specs(settings.asr_model)
     ]
     specs += _embedding_specs(settings) + _translation_specs(settings)
-    left_out = {CHANNEL_FAMILIES[name] for name in without if name in CHANNEL_FAMILIES}
-    specs = [spec for spec in specs if spec.family not in left_out]
+    specs = [spec for spec in specs if spec.family not in without]
     limits = Limits(
         max_batch=settings.engine_max_batch,
         step_tokens=settings.engine_step_tokens,

@@ -24,7 +24,8 @@ from streamplex.server.config import Settings
 from streamplex.server.hub import Hub
 from streamplex.server.logbuffer import RingLogHandler
 from streamplex.server.model_tier import BEAT, GROUP, Keys
-from streamplex.server.remote import ModelClient
+from streamplex.server.registry import discover
+from streamplex.server.remote import ModelClient, families, remote_capable
 from tests.chatmodel import bundled_runner, engine_with
 from tests.redisproc import RedisProc, running_redis
 from tests.server.test_lean_start import MODEL_LIBRARIES, loaded
@@ -253,3 +254,13 @@ async def test_a_deep_queue_refuses_new_streams_and_shows_in_the_metrics(tmp_pat
             assert gauges[("streamplex_model_workers", "chat")] == 1
         finally:
             await client.close()
+
+
+def test_only_channels_that_can_run_on_a_model_worker_may_be_remote() -> None:
+    classes = discover()
+    assert sorted(remote_capable(classes, {"chat", "translation", "analysis"})) == ["analysis", "chat", "translation"]
+    assert families(remote_capable(classes, {"chat", "analysis"})) == {"chat", "embedding"}
+    with pytest.raises(ValueError, match=r"transcription cannot run on a model worker \(the channels that can: analysis, chat, translation\)"):
+        remote_capable(classes, {"chat", "transcription"})
+    with pytest.raises(ValueError, match="no channel nope"):
+        remote_capable(classes, {"nope"})
