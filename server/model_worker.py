@@ -23,7 +23,7 @@ from typing import Any, cast
 import orjson
 import redis.asyncio as aioredis
 from prometheus_client import CollectorRegistry, start_http_server
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 from redis.exceptions import RedisError, ResponseError
 
@@ -294,6 +294,8 @@ class ModelWorker:
                 start, positions = history
                 log.info("%s job %s claimed from a worker that stopped; goes on at chunk %d", job.channel, job.id, start)
             params = channel.parse(job.raw)
+            if start > 0 and not channel.restarts(params):
+                raise CannotGoOn("its output with these params may differ from run to run")
             if channel.accepts_push:
                 feeding = asyncio.create_task(self._feed(job, inbox), name=f"model-feed:{job.id}")
             ctx = StreamContext(job.id, inbox, None, start, tenant=job.tenant, positions=positions)
@@ -366,8 +368,8 @@ class ModelWorker:
         )
         yield from self.queues.families()
         yield GaugeMetricFamily("streamplex_model_worker_jobs", "Jobs this model worker runs now.", value=len(self.jobs))
-        yield GaugeMetricFamily("streamplex_model_worker_jobs_done", "Jobs this model worker finished.", value=self.done)
-        yield GaugeMetricFamily("streamplex_model_worker_jobs_claimed", "Jobs this model worker claimed from workers that stopped.", value=self.claimed)
+        yield CounterMetricFamily("streamplex_model_worker_jobs_done", "Jobs this model worker finished.", value=self.done)
+        yield CounterMetricFamily("streamplex_model_worker_jobs_claimed", "Jobs this model worker claimed from workers that stopped.", value=self.claimed)
         yield from engine_families(self.engine.metrics())
         yield from self.engine.histograms.collect()
 

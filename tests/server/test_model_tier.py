@@ -211,7 +211,7 @@ async def test_a_worker_killed_mid_generation_is_replaced_without_a_gap_or_a_dup
     assert got[max(got)]["usage"]["completion_tokens"] == PROMPT["max_tokens"]
     survivor = next(w for w in tier.workers if w is not busy[0])
     assert "claimed from a worker that stopped" in survivor.log()
-    assert survivor.metric("streamplex_model_worker_jobs_claimed") == 1
+    assert survivor.metric("streamplex_model_worker_jobs_claimed_total") == 1
 
 
 async def test_with_no_worker_alive_a_remote_channel_is_unavailable(tier: Tier) -> None:
