@@ -45,10 +45,12 @@ class Tier:
         device = os.environ.get("STREAMPLEX_TEST_DEVICE", "cpu")
         self.workers: list[ServerProc] = []
         self.edge: ServerProc | None = None
+        self.other: ServerProc | None = None  # a second edge node, for a session taken over from the first
         try:
             for name in ("worker-a", "worker-b"):
                 self.workers.append(start_model_worker(tmp, node=name, chat_model="smollm2-135m-instruct", device=device, dtype="float32", **common))
             self.edge = start_server(tmp, node="edge", **common)
+            self.other = start_server(tmp, node="edge-b", **common)
             deadline = time.monotonic() + 300
             while self.ready("chat") != "available":
                 assert time.monotonic() < deadline, "the model workers did not load the chat model"
@@ -68,7 +70,7 @@ class Tier:
         return worker.metric("streamplex_model_worker_jobs")
 
     def stop(self) -> None:
-        for proc in [*self.workers, *([self.edge] if self.edge else [])]:
+        for proc in [*self.workers, *(p for p in (self.edge, self.other) if p is not None)]:
             proc.stop()
 
 
@@ -212,6 +214,38 @@ async def test_a_worker_killed_mid_generation_is_replaced_without_a_gap_or_a_dup
     survivor = next(w for w in tier.workers if w is not busy[0])
     assert "claimed from a worker that stopped" in survivor.log()
     assert survivor.metric("streamplex_model_worker_jobs_claimed_total") == 1
+
+
+async def test_a_remote_stream_goes_on_when_its_edge_node_dies(tier: Tier) -> None:
+    """The session moves to another edge node, which queues a new job from the delivered chunks' positions; the workers
+    stop the dead node's job."""
+    assert tier.edge is not None and tier.other is not None
+    expected = await local_reply()
+    ws = await connect(tier.edge)
+    token = ws.ready["resume"]["token"]  # type: ignore[attr-defined]
+    await send(ws, op="subscribe", id="c", channel="chat", params=PROMPT)
+    got: dict[int, Any] = {}
+    while sum("delta" in d for d in got.values()) < 6:
+        frame = await recv(ws, 60)
+        if frame["op"] == "chunk":
+            got[frame["seq"]] = frame["data"]
+    tier.edge.stop(signal.SIGKILL)
+    ws = await connect(tier.other)
+    await send(ws, op="resume", token=token, streams={"c": max(got)})
+    resumed = await recv(ws)
+    assert resumed["op"] == "resumed" and resumed["streams"]["c"]["resumed"], resumed
+    rest, end = await collect(ws, "c", timeout=120)
+    await ws.close()
+    for frame in rest:
+        assert frame["seq"] not in got, "a chunk came twice"
+        got[frame["seq"]] = frame["data"]
+    assert end["reason"] == "complete" and sorted(got) == list(range(len(got)))
+    assert text([got[i] for i in sorted(got)]) == expected
+    deadline = time.monotonic() + 15  # the dead node's job stops once its sign of life is 5 s old (if it has not finished by then)
+    while sum(tier.running(w) for w in tier.workers if w.proc.poll() is None):
+        assert time.monotonic() < deadline, "the dead edge node's job still runs"
+        await asyncio.sleep(0.2)
+    tier.edge = tier.other
 
 
 async def test_with_no_worker_alive_a_remote_channel_is_unavailable(tier: Tier) -> None:
