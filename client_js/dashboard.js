@@ -346,7 +346,8 @@ async function startMicrophone(client, sub, setStatus) {
   let sent = 0;
   node.port.onmessage = (event) => {
     if (sub.ended) return;
-    sub.push(event.data);
+    // held until acknowledged (sent again after a resume on another node); a live microphone does not wait for room
+    Promise.resolve(sub.push(event.data)).catch(() => {});
     sent += event.data.byteLength / 2;
     setStatus(`microphone: ${(sent / 16000).toFixed(1)} s sent (context at ${context.sampleRate} Hz)`);
   };
