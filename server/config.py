@@ -131,7 +131,7 @@ class Settings(BaseSettings):
     subscribe_rate: float = Field(
         1000.0,
         gt=0,
-        description="Subscriptions the server admits per second, all connections together, scaled down as the event loop's lag nears `overload_lag` (to 5% at it); one counts once per started 16 KiB of its message, and a text message of more than 64 KiB (a subscribe with large params) takes its turn before it is decoded. A burst beyond waits its turn (the connection's later ops wait behind it).",
+        description="Subscriptions the server admits per second, all connections together, scaled down as the event loop's lag nears `overload_lag` (to 5% at it); one counts once per started 16 KiB of its message, and a text message of more than 64 KiB (a subscribe with large params) takes its turn before it is decoded. A burst beyond waits its turn (the connection's other ops go on meanwhile).",
     )
     subscribe_burst: int = Field(200, ge=1, description="Subscriptions admitted at once before `subscribe_rate` paces them.")
     subscribe_max_wait: float = Field(

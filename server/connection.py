@@ -190,6 +190,11 @@ class Connection:
             return
         self._close = (CloseCode.GOING_AWAY, "server shutting down; reconnect")
         self._finished = asyncio.get_running_loop().create_future()
+        waiting, self._waiting = self._waiting, {}
+        for stream_id, task in waiting.items():  # never opened here: told so like the open ones, not opened while draining
+            task.cancel()
+            with contextlib.suppress(OutboxOverflow):
+                session.reply(end_frame(stream_id, EndReason.SHUTDOWN))
         await session.end_all(EndReason.SHUTDOWN)
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(timeout):

@@ -19,7 +19,17 @@ async def test_sigterm_turns_new_clients_away_and_ends_every_stream_within_the_g
     data = tmp / "data"
     data.mkdir()
     (data / "big.jsonl").write_bytes(b"".join(orjson.dumps({"i": i, "pad": "x" * 50_000}) + b"\n" for i in range(400)))
-    srv = start_server(tmp, data_dir=data, shutdown_timeout=GRACE, slow_consumer_timeout=60, per_message_deflate=False)
+    # Two subscribes at once, then one per 20 s: the live client's second subscribe is still waiting for its turn at SIGTERM.
+    srv = start_server(
+        tmp,
+        data_dir=data,
+        shutdown_timeout=GRACE,
+        slow_consumer_timeout=60,
+        per_message_deflate=False,
+        subscribe_burst=2,
+        subscribe_rate=0.05,
+        subscribe_max_wait=60,
+    )
     try:
         # A client that stops reading keeps the drain waiting on its outbox for the whole grace period.
         stalled = await connect(srv, max_queue=1, compression=None)
@@ -27,17 +37,21 @@ async def test_sigterm_turns_new_clients_away_and_ends_every_stream_within_the_g
         live = await connect(srv)
         await send(live, op="subscribe", id="m", channel="metrics", params={"interval_ms": 100})
         assert (await recv(live))["op"] == "subscribed"
+        await send(live, op="subscribe", id="w", channel="metrics", params={"interval_ms": 100})
         await asyncio.sleep(1.0)
 
         started = time.monotonic()
         srv.proc.send_signal(signal.SIGTERM)
         ends: dict[str, str] = {}
+        opened: set[str] = set()
         with pytest.raises(websockets.ConnectionClosed) as closed:
             while True:
                 frame = await recv(live)
                 if frame["op"] == "end":
                     ends[frame["id"]] = frame["reason"]
-        assert ends == {"m": "shutdown"}
+                elif frame["op"] == "subscribed":
+                    opened.add(frame["id"])
+        assert ends == {"m": "shutdown", "w": "shutdown"} and not opened, "the waiting subscribe is told too, and never opened"
         assert closed.value.rcvd is not None and closed.value.rcvd.code == 1001 and "reconnect" in closed.value.rcvd.reason
 
         # Still draining (the stalled client): not ready, and a newcomer is sent elsewhere at once.
