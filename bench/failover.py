@@ -202,11 +202,17 @@ class Client:
                 self.tally.resumed += 1
                 if self.dropped_at is not None:
                     self.tally.resumed_times.append(self._since_kill())
-                if self.sid in frame.get("streams", {}):
+                entry = frame.get("streams", {}).get(self.sid)
+                if entry is not None and (entry.get("resumed") or self.acked):
                     return True  # resumed, or not (`resumed: false`): then its `end` (resume_gap) follows
                 self.dropped_at = None
                 if not self.acked:
-                    # The node died before it answered `subscribed`: the stream never began, so subscribe it again.
+                    # The node died before it answered `subscribed`: the stream never began (the new node does not know
+                    # it: `resumed: false` and an `end` follow), so subscribe it again.
+                    while entry is not None:
+                        end = orjson.loads(await asyncio.wait_for(ws.recv(), 30))
+                        if end["op"] == "end" and end["id"] == self.sid:
+                            break
                     self.tally.resubscribed += 1
                     return False
                 self._finish("missing_from_resumed")
@@ -380,6 +386,7 @@ async def main() -> None:
     parser.add_argument("--warmup-seconds", type=float, default=5.0, help="seconds of the same load before each CPU step (not measured)")
     parser.add_argument("--idle-seconds", type=float, default=5.0, help="seconds the nodes' idle CPU is measured before each CPU step")
     parser.add_argument("--nginx-log", help="copy nginx's logs of the failover phase to this file")
+    parser.add_argument("--node-logs", help="write the nodes' logs of the failover phase to this file (the killed processes' too)")
     args = parser.parse_args()
 
     settings = {"redis_prefix": "failover", "resume_window": args.resume_window, "heartbeat_interval": 5}
@@ -401,6 +408,8 @@ async def main() -> None:
                     await killer
                     if args.nginx_log:
                         Path(args.nginx_log).write_text(proxy.log())
+                    if args.node_logs:
+                        Path(args.node_logs).write_text("\n".join([*cluster.logs, *(node.log() for node in cluster.nodes.values())]))
                     errors = Counter(
                         re.sub(r"^\S+ \S+ \[error\] \d+#\d+: \*\d+ |, client: .*$|\d+", "", line) for line in proxy.log().splitlines() if "[error]" in line
                     )

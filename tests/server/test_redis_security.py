@@ -97,6 +97,37 @@ async def test_nodes_share_through_an_acl_user_and_a_wrong_password_is_refused(t
             node.stop()
 
 
+async def test_an_acl_user_without_pubsub_numsub_takes_a_dead_nodes_session_once_its_heartbeat_lapses(tmp: Path, acl_redis: RedisProc) -> None:
+    admin = acl_redis.client()
+    admin.execute_command("ACL", "SETUSER", "sp-lean", *[a.replace("sp-acl", "sp-lean") for a in NODE_ACL], "-pubsub|numsub")
+    admin.close()
+    url = f"redis://sp-lean:{NODE_PASSWORD}@127.0.0.1:{acl_redis.port}/0"
+    a, b = (start_server(tmp, node=name, redis_url=url, redis_prefix="sp-lean", resume_window=20) for name in ("lean-a", "lean-b"))
+    try:
+        for node in (a, b):
+            _wait_log(node, "reachable; sharing with other nodes")
+        ws = await connect(a)
+        token = ws.ready["resume"]["token"]  # type: ignore[attr-defined]
+        await send(ws, op="subscribe", id="d", channel="data", params={"records": [{"i": i} for i in range(60)], "chunk_size": 1, "interval_ms": 20})
+        seqs = [(await recv(ws))["op"] for _ in range(6)]
+        assert seqs.count("chunk") >= 5, seqs
+        a.stop(signal.SIGKILL)
+        ws = await connect(b)
+        await send(ws, op="resume", token=token, streams={"d": 3})
+        resumed = await recv(ws)
+        assert resumed["op"] == "resumed" and resumed["streams"]["d"]["resumed"], resumed
+        got = []
+        while (frame := await recv(ws))["op"] != "end":
+            got.append(frame["seq"])
+        assert got == list(range(4, 60)) and frame["reason"] == "complete", (got, frame)
+        assert "Redis refused PUBSUB NUMSUB" in b.log()
+        assert "taken over from node lean-a, dead (its heartbeat lapsed)" in b.log()
+        await ws.close()
+    finally:
+        for node in (a, b):
+            node.stop()
+
+
 async def test_tls_with_a_verified_server_and_a_client_certificate(tmp: Path) -> None:
     ca = trustme.CA()
     server_cert = ca.issue_cert("127.0.0.1")
