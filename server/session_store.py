@@ -8,7 +8,7 @@ missed), trimmed with `MINID` to what the node's own replay buffer holds (`resum
 expiring `resume_window` after its last write; a stream's `end` frame is its last entry, with id
 `{next seq}-1`.
 
-Writes leave the session's path through one bounded queue, sent in pipelined batches by one task:
+Writes leave the session's path through one bounded queue, sent in batches (one script each) by one task:
 a chunk never waits for Redis. While Redis is away they are dropped (and counted): what a client
 then misses can be replayed only by the node that holds the session, or regenerated (channels that
 restart at a position). A node announces it is alive with a key that expires `NODE_TTL` after its
