@@ -175,6 +175,25 @@ async def test_a_sigkilled_owner_is_taken_over_at_once_however_long_its_heartbea
             admin.delete("sp-resume:node:node-a")
 
 
+async def test_a_node_restarted_under_its_name_takes_over_the_sessions_of_its_killed_process(cluster: Cluster) -> None:
+    ws, token = await _open_both(cluster.nodes[0])
+    reader = Reader()
+    await reader.read(ws, lambda: len(reader.chunks["t"]) >= 10)
+    cluster.nodes[0].stop(signal.SIGKILL)
+    with pytest.raises(websockets.ConnectionClosed):
+        await reader.read(ws, lambda: False, timeout=5)
+    cluster.revive()  # node-a again, a new process
+    a = cluster.nodes[0]
+    ws = await connect(a)
+    await send(ws, op="resume", token=token, streams=reader.last())
+    resumed = await recv(ws)
+    assert resumed["op"] == "resumed" and all(s["resumed"] for s in resumed["streams"].values()), resumed
+    await reader.read(ws, lambda: len(reader.ends) == 2)
+    assert reader.text("t") == TEXT and reader.text("d") == CSV
+    assert "taken over from node node-a, an earlier process of this node" in a.log()
+    await ws.close()
+
+
 async def test_live_owner_hands_the_session_over_and_stops_its_streams(cluster: Cluster) -> None:
     a, _, c = cluster.nodes
     ws, token = await _open_both(a)
