@@ -419,10 +419,11 @@ class SessionStore:
 
     async def claim(self, token: str, record: SessionRecord) -> Claim | None:
         """Make this process the session's owner, and say how. An owner whose process is gone (its Redis connection
-        closed: Redis dropped its `alive` subscription) or an earlier process of this node is not waited for; a live
-        owner is asked to let go first (it stops the streams and sends what it queued), waited for until it does, its
-        heartbeat key lapses, or `resume_handover_timeout`. The owner's later writes for the session are fenced off
-        (FENCED_BATCH). None when Redis failed."""
+        closed: Redis dropped its `alive` subscription), or another process of this node's name (an earlier one; a live
+        one is a misconfiguration, logged), is not waited for; a live owner is asked to let go first (it stops the
+        streams and sends what it queued), waited for until it does, its heartbeat key lapses, or
+        `resume_handover_timeout`. The owner's later writes for the session are fenced off (FENCED_BATCH). None when
+        Redis failed."""
         key = digest(token)
         started = time.monotonic()
         how = "unowned"
@@ -432,6 +433,9 @@ class SessionStore:
                 how = "this process"
             elif owner == self.node:
                 how = "an earlier process of this node"
+                if await self._gone(record.inst) is False:  # fenced off from here on, like any owner that lost a session
+                    log.warning("session %s is held by another live process named %s: every process needs its own STREAMPLEX_NODE", record.id, owner)
+                    how = "another live process of the same name"
             elif owner and await self._gone(record.inst) is True:
                 how = "gone (its Redis connection closed)"
             elif owner:
@@ -441,6 +445,7 @@ class SessionStore:
         except (RedisError, OSError, TimeoutError) as exc:
             self.broker.mark_down(exc)
             return None
+        self._fences[record.id] = key  # the writes of the streams restored next are fenced too
         return Claim(how, time.monotonic() - started)
 
     async def _hand_over(self, key: str, record: SessionRecord) -> str:
