@@ -223,7 +223,11 @@ export class Subscription {
       this._resolveOpened(this);
     }
     if (this.onEnd) this.onEnd(this.reason, this);
-    this._input?.wake(true);
+    if (this._input) {
+      this._input.data = new Uint8Array(0); // nothing is sent again for an ended stream
+      this._input.length = 0;
+      this._input.wake(true);
+    }
     this._wake();
   }
 

@@ -168,6 +168,7 @@ class Subscription:
             self.reason = reason or ("error" if outcome is not None else None)
             self._readable.set()
             if self._input is not None:
+                self._input.data.clear()  # nothing is sent again for an ended stream
                 self._input.room.set()  # a push waiting for room gives up
             if self._opened is not None and not self._opened.done():
                 self._opened.set_exception(outcome or StreamEnded(self.id, reason or "ended"))
