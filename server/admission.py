@@ -142,7 +142,7 @@ class Admission:
         """Ask for the turn of a message of `size` bytes without waiting: None when it is now; the seconds it would wait
         when that is past `subscribe_max_wait` (it is not queued); else a future done when it comes (cancel it to give it up)."""
         loop = asyncio.get_running_loop()
-        cost = 1 + max(0, size - 1) // COST_BYTES
+        cost = min(self.settings.subscribe_burst, 1 + max(0, size - 1) // COST_BYTES)  # never more than the bucket holds
         rate = self._refill(loop.time())
         if not self.queue and self.tokens >= cost:
             self.tokens -= cost

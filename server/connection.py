@@ -13,6 +13,7 @@ from collections.abc import Awaitable, Coroutine
 from typing import Any, Protocol
 
 from streamplex.server.auth import Principal
+from streamplex.server.budget import Budget
 from streamplex.server.outbox import Outbox, OutboxOverflow, Payload, Pending
 from streamplex.server.protocol import (
     Auth,
@@ -75,6 +76,35 @@ class Transport(Protocol):
         ...
 
 
+class Waiting:
+    """A subscribe waiting for its admission turn: its task, its turn, and the bytes of its message charged to the
+    connection's budget while it is held (so that waiting subscribes stay within `connection_memory`)."""
+
+    __slots__ = ("budget", "charged", "task", "turn")
+
+    def __init__(self, budget: Budget, size: int, turn: asyncio.Future[None] | None) -> None:
+        self.budget, self.charged, self.turn = budget, size, turn
+        self.task: asyncio.Task[None] | None = None
+        budget.params += size
+
+    def release(self) -> None:
+        """Give the charge back (once)."""
+        self.budget.params -= self.charged
+        self.charged = 0
+
+    def done(self, _: object = None) -> None:
+        """Its task ended, however (one cancelled before it ran never entered its body): nothing of it is held any more."""
+        if self.turn is not None:
+            self.turn.cancel()  # the admitter skips a cancelled turn
+        self.release()
+
+    def give_up(self) -> None:
+        """Unsubscribed, or the client left: stop waiting now (the charge comes back at once, for the next op)."""
+        if self.task is not None:
+            self.task.cancel()
+        self.done()
+
+
 class Connection:
     """Drives one authenticated session over one transport."""
 
@@ -119,7 +149,7 @@ class Connection:
         self._moved = False  # the session was resumed on another connection (see `hand_over`)
         self._finished: asyncio.Future[None] | None = None  # made only when shutdown() waits for the end
         self._sending_since: float | None = None
-        self._waiting: dict[str, asyncio.Task[None]] = {}  # subscribes waiting for their admission turn, by stream id
+        self._waiting: dict[str, Waiting] = {}  # subscribes waiting for their admission turn, by stream id
 
     def outbox_bytes(self) -> int:
         """Bytes waiting in this connection's outbox."""
@@ -159,8 +189,8 @@ class Connection:
         finally:
             self._reading = False
             waiting, self._waiting = list(self._waiting.values()), {}
-            for task in waiting:
-                task.cancel()
+            for entry in waiting:
+                entry.give_up()
             session = self.session
             session.outbox.detach()
             writer, self._writer = self._writer, None
@@ -191,8 +221,8 @@ class Connection:
         self._close = (CloseCode.GOING_AWAY, "server shutting down; reconnect")
         self._finished = asyncio.get_running_loop().create_future()
         waiting, self._waiting = self._waiting, {}
-        for stream_id, task in waiting.items():  # never opened here: told so like the open ones, not opened while draining
-            task.cancel()
+        for stream_id, entry in waiting.items():  # never opened here: told so like the open ones, not opened while draining
+            entry.give_up()
             with contextlib.suppress(OutboxOverflow):
                 session.reply(end_frame(stream_id, EndReason.SHUTDOWN))
         await session.end_all(EndReason.SHUTDOWN)
@@ -390,7 +420,7 @@ class Connection:
                 session.push(op.id, op.data, op.end, size=len(message))
             case Unsubscribe():
                 if (waiting := self._waiting.pop(op.id, None)) is not None:
-                    waiting.cancel()
+                    waiting.give_up()
                     session.reply(end_frame(op.id, EndReason.UNSUBSCRIBED))
                 else:
                     await session.unsubscribe(op.id)
@@ -410,6 +440,7 @@ class Connection:
         else:
             if stream_id in self._waiting or stream_id in session.streams:
                 raise ProtocolError(ErrorCode.DUPLICATE_ID, f"stream id {stream_id!r} is already open", id=stream_id)
+            session.check_budget(stream_id, size)
             admission.check(stream_id)
         turn = admission.take(size)
         if isinstance(turn, float):
@@ -418,28 +449,30 @@ class Connection:
             admission.check(stream_id)
             session.subscribe(op, size)
             return
-        task = asyncio.create_task(self._open_when_admitted(session, stream_id, size, op, turn), name=f"admit:{session.id}:{stream_id}")
-        if turn is not None:
-            task.add_done_callback(lambda _: turn.cancel())  # given up (unsubscribed, the client left): the admitter skips it
-        self._waiting[stream_id] = task
+        waiting = Waiting(session.budget, size, turn)
+        waiting.task = asyncio.create_task(self._open_when_admitted(session, stream_id, size, op, waiting), name=f"admit:{session.id}:{stream_id}")
+        waiting.task.add_done_callback(waiting.done)
+        self._waiting[stream_id] = waiting
 
-    async def _open_when_admitted(self, session: Session, stream_id: str, size: int, op: Subscribe | str, turn: asyncio.Future[None] | None) -> None:
+    async def _open_when_admitted(self, session: Session, stream_id: str, size: int, op: Subscribe | str, waiting: Waiting) -> None:
         """Wait for a subscribe's turn (`turn`; None: it is now), check the load again, decode a large one in the parser thread
         and open the stream (a subscribe whose params were parsed is not refused for load: that work is done); a refusal is answered as the reader would. Cancelled by `unsubscribe` or when the client leaves."""
         loop = asyncio.get_running_loop()
         try:
-            if turn is not None:
-                await turn
+            if waiting.turn is not None:
+                await waiting.turn
             self.runtime.admission.check(stream_id)  # the load now, before a large one's params are decoded and parsed
             params = None
             if isinstance(op, str):
                 op = await loop.run_in_executor(self.runtime.parser, decode_text, op)
                 if not isinstance(op, Subscribe) or op.id != stream_id:  # keys repeated after `params`
                     raise ProtocolError(ErrorCode.BAD_REQUEST, "a subscribe's op and id must not be repeated", id=stream_id)
+                waiting.release()  # the checks count its size again
                 channel = session.check(op, size, self._waiting.keys() - {stream_id})
                 params = await loop.run_in_executor(self.runtime.parser, parse, channel, op)
-            if self._waiting.get(stream_id) is asyncio.current_task():
+            if self._waiting.get(stream_id) is waiting:
                 del self._waiting[stream_id]
+            waiting.release()
             session.subscribe(op, size, params)
         except ProtocolError as exc:
             self.stats.errors[str(exc.code)] += 1
@@ -448,7 +481,7 @@ class Connection:
         except OutboxOverflow:
             pass  # the client does not read: the writer's watchdog closes it as a slow consumer
         finally:
-            if self._waiting.get(stream_id) is asyncio.current_task():
+            if self._waiting.get(stream_id) is waiting:
                 del self._waiting[stream_id]
 
     async def _write(self, outbox: Outbox) -> None:

@@ -236,14 +236,18 @@ class Session:
             )
         if len(self.streams) + len(waiting) >= self.settings.max_streams:
             raise ProtocolError(ErrorCode.TOO_MANY_STREAMS, f"at most {self.settings.max_streams} streams per connection", id=op.id)
+        self.check_budget(op.id, size)
+        return channel
+
+    def check_budget(self, stream_id: str, size: int) -> None:
+        """Raise ProtocolError(over_budget) unless a subscribe of `size` bytes fits in the connection's budget."""
         if not self.budget.fits(size):
             raise ProtocolError(
                 ErrorCode.OVER_BUDGET,
                 f"this connection's streams would hold more than its {self.settings.connection_memory} bytes (connection_memory); "
                 "end some streams or send smaller params",
-                id=op.id,
+                id=stream_id,
             )
-        return channel
 
     def subscribe(self, op: Subscribe, size: int = 0, params: Any = None) -> None:
         """Open a stream (`size`: the subscribe message's bytes, charged to the budget; `params`: already parsed), or raise ProtocolError saying why not."""

@@ -249,3 +249,36 @@ def test_a_subscribe_waiting_for_admission_does_not_block_its_connection(tmp_pat
     assert ("subscribed", "z", None) not in ops
     # Only x and y were opened: z was given up, w's client left before its turn.
     assert 'streamplex_streams_opened_total{channel="metrics"} 2.0' in metrics, [line for line in metrics.splitlines() if "streams_opened" in line]
+
+
+async def waiting_within_budget(server: ServerProc) -> list[tuple[str, str | None, str | None]]:
+    ws = await connect(server)
+    try:
+        text = {"channel": "text", "params": {"text": "word " * 5000, "interval_ms": 1000}}  # a 25 KB subscribe: two fit the budget, three do not
+        await send(ws, op="subscribe", id="x", **text)  # opened at once (the burst)
+        await send(ws, op="subscribe", id="y", **text)  # waits for its turn, its message charged to the budget
+        await send(ws, op="subscribe", id="z", **text)  # would be the third: over budget at once
+        await send(ws, op="unsubscribe", id="y")  # given up: its charge comes back
+        await send(ws, op="subscribe", id="z", **text)  # now fits; opens when its turn comes
+        seen: list[tuple[str, str | None, str | None]] = []
+        while ("subscribed", "z", None) not in seen:
+            frame = await recv(ws, 10)
+            if frame["op"] != "chunk":
+                seen.append((frame["op"], frame.get("id"), frame.get("code") or frame.get("reason")))
+        return seen
+    finally:
+        await ws.close()
+
+
+def test_waiting_subscribes_count_in_the_connection_budget(tmp_path: Path) -> None:
+    server = start_server(tmp_path, connection_memory=80_000, outbox_bytes=16384, subscribe_rate=2, subscribe_burst=1, subscribe_max_wait=30)
+    try:
+        seen = asyncio.run(waiting_within_budget(server))
+    finally:
+        server.stop()
+    assert seen == [
+        ("subscribed", "x", None),
+        ("error", "z", "over_budget"),
+        ("end", "y", "unsubscribed"),
+        ("subscribed", "z", None),
+    ], seen
