@@ -337,12 +337,21 @@ class Session:
         if data is None and not end:
             raise ProtocolError(ErrorCode.BAD_REQUEST, "push needs `data` or `end: true`", id=stream_id)
         items = ([data] if data is not None else []) + ([END_OF_INPUT] if end else [])
+        refusal = None
         if stream.inbox.qsize() + len(items) > stream.inbox.maxsize:
-            raise ProtocolError(ErrorCode.RATE_LIMITED, "the stream's input queue is full; push more slowly", id=stream_id, retry_after=0.1)
-        if not self.budget.fits(size):
-            raise ProtocolError(
-                ErrorCode.RATE_LIMITED, "this connection's memory budget is full of pushed input; push more slowly", id=stream_id, retry_after=0.1
-            )
+            refusal = "the stream's input queue is full; push more slowly"
+        elif not self.budget.fits(size):
+            refusal = "this connection's memory budget is full of pushed input; push more slowly"
+        if refusal is not None:
+            if stream.acks and isinstance(data, bytes):  # its input is a byte stream: one piece missing would shift the rest, silently
+                if stream.task is not None:
+                    stream.task.cancel()
+                self._finish(
+                    stream,
+                    EndReason.ERROR,
+                    {"code": str(ErrorCode.RATE_LIMITED), "message": f"pushed input was refused ({refusal}): the stream cannot go on without it"},
+                )
+            raise ProtocolError(ErrorCode.RATE_LIMITED, refusal, id=stream_id, retry_after=0.1)
         for item in items:
             stream.inbox.put_sized(item, size if item is data else 0)
         if isinstance(data, bytes):

@@ -8,6 +8,7 @@ import asyncio
 from typing import Any
 
 import orjson
+import pytest
 
 from streamplex.channels.transcription import TranscriptionChannel
 from streamplex.server.auth import Principal
@@ -16,7 +17,7 @@ from streamplex.server.channel import Services
 from streamplex.server.config import Settings
 from streamplex.server.hub import Hub
 from streamplex.server.logbuffer import RingLogHandler
-from streamplex.server.protocol import EndReason, Subscribe
+from streamplex.server.protocol import EndReason, ErrorCode, ProtocolError, Subscribe
 from streamplex.server.session import ACK_INTERVAL, Session
 from streamplex.server.telemetry import Stats
 from tests.asrmodel import bundled_whisper, engine_with
@@ -59,3 +60,13 @@ async def test_pushed_audio_is_acknowledged_as_received_and_a_same_node_resume_s
         assert report["a"]["input"] == 20 * FRAME and "a" not in session.streams
         assert orjson.loads(replay[-1]) == {"op": "end", "id": "a", "reason": "input_lost"}
         await session.end_all(EndReason.UNSUBSCRIBED)
+
+        # A refused push would leave a hole in the audio: the stream ends with an error instead of going on without it.
+        session.subscribe(Subscribe(op="subscribe", id="b", channel="transcription", params={"language": "en"}))
+        with pytest.raises(ProtocolError) as refused:
+            for _ in range(settings.push_queue + 2):
+                session.push("b", bytes(FRAME))
+        assert refused.value.code == ErrorCode.RATE_LIMITED and "b" not in session.streams
+        end = [f for f in await frames(session) if f["op"] == "end"]
+        assert end == [{"op": "end", "id": "b", "reason": "error", "error": {"code": "rate_limited", "message": end[0]["error"]["message"]}}]
+        assert "cannot go on without it" in end[0]["error"]["message"]
