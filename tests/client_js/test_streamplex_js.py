@@ -44,3 +44,14 @@ def test_streamplex_js_retries_refused_subscribes_after_retry_after(tmp_path: Pa
     for refused in report["refused"]:  # retry off, no attempts allowed, too little total wait allowed
         assert refused["typed"] and refused["code"] == "rate_limited" and refused["retryAfter"] > 0 and refused["retries"] == 0, refused
         assert refused["first"] == text
+
+
+def test_streamplex_js_holds_pushed_input_until_acknowledged() -> None:
+    done = subprocess.run(["node", str(ROOT / "tests" / "client_js" / "held.mjs")], capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-4000:]
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    assert report["after_ack"] == {"base": 30, "end": 80, "first": 1, "length": 50}
+    assert report["rewind_before_base"] is False and report["rewind"] is True
+    assert report["piece"] == [1, 1, 1, 1, 1, 2] and report["piece_length"] == 45
+    assert report["pieces"] == [32 * 1024, 32 * 1024, 10]
+    assert report["waiting_before_ack"] and report["after_room"] == {"waited": True, "base": 70, "length": 10}
