@@ -211,13 +211,19 @@ class ModelWorker:
                     self._begin(name, entry, fields, claimed=True)
 
     async def _cancellations(self) -> None:
-        async with self.redis.pubsub() as pubsub:
-            await pubsub.subscribe(self.keys.cancel)
-            async for message in pubsub.listen():
-                if message["type"] == "message":
-                    for job in list(self.jobs.values()):
-                        if job.id == message["data"].decode():
-                            self._stop(job, "its client left")
+        """Stop a job as soon as its edge node says its client left (`_keep` catches what is missed while Redis is away)."""
+        while True:
+            try:
+                async with self.redis.pubsub() as pubsub:
+                    await pubsub.subscribe(self.keys.cancel)
+                    async for message in pubsub.listen():
+                        if message["type"] == "message":
+                            for job in list(self.jobs.values()):
+                                if job.id == message["data"].decode():
+                                    self._stop(job, "its client left")
+            except (RedisError, OSError) as exc:
+                log.warning("model worker: cancel messages interrupted (%s); listening again", exc)
+                await asyncio.sleep(1)
 
     def _stop(self, job: Job, why: str) -> None:
         if job.task is not None and not job.task.done() and not job.cancelled:

@@ -175,12 +175,15 @@ class ModelClient:
         """Hand the stream's pushed input to the job's worker, then mark its end."""
         key, cap = self.keys.input(job), self.settings.model_result_max
         ttl = int(self.settings.model_result_ttl * 1000)
-        async for item in ctx.pushed():
-            fields = {"k": "b", "d": item} if isinstance(item, bytes) else {"k": "j", "d": orjson.dumps(item)}
-            await self.redis.xadd(key, fields, maxlen=cap, approximate=True)  # type: ignore[arg-type]
+        try:
+            async for item in ctx.pushed():
+                fields = {"k": "b", "d": item} if isinstance(item, bytes) else {"k": "j", "d": orjson.dumps(item)}
+                await self.redis.xadd(key, fields, maxlen=cap, approximate=True)  # type: ignore[arg-type]
+                await self.redis.pexpire(key, ttl)
+            await self.redis.xadd(key, {"k": "e"})
             await self.redis.pexpire(key, ttl)
-        await self.redis.xadd(key, {"k": "e"})
-        await self.redis.pexpire(key, ttl)
+        except (RedisError, OSError) as exc:  # the results' reader ends the stream when Redis stays away
+            log.warning("model job %s: pushed input not forwarded (%s)", job, exc)
 
     async def results(self, channel: str, job: str, entry: bytes, start: int) -> AsyncIterator[Checkpoint]:
         """The job's chunks from `start` on, each once and in order; returns at its end, or raises what it ended with."""
