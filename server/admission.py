@@ -143,11 +143,14 @@ class Admission:
         when that is past `subscribe_max_wait` (it is not queued); else a future done when it comes (cancel it to give it up)."""
         loop = asyncio.get_running_loop()
         cost = min(self.settings.subscribe_burst, 1 + max(0, size - 1) // COST_BYTES)  # never more than the bucket holds
-        rate = self._refill(loop.time())
+        self._refill(loop.time())
         if not self.queue and self.tokens >= cost:
             self.tokens -= cost
             return None
-        wait = (self.queued + cost - self.tokens) / rate
+        # At the full rate: the lag that slows it now is mostly the burst itself, and passes. A subscribe refused on
+        # the slowed rate's estimate was told to come back a minute later, when the server had long been idle; while
+        # the lag lasts, `check` refuses it at its turn with the short `overload_retry_after` instead.
+        wait = (self.queued + cost - self.tokens) / self.settings.subscribe_rate
         if wait > self.settings.subscribe_max_wait:
             return wait
         turn = loop.create_future()

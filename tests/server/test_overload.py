@@ -282,3 +282,24 @@ def test_waiting_subscribes_count_in_the_connection_budget(tmp_path: Path) -> No
         ("end", "y", "unsubscribed"),
         ("subscribed", "z", None),
     ], seen
+
+
+async def test_a_subscribes_wait_is_estimated_at_the_full_rate() -> None:
+    # The loop lags just under overload_lag, so the pace is slowed to 5% (5/s); a burst's lag passes, so a subscribe is
+    # queued if it would get its turn within subscribe_max_wait at the full rate (100/s), not sent away on the slowed estimate.
+    settings = Settings(api_keys="k", overload_lag=0.1, subscribe_rate=100, subscribe_burst=1, subscribe_max_wait=1.0, overload_memory=1 << 40)
+    monitor = LoopMonitor()
+    monitor.recent.append((asyncio.get_running_loop().time(), 0.099))
+    admission = Admission(settings, monitor)
+    assert admission.rate() == pytest.approx(5.0)
+    assert admission.take(1) is None  # the burst
+    turns = [admission.take(1) for _ in range(90)]  # 0.9 s at the full rate (18 s at the slowed one)
+    try:
+        assert all(isinstance(turn, asyncio.Future) for turn in turns)
+        late = [admission.take(1) for _ in range(20)]
+        assert all(isinstance(wait, float) and wait > 1.0 for wait in late[-10:]), late  # past 1 s even at the full rate: refused
+    finally:
+        admission.close()
+        for turn in turns:
+            if isinstance(turn, asyncio.Future):
+                turn.cancel()
