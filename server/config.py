@@ -135,7 +135,9 @@ class Settings(BaseSettings):
     )
     subscribe_burst: int = Field(200, ge=1, description="Subscriptions admitted at once before `subscribe_rate` paces them.")
     subscribe_max_wait: float = Field(
-        30.0, ge=0, description="Seconds a subscribe may wait for its turn under `subscribe_rate`; one that would wait longer at the full rate is refused with `overloaded`."
+        30.0,
+        ge=0,
+        description="Seconds a subscribe may wait for its turn under `subscribe_rate`; one that would wait longer at the full rate is refused with `overloaded`.",
     )
     resume_window: float = Field(
         30.0, ge=0, description="Seconds a dropped connection's session waits for the client to resume it (`resume` op); 0 disables resuming."
