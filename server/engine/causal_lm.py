@@ -17,6 +17,8 @@ entries: a shorter time to first token would tell one tenant that another sent t
 
 from __future__ import annotations
 
+import logging
+import time
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -25,13 +27,15 @@ from typing import Any
 
 import torch
 
-from streamplex.server.engine import attention, loading
+from streamplex.server.engine import attention, cpu_weights, loading
 from streamplex.server.engine.device import use_threads
 from streamplex.server.engine.kvcache import KVBlock
 from streamplex.server.engine.request import GenerationRequest
 from streamplex.server.engine.runner import Runner
 from streamplex.server.engine.sampling import make_generator, sample
 from streamplex.server.engine.scheduler import Chunk, Output, StepPlan
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -128,7 +132,16 @@ class CausalLMRunner(Runner):
 
     family = "chat"
 
-    def __init__(self, spec: str, cache_dir: Path, device: torch.device, dtype: torch.dtype, threads: int, prefix_cache_tokens: int = 2048) -> None:
+    def __init__(
+        self,
+        spec: str,
+        cache_dir: Path,
+        device: torch.device,
+        dtype: torch.dtype,
+        threads: int,
+        prefix_cache_tokens: int = 2048,
+        weights: str = "float32",
+    ) -> None:
         self.model_name = loading.model_name(spec)
         self.name = f"{self.family}/{self.model_name}"
         self.spec = spec
@@ -136,6 +149,8 @@ class CausalLMRunner(Runner):
         self.device = device
         self.dtype = dtype
         self.threads = threads
+        self.weights = weights if weights == "int8" else str(dtype).removeprefix("torch.")
+        self.load_seconds = 0.0
         self.model: Any = None
         self.tokenizer: Any = None
         self.context_length = 0
@@ -151,7 +166,12 @@ class CausalLMRunner(Runner):
         if self.device.type == "cpu":
             use_threads(self.threads)
         folder = loading.model_folder(self.spec, self.cache_dir)
+        started = time.perf_counter()
         model, tokenizer = loading.load_causal_lm(folder, self.device, self.dtype, attention.NAME)
+        if self.weights == "int8":
+            model = cpu_weights.quantize_int8(model)
+        self.load_seconds = time.perf_counter() - started
+        log.info("%s loaded in %.1f s (%s weights)", self.name, self.load_seconds, self.weights)
         config = model.config
         eos = model.generation_config.eos_token_id
         eos_ids = {tokenizer.eos_token_id, *(eos if isinstance(eos, list) else [eos])} - {None}
@@ -188,7 +208,7 @@ class CausalLMRunner(Runner):
 
     def describe(self) -> dict[str, Any]:
         threads = {"threads": self.threads} if self.device.type == "cpu" else {}
-        return {"model": self.model_name, "device": str(self.device), "dtype": str(self.dtype).removeprefix("torch."), **threads}
+        return {"model": self.model_name, "device": str(self.device), "dtype": str(self.dtype).removeprefix("torch."), "weights": self.weights, **threads}
 
     def stats(self) -> dict[str, Any]:
         batch = self._batch
