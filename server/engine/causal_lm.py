@@ -147,9 +147,10 @@ class CausalLMRunner(Runner):
         self.spec = spec
         self.cache_dir = cache_dir
         self.device = device
-        self.dtype = dtype
         self.threads = threads
-        self.weights = weights if weights == "int8" else str(dtype).removeprefix("torch.")
+        cpu_float32 = device.type == "cpu" and dtype == torch.float32
+        self.weights = weights if cpu_float32 else str(dtype).removeprefix("torch.")
+        self.dtype = cpu_weights.activation_dtype(self.weights) if cpu_float32 else dtype
         self.load_seconds = 0.0
         self.model: Any = None
         self.tokenizer: Any = None
@@ -167,9 +168,11 @@ class CausalLMRunner(Runner):
             use_threads(self.threads)
         folder = loading.model_folder(self.spec, self.cache_dir)
         started = time.perf_counter()
-        model, tokenizer = loading.load_causal_lm(folder, self.device, self.dtype, attention.NAME)
-        if self.weights == "int8":
-            model = cpu_weights.quantize_int8(model)
+        if self.device.type == "cpu" and self.weights != str(self.dtype).removeprefix("torch."):
+            model, tokenizer = loading.load_causal_lm(folder, self.device, torch.float32, attention.NAME)
+            model = cpu_weights.apply(model, self.weights)
+        else:
+            model, tokenizer = loading.load_causal_lm(folder, self.device, self.dtype, attention.NAME)
         self.load_seconds = time.perf_counter() - started
         log.info("%s loaded in %.1f s (%s weights)", self.name, self.load_seconds, self.weights)
         config = model.config

@@ -50,7 +50,9 @@ def _chat_runner(spec: str, settings: Settings) -> Runner:
 
     device = resolve_device(settings.device)
     dtype = resolve_dtype(settings.dtype, device)
-    return CausalLMRunner(spec, settings.cache_dir, device, dtype, cpu_threads(settings.engine_threads), settings.engine_prefix_cache_tokens)
+    return CausalLMRunner(
+        spec, settings.cache_dir, device, dtype, cpu_threads(settings.engine_threads), settings.engine_prefix_cache_tokens, settings.chat_cpu_weights
+    )
 
 
 def _embedding_specs(settings: Settings) -> list[RunnerSpec]:

@@ -13,6 +13,7 @@ from streamplex.server.engine import Engine, GenerationRequest, SamplingParams, 
 from streamplex.server.engine.causal_lm import CausalLMRunner
 from streamplex.server.engine.detok import IncrementalDetokenizer
 from tests.chatmodel import bundled_runner, engine_with
+from tests.device import TEST_DEVICE
 
 
 @pytest.fixture(scope="session")
@@ -25,6 +26,8 @@ def prompt(runner: CausalLMRunner, text: str) -> list[int]:
 
 
 GREEDY = SamplingParams()
+# float32 (the reference) and each CPU weight format the chat runner offers (server/engine/cpu_weights.py).
+WEIGHTS = ["float32", "bfloat16", "int8", "float16"]
 
 
 def submit(engine: Engine, runner: CausalLMRunner, ids: list[int], max_new: int, sampling: SamplingParams = GREEDY) -> Stream:
@@ -47,7 +50,11 @@ STORY = "Write a short story about a lighthouse keeper."
 SEEDED = SamplingParams(temperature=0.8, top_p=0.9, top_k=50, seed=1234)
 
 
-async def test_batched_tokens_equal_alone_with_joins_and_leaves(runner: CausalLMRunner) -> None:
+@pytest.mark.parametrize("weights", WEIGHTS)
+async def test_batched_tokens_equal_alone_with_joins_and_leaves(weights: str) -> None:
+    if weights != "float32" and TEST_DEVICE.type != "cpu":
+        pytest.skip("a CPU weight format")
+    runner = bundled_runner(weights)
     story, fact, poem, other = (
         prompt(runner, STORY),
         prompt(runner, "Explain what a compiler does."),
@@ -77,7 +84,7 @@ async def test_batched_tokens_equal_alone_with_joins_and_leaves(runner: CausalLM
     assert tokens["poem"] == seeded_alone, "seeded sampling must not depend on the batch either"
     assert tokens["other"][:4] == tokens["dropped"][:4]
     reference = runner.model.generate(torch.tensor([story]), max_new_tokens=24, do_sample=False)[0, len(story) :].tolist()
-    assert alone == reference, "the engine's greedy tokens are Hugging Face generate's"
+    assert alone == reference, "the engine's greedy tokens are Hugging Face generate's (the same weights)"
 
 
 async def test_cancel_frees_the_row_at_the_next_step(runner: CausalLMRunner) -> None:
