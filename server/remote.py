@@ -203,21 +203,25 @@ class ModelClient:
             idle = 0
             for entry_id, fields in entries(reply):
                 last = entry_id
-                if fields[b"k"] == b"c":
-                    seq = int(fields[b"s"])
+                try:
+                    seq, chunk, end = _result(fields)
+                except (KeyError, ValueError) as exc:  # not what a worker writes: never forwarded
+                    log.warning("%s job %s: malformed result entry %r dropped the stream (%s)", channel, job, entry_id, exc)
+                    raise ChannelError(ErrorCode.INTERNAL, "the model tier returned a malformed result; see the server log") from None
+                if chunk is not None:
                     if seq < expected:
                         continue
                     if seq > expected:
                         raise ChannelError(ErrorCode.INTERNAL, f"results {expected} to {seq - 1} were trimmed before this node read them (model_result_max)")
                     expected += 1
-                    yield Checkpoint(orjson.loads(fields[b"d"]), orjson.loads(fields[b"p"]))
+                    yield chunk
                     continue
-                reason, message = fields[b"r"].decode(), fields.get(b"m", b"").decode()
+                reason, code, message = end
                 if reason == "complete":
                     return
                 if reason == "producer_lost":
                     raise CannotGoOn(message)
-                raise ChannelError(ErrorCode(fields[b"c"].decode()), message)
+                raise ChannelError(code, message)
 
     async def _exists(self, channel: str, entry: bytes, out: str) -> bool:
         """Whether the job is still queued or running, or has results to read."""
@@ -252,6 +256,20 @@ class ModelClient:
                 await pipe.execute()
         except (RedisError, OSError) as exc:
             log.warning("could not cancel model job %s (%s); its worker stops when this node's sign of life expires", job, exc)
+
+
+def _result(fields: dict[bytes, bytes]) -> tuple[int, Checkpoint | None, tuple[str, ErrorCode, str]]:
+    """A result entry as (seq, the chunk, or None for the end and its reason, code and message); KeyError or ValueError
+    when it is not what a worker writes."""
+    if fields[b"k"] == b"c":
+        return int(fields[b"s"]), Checkpoint(orjson.loads(fields[b"d"]), orjson.loads(fields[b"p"])), ("", ErrorCode.INTERNAL, "")
+    if fields[b"k"] != b"e":
+        raise ValueError(f"unknown kind {fields[b'k']!r}")
+    reason = fields[b"r"].decode()
+    if reason not in ("complete", "error", "producer_lost"):
+        raise ValueError(f"unknown end reason {reason!r}")
+    code = ErrorCode(fields[b"c"].decode()) if reason == "error" else ErrorCode.INTERNAL
+    return 0, None, (reason, code, fields.get(b"m", b"").decode())
 
 
 class RemoteChannel(Channel):

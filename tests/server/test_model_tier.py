@@ -19,7 +19,7 @@ from streamplex.channels.analysis import AnalysisChannel
 from streamplex.channels.chat import ChatChannel, ChatParams
 from streamplex.channels.translation import TranslationChannel
 from streamplex.server.broker import MemoryBroker
-from streamplex.server.channel import Channel, Checkpoint, Services, StreamContext
+from streamplex.server.channel import Channel, ChannelError, Checkpoint, Services, StreamContext
 from streamplex.server.config import Settings
 from streamplex.server.hub import Hub
 from streamplex.server.logbuffer import RingLogHandler
@@ -298,3 +298,29 @@ def test_only_channels_that_can_run_on_a_model_worker_may_be_remote() -> None:
         remote_capable(classes, {"chat", "transcription"})
     with pytest.raises(ValueError, match="no channel nope"):
         remote_capable(classes, {"nope"})
+
+
+async def test_a_result_entry_that_no_worker_wrote_ends_the_stream_and_is_never_forwarded(tmp_path: Path) -> None:
+    with running_redis(tmp_path) as redis_server:
+        settings = Settings(redis_url=redis_server.url, redis_prefix="sp-forged", remote_channels="chat", node="edge-f")
+        client = ModelClient(settings, ["chat"])
+        keys = Keys("sp-forged")
+        try:
+            job, entry = await client.submit("chat", PROMPT, StreamContext("s", asyncio.Queue()))
+            out = keys.out(job)
+            await client.redis.xadd(out, {"k": "c", "s": 0, "d": orjson.dumps({"delta": "real"}), "p": b"null"})
+            await client.redis.xadd(out, {"k": "c", "s": 1, "d": b"{not json", "p": b"null"})
+            got = []
+            with pytest.raises(ChannelError) as refused:
+                async for chunk in client.results("chat", job, entry, 0):
+                    got.append(chunk.data)
+            assert got == [{"delta": "real"}]
+            assert refused.value.code == "internal" and "malformed" in refused.value.message
+            for forged in ({"k": "e", "r": "error", "c": "not_a_code", "m": "x"}, {"k": "e", "r": "weird"}, {"k": "x"}):
+                job, entry = await client.submit("chat", PROMPT, StreamContext("s", asyncio.Queue()))
+                await client.redis.xadd(keys.out(job), forged)
+                with pytest.raises(ChannelError, match="malformed"):
+                    async for _ in client.results("chat", job, entry, 0):
+                        pass
+        finally:
+            await client.close()
