@@ -35,6 +35,7 @@ import argparse
 import asyncio
 import json
 import os
+import re
 import sys
 import time
 from dataclasses import dataclass, field
@@ -97,6 +98,18 @@ class Run:
     compute_s: float = 0.0
     audio_s: float = 0.0
     wall_s: float = 0.0
+    phases: list[dict[str, Any]] = field(default_factory=list)  # per final, from the server's log (`_Transcriber._log_final`)
+
+    def breakdown(self) -> str:
+        """Per kind of final (how it was made final, by which decode): the median and p95 of each phase in seconds, and mean token counts."""
+        lines = []
+        for kind in sorted({p["kind"] for p in self.phases}):
+            rows = [p for p in self.phases if p["kind"] == kind]
+            keys = [k for k in rows[0] if k not in ("kind", "tokens", "draft", "kept")]
+            cells = ", ".join(f"{k} {pct([p[k] for p in rows], 50):.2f}/{pct([p[k] for p in rows], 95):.2f}" for k in keys)
+            counts = ", ".join(f"{k} {np.mean([p[k] for p in rows]):.1f}" for k in ("tokens", "draft", "kept"))
+            lines.append(f"  {len(rows)} finals {kind}, s p50/p95: {cells}; mean {counts}")
+        return "\n".join(lines)
 
     def row(self, target: float) -> dict[str, Any]:
         p95 = pct(self.latencies, 95)
@@ -190,6 +203,7 @@ async def server_run(k: int, audios: list[tuple[np.ndarray, str]], server: Any, 
 
     run = Run(f"streamplex: truncated windows, batched decoding, VAD {'on' if vad else 'off'}", k)
     before = step_seconds(server)
+    logged = len(server.log())
     t0 = time.monotonic() + 0.5
 
     async def client(i: int) -> None:
@@ -228,6 +242,9 @@ async def server_run(k: int, audios: list[tuple[np.ndarray, str]], server: Any, 
     run.wall_s = time.monotonic() - t0
     run.compute_s = step_seconds(server) - before
     run.audio_s = sum(len(a) for a, _ in audios[:k]) / SAMPLE_RATE
+    for line in server.log()[logged:].splitlines():
+        if (found := re.search(r": final \((\w+), decoded at (\w+)\)", line)) is not None:
+            run.phases.append({"kind": f"{found[1]} at {found[2]}", **{key: float(value) for key, value in re.findall(r"(\w+)=([-\d.]+)", line)}})
     return run
 
 
@@ -451,6 +468,8 @@ def sweep(name: str, ks: list[int], once: Any, target: float, keep_going: bool) 
         print(json.dumps(row), flush=True)
         worst = int(np.argmax(run.wers))
         print(f"  worst transcript (WER {run.wers[worst]:.2f}): {run.texts[worst]}", flush=True)
+        if run.phases:
+            print(run.breakdown(), flush=True)
         misses = 0 if row["ok"] else misses + 1
         if misses == 2 and not keep_going:
             break
@@ -517,7 +536,9 @@ def main() -> None:
             from tests.serverproc import start_server
 
             with tempfile.TemporaryDirectory() as tmp:
-                server = start_server(Path(tmp), asr_model=args.model, engine_threads=args.threads, max_streams=256, rate=1000, burst=2000)
+                server = start_server(
+                    Path(tmp), asr_model=args.model, engine_threads=args.threads, max_streams=256, rate=1000, burst=2000, log_level="DEBUG"
+                )  # DEBUG: the channel's timing of each final
                 try:
                     while json.loads(server.get("/ready")[1])["channels"]["transcription"] == "loading":
                         time.sleep(0.2)

@@ -30,7 +30,9 @@ import functools
 import logging
 import time
 import zlib
+from collections import deque
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal, cast
 
 import numpy as np
@@ -59,6 +61,7 @@ MAX_PENDING_SECONDS = 30.0  # audio received but not yet transcribed; beyond it 
 TAIL_SECONDS = 0.3  # at the end of input, pending words starting this long after the last sound were made up, not heard
 PROMPT_CHARS = 200  # final text before the buffer given to Whisper as context
 BLOCK = SAMPLE_RATE // 10  # file audio is read in 100 ms blocks
+ARRIVALS = 1024  # received blocks whose arrival times are kept (to time a final from its audio's arrival)
 SAVE_SECONDS = 1.0  # a live stream saves its state at least this often (in audio), so that the acknowledged input advances in silence
 KEEP_WORDS = 200  # final words a saved state keeps as words (the prompt, prefix and echo check look back less far); earlier ones as text
 
@@ -105,12 +108,24 @@ class _Audio:
         self.ended = False
         self.error: BaseException | None = None
         self.changed = asyncio.Condition()
+        self.received = 0  # samples put so far
+        self.taken = 0  # samples taken so far
+        self.arrivals: deque[tuple[int, float]] = deque(maxlen=ARRIVALS)  # (samples received, when) per block
+
+    def arrival(self, sample: int) -> float | None:
+        """When the `sample`-th sample put had arrived (perf_counter), or None if that is no longer known."""
+        for received, at in self.arrivals:
+            if received >= sample:
+                return at
+        return None
 
     async def put(self, block: np.ndarray) -> None:
         async with self.changed:
             await self.changed.wait_for(lambda: self.samples < MAX_PENDING_SECONDS * SAMPLE_RATE)
             self.blocks.append(block)
             self.samples += len(block)
+            self.received += len(block)
+            self.arrivals.append((self.received, time.perf_counter()))
             self.changed.notify_all()
 
     async def close(self, error: BaseException | None = None) -> None:
@@ -139,8 +154,25 @@ class _Audio:
                     wanted = 0
             out = np.concatenate(taken) if len(taken) != 1 else taken[0]
             self.samples -= len(out)
+            self.taken += len(out)
             self.changed.notify_all()
             return out
+
+
+@dataclass(frozen=True, slots=True)
+class DecodeTiming:
+    """Where one transcription of the buffer spent its time: perf_counter instants, encoder seconds, token counts."""
+
+    why: str  # what started it: a `step`, a `pause`, the `end` of an utterance
+    audio_end: int  # stream sample its audio ended at
+    submitted: float
+    admitted: float  # its engine step began (the end of its wait in the queue)
+    first: float  # the step that encoded the audio and ran the prompt and the draft ended
+    finished: float
+    encoder: float
+    tokens: int
+    draft: int  # draft tokens sent, of which `kept` were kept (each a decode step saved)
+    kept: int
 
 
 class TranscriptionChannel(Channel):
@@ -293,11 +325,14 @@ class _Transcriber:
         self.speaking = False
         self.decoded_at = 0.0  # stream time of the buffer's end at its last transcription
         self.skip = Skip(0)  # chunks made again that the client already has (going on from a saved state)
+        self.last_decode: DecodeTiming | None = None
+        self.audio: _Audio | None = None  # for the arrival times of its samples
 
     async def run(self, audio: _Audio) -> AsyncIterator[Any]:
         """Without voice-activity detection: every `step_ms` of audio the buffer is transcribed again."""
         step = self.params.step_ms * SAMPLE_RATE // 1000
         started = time.perf_counter()
+        self.audio = audio
         if self.language is not None:
             yield {"type": "language", "language": self.language, "detected": False}
         while True:
@@ -306,12 +341,13 @@ class _Transcriber:
             if new is None:
                 break
             self.buffer = np.concatenate([self.buffer, new])
-            chunks, final = await self._advance()
+            self.received += len(new)
+            chunks, final = await self._advance("step")
             for chunk in chunks + self._settle(final):
                 yield chunk
         final = self.agreement.finish(self.offset + speech_end(self.buffer) + TAIL_SECONDS)  # the last hypothesis was made with all the audio
         if final:
-            yield self._final(final)
+            yield self._final(final, "end")
         duration = self.offset + len(self.buffer) / SAMPLE_RATE
         log.info("transcription %s: %.1f s of audio in %d windows, %.1f s", self.stream_id, duration, self.windows, time.perf_counter() - started)
         yield self._transcript(duration)
@@ -327,6 +363,7 @@ class _Transcriber:
         preroll = endpointer.pad + FRAME
         started = time.perf_counter()
         saved_at = self.received
+        self.audio = audio
         if fresh and self.language is not None:
             for chunk in self._out([{"type": "language", "language": self.language, "detected": False}]):
                 yield chunk
@@ -375,9 +412,11 @@ class _Transcriber:
                 self.speaking = False
         if not self.speaking:
             self._cut((self.received - preroll) / SAMPLE_RATE)
-        elif self.received / SAMPLE_RATE - self.decoded_at >= step / SAMPLE_RATE or len(self.buffer) >= WINDOW_SECONDS * SAMPLE_RATE:
+        elif len(self.buffer) >= WINDOW_SECONDS * SAMPLE_RATE or (
+            endpointer.silent_since is None and self.received / SAMPLE_RATE - self.decoded_at >= step / SAMPLE_RATE
+        ):  # no step while the utterance's last frames are silent: the pause's transcription would follow within `pad`
             self.decoded_at = self.received / SAMPLE_RATE
-            advanced, final = await self._advance()
+            advanced, final = await self._advance("step")
             chunks += advanced + self._settle(final)
         return chunks
 
@@ -433,7 +472,7 @@ class _Transcriber:
         split = min(len(self.buffer), max(0, round((at - self.offset) * SAMPLE_RATE)))
         rest = self.buffer[split:]
         self.buffer = self.buffer[:split]
-        chunks, final = await self._advance()
+        chunks, final = await self._advance("pause")
         chunks += self._settle(final)
         self.buffer = np.concatenate([self.buffer, rest])
         return chunks
@@ -446,19 +485,19 @@ class _Transcriber:
         chunks: list[dict[str, Any]] = []
         final: list[Word] = []
         if len(self.buffer) and decoded_at < end - 0.01:
-            chunks, final = await self._advance()
+            chunks, final = await self._advance("end")
         final += self.agreement.finish(end)
         if final:
-            chunks.append(self._final(final))
+            chunks.append(self._final(final, "end"))
         self.buffer, self.offset = rest, end
         if self.params.partials and self.last_partial:
             self.last_partial = ""
             chunks.append(_segment("partial", []))
         return chunks
 
-    async def _advance(self) -> tuple[list[dict[str, Any]], list[Word]]:
-        """Transcribe the buffer: the language chunk if it was just detected, and the words the new hypothesis makes final."""
-        segments, language = await self._transcribe()
+    async def _advance(self, why: str) -> tuple[list[dict[str, Any]], list[Word]]:
+        """Transcribe the buffer (`why`: at a `step`, a `pause`, the `end` of an utterance): the language chunk if it was just detected, and the words the new hypothesis makes final."""
+        segments, language = await self._transcribe(why)
         self.windows += 1
         chunks: list[dict[str, Any]] = []
         if self.language is None:
@@ -475,7 +514,7 @@ class _Transcriber:
         if len(self.buffer) > FORCE_SECONDS * SAMPLE_RATE:
             forced = self.agreement.force()
             if forced:
-                chunks.append(self._final(forced))
+                chunks.append(self._final(forced, "forced"))
             # still too long (silence, or one endless segment): keep the last few seconds only
             self._cut(max(self.agreement.committed_until, self.offset + len(self.buffer) / SAMPLE_RATE - KEEP_SECONDS))
         if self.params.partials:
@@ -494,9 +533,46 @@ class _Transcriber:
             "segments": self.finals,
         }
 
-    def _final(self, words: list[Word]) -> dict[str, Any]:
+    def _final(self, words: list[Word], kind: str = "agreed") -> dict[str, Any]:
+        """A final chunk (`kind`: `agreed` by two hypotheses, the `end` of an utterance, `forced`), its timing logged."""
         self.finals += 1
+        self._log_final(words[-1].end, kind)
         return _segment("final", words)
+
+    def _log_final(self, word_end: float, kind: str) -> None:
+        """Log (DEBUG) where a final spent its time, from the arrival of its last word's audio (stream time `word_end`) to now.
+
+        `after_word`: from the word's arrival to the arrival of the end of the audio that the transcription making it
+        final had (at a `step`, a `pause` or an utterance's `end`); `wait`: from then to that transcription's
+        submission (the stream's loop was busy); then its `queue`, `prefill` (of which `encoder`) and decode
+        `steps`; `hold`: from its end to the final (an utterance's end not yet reached). They add up to `total`.
+        """
+        d, audio = self.last_decode, self.audio
+        if d is None or audio is None or not log.isEnabledFor(logging.DEBUG):
+            return
+        base = self.received - audio.taken  # stream sample of the audio's first sample (going on from a saved state, not 0)
+        heard, decoded = audio.arrival(round(word_end * SAMPLE_RATE) - base), audio.arrival(d.audio_end - base)
+        if heard is None or decoded is None:
+            return
+        now = time.perf_counter()
+        log.debug(
+            "transcription %s: final (%s, decoded at %s) at %.2f s: after_word=%.3f wait=%.3f queue=%.3f prefill=%.3f encoder=%.3f steps=%.3f hold=%.3f total=%.3f tokens=%d draft=%d kept=%d",
+            self.stream_id,
+            kind,
+            d.why,
+            word_end,
+            decoded - heard,
+            d.submitted - decoded,
+            d.admitted - d.submitted,
+            d.first - d.admitted,
+            d.encoder,
+            d.finished - d.first,
+            now - d.finished,
+            now - heard,
+            d.tokens,
+            d.draft,
+            d.kept,
+        )
 
     def _cut(self, at: float) -> None:
         """Drop the buffer's audio before stream time `at`."""
@@ -517,17 +593,17 @@ class _Transcriber:
         start = self.vocab.timestamp(inside[0].start - self.offset)
         return [start, *self.vocab.encode(" " + text_of(inside))], self.agreement.committed_until - self.offset
 
-    async def _transcribe(self, prefixed: bool = True) -> tuple[list[Segment], str | None]:
+    async def _transcribe(self, why: str) -> tuple[list[Segment], str | None]:
         """Timed segments of the buffer after its final words, and the language; a looping hypothesis is retried without the prefix, then dropped."""
-        segments, language = await self._hypothesis(prefixed)
-        if looping(segments) and prefixed:
-            segments, language = await self._hypothesis(False)
+        segments, language = await self._hypothesis(True, why)
+        if looping(segments):
+            segments, language = await self._hypothesis(False, why)
         if looping(segments):
             log.info("transcription %s: a hypothesis that loops was dropped", self.stream_id)
             return [], language
         return segments, language
 
-    async def _hypothesis(self, prefixed: bool) -> tuple[list[Segment], str | None]:
+    async def _hypothesis(self, prefixed: bool, why: str) -> tuple[list[Segment], str | None]:
         """Timed segments of the buffer after its final words (unfinished text at the end runs to the buffer's end), and the language."""
         prefix, resume = self._prefix() if prefixed else ([], 0.0)
         pending = self.agreement.pending if prefixed else []
@@ -538,7 +614,8 @@ class _Transcriber:
         prompt = self.vocab.prompt(request)
         tokens: list[int] = []
         try:
-            stream = self.engine.submit(self.runner.name, len(prompt), self.runner.max_new_tokens(len(prompt)), request)
+            # an utterance's transcription at its pause or end (its final) goes ahead of any stream's step (a draft)
+            stream = self.engine.submit(self.runner.name, len(prompt), self.runner.max_new_tokens(len(prompt)), request, priority=0 if why == "step" else 1)
         except EngineError as exc:
             raise ChannelError(ErrorCode.INVALID_PARAMS if exc.code == "invalid" else ErrorCode.UNAVAILABLE, exc.message) from None
         async with stream:
@@ -548,6 +625,19 @@ class _Transcriber:
                     raise ChannelError(ErrorCode.INTERNAL, "transcription failed; see the server log")
                 if update.finish == "cancelled":
                     raise ChannelError(ErrorCode.UNAVAILABLE, "the model engine stopped")
+        finished = stream.finished or time.perf_counter()
+        self.last_decode = DecodeTiming(
+            why,
+            round(self.offset * SAMPLE_RATE) + len(request.audio),
+            stream.submitted,
+            stream.admitted or stream.submitted,
+            stream.first_token or finished,
+            finished,
+            request.encoder_seconds,
+            len(tokens),
+            len(draft),
+            request.draft_kept,
+        )
         del tokens[len(tokens) - repeated_tail(tokens) :]  # the runner stopped a loop after its second round
         window = len(self.buffer) / SAMPLE_RATE
         segments, tail = self.vocab.segments([self.vocab.timestamp(resume), *tokens] if prefix else tokens, window)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 if TYPE_CHECKING:
     import numpy as np
@@ -20,6 +20,7 @@ WINDOW_SECONDS = 30
 TIME_PRECISION = 0.02  # seconds per timestamp token
 LOOP_MIN_TOKENS = 6  # a span of at least this many tokens said twice in a row is Whisper looping
 LOOP_MAX_TOKENS = 64
+FIRST_MERGE = "Ġ t"  # rank 0 of the byte-level BPE merges that Whisper shares with GPT-2
 
 
 def repeated_tail(tokens: list[int]) -> int:
@@ -43,7 +44,8 @@ class TranscriptionRequest:
     decoding continues after them, they are not returned. `draft`: tokens the transcript likely continues with
     after the prefix (the previous window's words not final yet); the runner checks them all in the prompt's
     pass and keeps those greedy decoding would pick, so the result is the same as without them, in fewer steps.
-    The runner sets `detected_language` during the prefill when `language` is None.
+    The runner sets `detected_language` during the prefill when `language` is None, and, for the caller's
+    timing, `encoder_seconds` (its encoder call) and `draft_kept` (draft tokens kept, each a decode step saved).
     """
 
     audio: np.ndarray
@@ -54,6 +56,8 @@ class TranscriptionRequest:
     prefix: list[int] = field(default_factory=list)
     draft: list[int] = field(default_factory=list)
     detected_language: str | None = None
+    encoder_seconds: float = 0.0
+    draft_kept: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,6 +69,24 @@ class Segment:
     text: str
 
 
+def with_first_merge(spec: dict[str, Any]) -> dict[str, Any]:
+    """A `tokenizer.json` with its BPE merges starting with `Ġ t`, put back where a conversion dropped it.
+
+    The bundled whisper-base's file has 49 999 merges: the first line of Whisper's merges.txt (`Ġ t`) went
+    missing, so " the", " to", " team" encoded as a space and pieces (" team": 220 975 335, not 1469). Whisper
+    never says those, so a forced prefix or a draft in them threw the decoder off its own tokens.
+    """
+    model = spec.get("model", {})
+    merges = model.get("merges")
+    if model.get("type") != "BPE" or not merges or "Ġt" not in model.get("vocab", {}):
+        return spec
+    first = merges[0] if isinstance(merges[0], str) else " ".join(merges[0])
+    if first == FIRST_MERGE or any((m if isinstance(m, str) else " ".join(m)) == FIRST_MERGE for m in merges):
+        return spec
+    merged = FIRST_MERGE if isinstance(merges[0], str) else FIRST_MERGE.split(" ")
+    return {**spec, "model": {**model, "merges": [merged, *merges]}}
+
+
 class WhisperVocab:
     """Special token ids and text decoding from a Whisper `tokenizer.json` (with the `tokenizers` library)."""
 
@@ -72,8 +94,9 @@ class WhisperVocab:
         from tokenizers import Tokenizer
 
         self.multilingual = multilingual
-        self.tokenizer = Tokenizer.from_file(str(tokenizer_json))
-        added = {t["content"]: t["id"] for t in json.loads(tokenizer_json.read_text())["added_tokens"]}
+        spec = json.loads(tokenizer_json.read_text())
+        self.tokenizer = Tokenizer.from_str(json.dumps(with_first_merge(spec)))
+        added = {t["content"]: t["id"] for t in spec["added_tokens"]}
         self.eot = added["<|endoftext|>"]
         self.sot = added["<|startoftranscript|>"]
         self.sot_prev = added["<|startofprev|>"]

@@ -73,6 +73,7 @@ class Stream:
         self.prompt_tokens = prompt_tokens
         self.completion_tokens = 0
         self.submitted = time.perf_counter()
+        self.admitted: float | None = None  # when its first step began (the end of its wait in the queue)
         self.first_token: float | None = None
         self._last_token = 0.0
         self.finished: float | None = None
@@ -250,12 +251,12 @@ class Engine:
             raise EngineError("unavailable", f"{name} is {state}" + (f": {reason}" if reason else ""))
         return self.runners[name]
 
-    def submit(self, runner: str, prompt_len: int, max_new: int, payload: Any) -> Stream:
-        """Queue a sequence on a ready runner and return its output slot."""
+    def submit(self, runner: str, prompt_len: int, max_new: int, payload: Any, priority: int = 0) -> Stream:
+        """Queue a sequence on a ready runner and return its output slot; a higher `priority` is admitted first, in a step of its own."""
         scheduler = self.schedulers.get(runner)
         if scheduler is None:
             raise EngineError("unavailable", f"{runner} is not ready")
-        seq = Seq(next(self._ids), prompt_len, max_new, payload)
+        seq = Seq(next(self._ids), prompt_len, max_new, payload, priority)
         try:
             scheduler.add(seq)
         except AdmissionError as exc:
@@ -338,6 +339,7 @@ class Engine:
             started = time.perf_counter()
             for seq_id in plan.admit:
                 if (stream := self._streams.get(seq_id)) is not None:
+                    stream.admitted = started
                     self.stats[name].queue_wait.observe(started - stream.submitted)
             try:
                 outputs = await loop.run_in_executor(self._executor, runner.execute, plan)

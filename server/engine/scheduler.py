@@ -4,7 +4,9 @@ Each step decodes one token for every running sequence that has finished its pro
 of the step's token budget with prompt chunks (prefill), oldest first. Prompt chunks have a fixed size
 (`prefill_chunk`, the last one shorter), so a prompt is split the same way whatever else runs beside it.
 A waiting sequence is admitted when a batch slot is free and the runner's KV memory can hold it as
-reserved (prompt plus its token limit); until then it keeps its place in a FIFO queue.
+reserved (prompt plus its token limit); until then it keeps its place in a FIFO queue. A sequence of higher
+`priority` (a live transcript's final, ahead of its drafts) is queued ahead of lower ones, and a step that
+admits it admits no lower one: its prefill never shares a step with theirs.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ class Seq:
     prompt_len: int
     max_new: int
     payload: Any = None
+    priority: int = 0
     phase: Phase = Phase.WAITING
     prefilled: int = 0
     generated: int = 0
@@ -130,7 +133,8 @@ class Scheduler:
             )
         if len(self.waiting) >= self.max_waiting:
             raise AdmissionError(f"{len(self.waiting)} requests are already queued", retryable=True)
-        self.waiting.append(seq)
+        behind = next((i for i, s in enumerate(self.waiting) if s.priority < seq.priority), len(self.waiting))
+        self.waiting.insert(behind, seq)
 
     def cancel(self, seq_id: int) -> bool:
         """Drop a sequence now; a running one's memory is freed at the start of the next step."""
@@ -168,7 +172,8 @@ class Scheduler:
                 if not self._take_chunk(plan, seq, budget):
                     return plan
                 budget -= plan.prefill[-1].length
-        while self.waiting and len(self.running) < self.max_batch:
+        top = self.waiting[0].priority if self.waiting else 0
+        while self.waiting and len(self.running) < self.max_batch and self.waiting[0].priority == top:
             seq = self.waiting[0]
             if self.kv_cost([s.reserve for s in self.running.values()] + [seq.reserve]) > self.kv_budget:
                 break

@@ -19,6 +19,7 @@ start at the audio's end, and a span of tokens said twice in a row (`asr.repeate
 from __future__ import annotations
 
 import math
+import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -257,7 +258,10 @@ class WhisperRunner(Runner):
         for seq_id, request in ready:
             samples = padded_samples(len(request.audio))
             audio = np.pad(request.audio[:samples], (0, max(0, samples - len(request.audio)))).astype(np.float32)
-            outputs += self._start_row(seq_id, request, self.encode([audio])[0], len(request.audio))
+            started = time.perf_counter()
+            enc = self.encode([audio])[0]
+            request.encoder_seconds = time.perf_counter() - started
+            outputs += self._start_row(seq_id, request, enc, len(request.audio))
         return outputs
 
     def _cross_kv(self, enc: torch.Tensor) -> torch.Tensor:
@@ -306,6 +310,7 @@ class WhisperRunner(Runner):
             if out.done is not None or i == len(draft) or out.token != draft[i]:
                 return outputs
             block.lengths[row] += 1
+            self._rows[row].request.draft_kept += 1
         return outputs
 
     def _decode(self) -> list[Output]:

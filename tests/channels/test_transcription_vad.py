@@ -3,16 +3,21 @@
 from __future__ import annotations
 
 import asyncio
+import logging
+import re
 from typing import Any
 
 import numpy as np
+import pytest
 
+from streamplex.channels import transcription
 from streamplex.channels.transcription import TranscriptionChannel
 from streamplex.server.broker import MemoryBroker
 from streamplex.server.channel import END_OF_INPUT, Services, StreamContext
 from streamplex.server.config import Settings
 from streamplex.server.engine import Engine
 from streamplex.server.engine.asr import SAMPLE_RATE
+from streamplex.server.engine.engine import Stream
 from streamplex.server.hub import Hub
 from streamplex.server.logbuffer import RingLogHandler
 from tests.asrmodel import ENGLISH, bundled_whisper, engine_with, speech, wer
@@ -121,3 +126,33 @@ async def test_audio_faster_than_it_is_transcribed_keeps_its_words() -> None:
         transcript = await live.end()
         assert wer(" ".join(ENGLISH), transcript["text"]) <= 0.15, live.chunks
         assert transcript["segments"] >= len(ENGLISH), live.chunks
+
+
+async def test_the_utterances_final_goes_first_and_its_log_adds_up(monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """Steps of an utterance are drafts (priority 0), none on its trailing silence; its transcription at the pause makes the final with priority 1; each final's timing is logged, its phases adding up."""
+    async with engine_with(bundled_whisper()) as engine:
+        submitted: list[tuple[int, int]] = []  # (priority, samples of audio)
+        submit = engine.submit
+
+        def watched(runner: str, prompt_len: int, max_new: int, payload: Any, priority: int = 0) -> Stream:
+            submitted.append((priority, len(payload.audio)))
+            return submit(runner, prompt_len, max_new, payload, priority)
+
+        monkeypatch.setattr(engine, "submit", watched)
+        live = Live(engine)
+        sentence = speech(ENGLISH[3])
+        with caplog.at_level(logging.DEBUG, logger=transcription.log.name):
+            live.push(np.concatenate([silence(0.3), sentence, silence(0.8)]))
+            text = await live.final_text(ENGLISH[3])
+        assert wer(ENGLISH[3], text) <= 0.2
+        assert [p for p, _ in submitted] == [0] * (len(submitted) - 1) + [1], submitted
+        assert all(n <= (0.3 + 0.1) * SAMPLE_RATE + len(sentence) for p, n in submitted if p == 0), "a step decoded the trailing silence"
+        logged = [r.getMessage() for r in caplog.records if ": final (" in r.getMessage()]
+        assert logged and "final (end, decoded at pause)" in logged[-1], logged
+        for line in logged:
+            phases = {k: float(v) for k, v in re.findall(r"(\w+)=([-\d.]+)", line)}
+            assert min(phases[k] for k in ("after_word", "wait", "queue", "prefill", "encoder", "steps", "hold")) >= 0, line
+            assert phases["encoder"] <= phases["prefill"] and phases["kept"] <= phases["draft"], line
+            assert abs(sum(phases[k] for k in ("after_word", "wait", "queue", "prefill", "steps", "hold")) - phases["total"]) < 0.01, line
+        transcript = await live.end()
+        assert transcript["text"] == text, live.chunks

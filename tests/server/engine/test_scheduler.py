@@ -101,6 +101,22 @@ def test_cancel_waiting_and_running() -> None:
     assert not s.cancel(1)
 
 
+def test_priority_is_admitted_first_in_a_step_of_its_own() -> None:
+    """A final (priority 1) queued behind two drafts is admitted before them, alone; they follow in the next step, in their order."""
+    s = make(max_batch=8)
+    s.add(Seq(1, prompt_len=3, max_new=10))
+    s.add(Seq(2, prompt_len=3, max_new=10))
+    s.add(Seq(3, prompt_len=3, max_new=10, priority=1))
+    s.add(Seq(4, prompt_len=3, max_new=10, priority=1))
+    assert s.positions() == {3: 1, 4: 2, 1: 3, 2: 4}
+    first = step(s)
+    assert list(first.admit) == [3, 4] and [c.seq_id for c in first.prefill] == [3, 4]
+    second = step(s)
+    assert second.decode == [3, 4] and list(second.admit) == [1, 2]
+    s.add(Seq(5, prompt_len=3, max_new=10))
+    assert list(step(s).admit) == [5]  # equal priorities share a step as before
+
+
 def test_limits_are_checked() -> None:
     with pytest.raises(ValueError):
         make(max_batch=20, step_tokens=24, prefill_chunk=8)

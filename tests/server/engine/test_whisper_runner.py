@@ -81,7 +81,7 @@ async def test_a_draft_changes_the_steps_not_the_tokens() -> None:
     vocab = runner.vocab
     assert vocab is not None
     audio = np.concatenate([speech(ENGLISH[2]), speech(ENGLISH[3])])
-    steps = 0
+    steps = kept = 0
     decode = runner._decode
 
     def counted() -> list:
@@ -94,19 +94,20 @@ async def test_a_draft_changes_the_steps_not_the_tokens() -> None:
         async with engine_with(runner) as engine:
 
             async def run(language: str | None = "en", prefix: list[int] | None = None, draft: list[int] | None = None) -> tuple[list[int], int]:
-                nonlocal steps
+                nonlocal steps, kept
                 steps = 0
                 request = TranscriptionRequest(audio, language, prefix=prefix or [], draft=draft or [])
                 tokens, finish = await transcribe(engine, runner, request)
-                assert finish == "stop"
+                assert finish == "stop" and request.encoder_seconds > 0
+                kept = request.draft_kept
                 return tokens, steps
 
             plain, plain_steps = await run()
             assert len(plain) > 12 and wer(ENGLISH[2] + " " + ENGLISH[3], vocab.decode(plain)) <= 0.15
             guessed, guessed_steps = await run(draft=plain[:10])
-            assert guessed == plain and guessed_steps == plain_steps - 10
+            assert guessed == plain and guessed_steps == plain_steps - 10 and kept == 10
             wrong = [*plain[:4], *vocab.encode(" purple elephants dance")]
-            assert await run(draft=wrong) == (plain, plain_steps - 4)
+            assert await run(draft=wrong) == (plain, plain_steps - 4) and kept == 4
             assert (await run(draft=[*plain, *plain]))[0] == plain  # a draft past the end of the transcript
             assert (await run(language=None, draft=plain[:6]))[0] == plain
             prefixed, prefixed_steps = await run(prefix=plain[:5])
@@ -114,6 +115,31 @@ async def test_a_draft_changes_the_steps_not_the_tokens() -> None:
     finally:
         del runner._decode
     assert runner.stats()["rows"] == 0
+
+
+async def test_words_encode_as_whisper_says_them_so_a_final_with_the_agreed_prefix_is_the_full_decode() -> None:
+    """The channel forces the final words as re-encoded text (`prefix`) and sends the rest as a draft: both must be Whisper's own tokens.
+
+    Re-encoding the transcript's text gives back its tokens (the bundled tokenizer.json lacked the first merge,
+    `Ġ t`: " team" was 220 975 335). Decoding after the agreed words as a prefix gives, in words, the full decode;
+    with the rest as a draft, every draft token is kept, so the final costs the steps of the rest's end only.
+    """
+    runner = bundled_whisper()
+    vocab = runner.vocab
+    assert vocab is not None
+    assert vocab.encode(" Our team will meet in the library") == [2621, 1469, 486, 1677, 294, 264, 6405]
+    audio = speech(ENGLISH[3])
+    async with engine_with(runner) as engine:
+        full, _ = await transcribe(engine, runner, TranscriptionRequest(audio, "en"))
+        text = [t for t in full if t < vocab.eot]
+        assert vocab.encode(vocab.decode(text)) == text and wer(ENGLISH[3], vocab.decode(text)) <= 0.1
+        words = vocab.decode(text).split()
+        agreed, rest = words[:5], words[5:]
+        prefix = [full[0], *vocab.encode(" " + " ".join(agreed))]
+        request = TranscriptionRequest(audio, "en", prefix=prefix, draft=vocab.encode(" " + " ".join(rest)))
+        tokens, finish = await transcribe(engine, runner, request)
+        assert finish == "stop" and request.draft_kept == len(request.draft)
+        assert vocab.decode([*prefix, *tokens]).split() == words
 
 
 @pytest.fixture(autouse=True)
