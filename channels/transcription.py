@@ -18,8 +18,9 @@ of `min_silence_ms` ends the utterance, whose remaining words are made final at 
 
 With voice-activity detection, audio is taken one 32 ms frame at a time, so that what is decoded when depends on the
 audio only, never on how fast it arrives: a live stream goes on on another node (docs/protocol.md#resume-across-nodes)
-from its last saved state (saved at least every second of audio and after every chunk), the client sending its audio
-again from the start of the buffer that state holds; the server acknowledges (`ack`) the audio before that point.
+(or a file's) from its last saved state (saved at least every second of audio and after every chunk), the client
+sending its audio again from the start of the buffer that state holds (the file is read again); the server
+acknowledges (`ack`) the pushed audio before that point.
 """
 
 from __future__ import annotations
@@ -201,9 +202,10 @@ class TranscriptionChannel(Channel):
         return params.source is None and params.audio_url is None
 
     def restarts(self, params: TranscriptionParams) -> bool:
-        # Live audio with voice-activity detection: decoded by frames, the same whatever the pace. A file could restart
-        # too, but only the live stream's audio is acknowledged and sent again; without VAD, decode points follow timing.
-        return self.acks_input(params) and (self.settings.asr_vad if params.vad is None else params.vad)
+        # With voice-activity detection the audio is decoded by frames, the same whatever its pace: live audio (sent
+        # again by the client) and a file (read again here) go on; a URL may answer other bytes, and without VAD the
+        # decode points follow the audio's arrival.
+        return params.audio_url is None and (self.settings.asr_vad if params.vad is None else params.vad)
 
     def _runner(self, params: TranscriptionParams) -> WhisperRunner:
         if self.engine is None:
@@ -243,14 +245,15 @@ class TranscriptionChannel(Channel):
         runner = self._runner(params)
         endpointer = self._endpointer(params)
         audio = _Audio()
+        going_on = ctx.start > 0 or ctx.saved is not None
+        if going_on and (endpointer is None or not self.restarts(params)):
+            raise CannotGoOn("only live audio or a file, with voice-activity detection, goes on on another node")
         if params.source is None and params.audio_url is None:
             feeder = self._feed_pushed(ctx, audio)
         else:
-            feeder = self._feed_file(media_ref(self.settings, params.source, params.audio_url, "audio_url"), params.realtime, audio)
-        going_on = ctx.start > 0 or ctx.saved is not None
-        if going_on and (endpointer is None or not self.restarts(params)):
-            feeder.close()
-            raise CannotGoOn("only live audio with voice-activity detection goes on on another node")
+            # going on elsewhere, the file is read from the start of the saved state's buffer
+            start = _buffer_start(ctx.saved) if ctx.saved is not None else 0
+            feeder = self._feed_file(media_ref(self.settings, params.source, params.audio_url, "audio_url"), params.realtime, audio, start)
         task = asyncio.create_task(feeder, name=f"transcription-feed-{ctx.stream_id}")
         try:
             transcriber = _Transcriber(self.engine, runner, params, ctx.stream_id)
@@ -285,7 +288,8 @@ class TranscriptionChannel(Channel):
         else:
             await audio.close()
 
-    async def _feed_file(self, ref: MediaRef, realtime: bool, audio: _Audio) -> None:
+    async def _feed_file(self, ref: MediaRef, realtime: bool, audio: _Audio, start: int = 0) -> None:
+        """Decode the file into `audio` from sample `start` on (decoding what comes before it without keeping it)."""
         from streamplex.channels.media_decode import AudioDecoder, MediaLimits
 
         clock, sent = Clock(), 0
@@ -295,10 +299,13 @@ class TranscriptionChannel(Channel):
                 AudioDecoder(path, ref.label, sample_rate=SAMPLE_RATE, channels=1, limits=MediaLimits.of(self.settings)) as decoder,
             ):
                 async for block in decoder.blocks(BLOCK):
-                    if realtime:
-                        await clock.at(sent / SAMPLE_RATE)
-                    await audio.put(block[0])
+                    samples = block[0][max(0, start - sent) :]
                     sent += block.shape[1]
+                    if not len(samples):
+                        continue
+                    if realtime:
+                        await clock.at((sent - len(samples) - start) / SAMPLE_RATE)
+                    await audio.put(samples)
         except Exception as exc:  # handed to the transcriber, which raises it in the stream
             await audio.close(exc)
         else:
@@ -644,6 +651,14 @@ class _Transcriber:
         if tail is not None:
             segments.append(tail)
         return without_repeats(segments), request.detected_language
+
+
+def _buffer_start(state: Any) -> int:
+    """The sample a saved state's buffer starts at (0 for a state that is not one: `restore` refuses it)."""
+    try:
+        return max(0, int(state["received"]) - int(state["buffered"]))
+    except (KeyError, TypeError, ValueError):
+        return 0
 
 
 def speech_end(audio: np.ndarray) -> float:

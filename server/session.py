@@ -270,9 +270,9 @@ class Session:
         self._fit_replay()
         if channel.lossy:
             stream.lane = Lane(self.settings.lossy_depth, stream.render, functools.partial(self._dropped, channel.name))
-        if params is not None and channel.accepts_push:
-            stream.acks = channel.acks_input(params)
-            stream.durable = stream.acks and channel.saves_state and self.journal is not None and channel.restarts(params)
+        if params is not None:
+            stream.acks = channel.accepts_push and channel.acks_input(params)
+            stream.durable = channel.saves_state and self.journal is not None and channel.restarts(params)
         return stream
 
     def _start(self, stream: Stream) -> None:

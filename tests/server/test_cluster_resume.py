@@ -571,6 +571,42 @@ async def test_a_live_transcription_taken_over_needs_the_clients_input_from_its_
 
 
 @pytest.mark.models
+async def test_a_file_transcription_handed_over_goes_on_as_an_uninterrupted_run(asr_nodes: list[ServerProc]) -> None:
+    """A file read at real pace, its session handed over after the first final: the other node reads the file again from
+    the saved state's buffer and every chunk equals a run read at full speed on one node."""
+    a, b = asr_nodes
+    params = {"source": "speech.wav", "language": "en"}
+    ws = await connect(b)
+    await send(ws, op="subscribe", id="f", channel="transcription", params=params)
+    expected, end = await collect(ws, "f", timeout=60)
+    await ws.close()
+    assert end["reason"] == "complete" and sum(c["data"]["type"] == "final" for c in expected) >= 2, expected
+
+    ws = await connect(a)
+    token = ws.ready["resume"]["token"]  # type: ignore[attr-defined]
+    await send(ws, op="subscribe", id="f", channel="transcription", params={**params, "realtime": True})
+    got: dict[int, Any] = {}
+    while not any(d["type"] == "final" for d in got.values()):
+        frame = await recv(ws, 30)
+        if frame["op"] == "chunk":
+            got[frame["seq"]] = frame["data"]
+    went_on = b.log().count("(transcription) goes on at chunk")
+    other = await connect(b)
+    await send(other, op="resume", token=token, streams={"f": max(got)})
+    resumed = await recv(other)
+    assert resumed["op"] == "resumed" and resumed["streams"]["f"]["resumed"] and "input" not in resumed["streams"]["f"], resumed
+    rest, end = await collect(other, "f", timeout=60)
+    await other.close()
+    for frame in rest:
+        assert frame["seq"] not in got, "a chunk came twice"
+        got[frame["seq"]] = frame["data"]
+    assert end["reason"] == "complete" and got[max(got)]["type"] == "transcript"
+    assert [got[i] for i in sorted(got)] == [c["data"] for c in expected]
+    assert sorted(got) == list(range(len(expected)))
+    assert b.log().count("(transcription) goes on at chunk") == went_on + 1
+
+
+@pytest.mark.models
 async def test_a_live_transcription_goes_on_on_another_node_through_nginx_as_an_uninterrupted_run_sdk_and_streamplex_js(
     asr_nodes: list[ServerProc], tmp_path: Path
 ) -> None:
