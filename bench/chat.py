@@ -339,7 +339,10 @@ async def over_openai(base: str, texts: list[str], max_new: int, arrival: float,
                     tokens = data["usage"]["completion_tokens"]
         return first, gaps, "".join(parts), tokens or chunks
 
-    async with httpx.AsyncClient(timeout=httpx.Timeout(600.0), limits=httpx.Limits(max_connections=len(texts) + 1)) as client:
+    # No keep-alive: a stream reusing the warm-up's idle connection could meet llama-server closing it
+    # ("Server disconnected without sending a response", seen at 4 and 64 streams).
+    limits = httpx.Limits(max_connections=len(texts) + 1, max_keepalive_connections=0)
+    async with httpx.AsyncClient(timeout=httpx.Timeout(600.0), limits=limits) as client:
         await one(client, texts[0], 0)  # warm-up, as for the server
         started = time.perf_counter()
         runs = await asyncio.gather(*(one(client, t, i * arrival) for i, t in enumerate(texts)))

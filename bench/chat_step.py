@@ -120,7 +120,7 @@ def weight_bytes(runner: CausalLMRunner) -> int:
     fp16 = [m for m in model.modules() if isinstance(m, Float16Linear)]
     skip = {id(m.weight) for m in fp16} | ({id(embedding)} if output is not embedding else set())
     tensors = {id(t): t for t in [*model.parameters(), *model.buffers()] if id(t) not in skip}
-    packed = [m.weight() for m in model.modules() if hasattr(m, "_packed_params")]
+    packed = [m.weight() for m in model.modules() if isinstance(m, torch.ao.nn.quantized.dynamic.Linear)]
     return sum(t.numel() * t.element_size() for t in [*tensors.values(), *packed]) + sum(2 * m.weight.numel() for m in fp16)
 
 
