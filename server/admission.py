@@ -15,6 +15,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from pathlib import Path
+from typing import NoReturn
 
 import psutil
 
@@ -186,17 +187,19 @@ class Admission:
                 continue
             await asyncio.sleep(min(0.1, (cost - self.tokens) / rate))  # at most 0.1 s, so a change of lag takes effect
 
-    def check(self, stream_id: str, late: float | None = None) -> None:
-        """Refuse the subscription `stream_id` with ProtocolError(overloaded) if its turn did not come (`late`), the loop lags or memory runs high."""
-        if late is not None:
-            self._refuse(stream_id, f"{late:.1f} s of subscriptions are queued (subscribe_rate {self.settings.subscribe_rate:g}/s)", late)
+    def refuse_late(self, stream_id: str, late: float) -> NoReturn:
+        """Refuse the subscription `stream_id` with ProtocolError(overloaded): its turn would come in `late` seconds, past `subscribe_max_wait`."""
+        self._refuse(stream_id, f"{late:.1f} s of subscriptions are queued (subscribe_rate {self.settings.subscribe_rate:g}/s)", late)
+
+    def check(self, stream_id: str) -> None:
+        """Refuse the subscription `stream_id` with ProtocolError(overloaded) if the loop lags or memory runs high."""
         lag, rss = self.monitor.lag, self.monitor.rss
         if self.settings.overload_lag and lag > self.settings.overload_lag:
             self._refuse(stream_id, f"the event loop runs {lag * 1000:.0f} ms late on average (overload_lag {self.settings.overload_lag * 1000:.0f} ms)")
         if rss > self.memory_threshold:
             self._refuse(stream_id, f"the server holds {rss >> 20} MiB (overload_memory {self.memory_threshold >> 20} MiB)")
 
-    def _refuse(self, stream_id: str, why: str, at_least: float = 0.0) -> None:
+    def _refuse(self, stream_id: str, why: str, at_least: float = 0.0) -> NoReturn:
         self.refused += 1
         if self.refused == 1 or self.refused % 1000 == 0:
             log.warning("refusing new subscriptions: %s (%d refused so far)", why, self.refused)

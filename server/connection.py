@@ -444,7 +444,7 @@ class Connection:
             admission.check(stream_id)
         turn = admission.take(size)
         if isinstance(turn, float):
-            admission.check(stream_id, turn)
+            admission.refuse_late(stream_id, turn)
         if turn is None and isinstance(op, Subscribe):
             admission.check(stream_id)
             session.subscribe(op, size)
@@ -464,9 +464,10 @@ class Connection:
             self.runtime.admission.check(stream_id)  # the load now, before a large one's params are decoded and parsed
             params = None
             if isinstance(op, str):
-                op = await loop.run_in_executor(self.runtime.parser, decode_text, op)
-                if not isinstance(op, Subscribe) or op.id != stream_id:  # keys repeated after `params`
+                decoded = await loop.run_in_executor(self.runtime.parser, decode_text, op)
+                if not isinstance(decoded, Subscribe) or decoded.id != stream_id:  # keys repeated after `params`
                     raise ProtocolError(ErrorCode.BAD_REQUEST, "a subscribe's op and id must not be repeated", id=stream_id)
+                op = decoded
                 waiting.release()  # the checks count its size again
                 channel = session.check(op, size, self._waiting.keys() - {stream_id})
                 params = await loop.run_in_executor(self.runtime.parser, parse, channel, op)

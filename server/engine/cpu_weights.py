@@ -32,6 +32,8 @@ class Float16Linear(nn.Module):
     """A linear layer with float16-rounded weights and float32 activations: fbgemm's float16 kernel for few rows, MKL above."""
 
     FBGEMM_ROWS = 16  # measured (bench/chat_step.py): fbgemm's kernel wins up to 16 rows, MKL's float32 at 64
+    weight: torch.Tensor
+    bias: torch.Tensor | None
 
     def __init__(self, linear: nn.Linear) -> None:
         super().__init__()
