@@ -193,6 +193,11 @@ class Settings(BaseSettings):
         gt=0,
         description="`health_port`'s `/health` answers 503 once the event loop has not run its 50 ms lag probe for this many seconds (the loop is stuck, not just busy).",
     )
+    gc_full_every: int = Field(
+        100,
+        ge=1,
+        description="Collections of Python's middle generation between two full garbage collections (Python's own default: 10). A full collection walks every object of every connection with the GIL held (0.35-0.5 s at 5000 busy connections, 0.6-0.9 s at 10,000), stalling the event loop and `health_port` alike; Python also waits until a quarter more objects have reached the old generation since the last one. Higher: fewer such pauses while connections and streams are being added, and cyclic garbage kept longer.",
+    )
     reuse_port: bool = Field(
         False,
         description="Bind the port with `SO_REUSEPORT`, so that several processes (of the same user) share it. `workers` sets it for its processes; set it yourself only to run several servers on one port by hand.",

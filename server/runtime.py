@@ -40,6 +40,16 @@ if TYPE_CHECKING:
 log = logging.getLogger("streamplex")
 
 
+def settle_collector(settings: Settings) -> None:
+    """Keep what start-up made out of the collector's full passes, and make those passes `gc_full_every` times rarer."""
+    # What start-up made (modules, schemas, channels) lives as long as the process: frozen, the full passes
+    # (which hold the GIL over every tracked object) no longer walk it every time.
+    gc.collect()
+    gc.freeze()
+    young, middle, _ = gc.get_threshold()
+    gc.set_threshold(young, middle, settings.gc_full_every)
+
+
 class Runtime:
     """Everything one server process shares across connections."""
 
@@ -172,10 +182,7 @@ class Runtime:
                 self.generated_key,
                 extra={"secret": True},
             )
-        # What start-up made (modules, schemas, channels) lives as long as the process: kept out of the
-        # cyclic collector's full passes, which would otherwise walk it all every time (pauses of 100+ ms).
-        gc.collect()
-        gc.freeze()
+        settle_collector(self.settings)
         self.started = True
         log.info("streamplex ready on node %s with channels: %s", self.settings.node, ", ".join(self.channels))
 
