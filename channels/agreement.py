@@ -98,14 +98,26 @@ class LocalAgreement:
         self.cut_points = [offset + s.end for s in segments]
         return final
 
-    def finish(self, speech_end: float) -> list[Word]:
+    def finish(self, speech_end: float, opened: float | None = None) -> list[Word]:
         """At the end of input: the pending words become final, less those starting past `speech_end` (stream time, where the audio's last sound ends).
 
         The last hypothesis is seen once, with no later one to disagree with it, and Whisper often makes up a
-        sentence in the silence after the last word.
+        sentence in the silence after the last word. At the end of an utterance that began at stream time
+        `opened`, it also often starts the utterance over ("... before noon on Friday. Please send"): pending
+        words at the end that repeat the utterance's first two or more words are dropped too.
         """
         self.pending = [w for w in self.pending if w.start < speech_end]
+        if opened is not None:
+            self.pending = self._without_restart([w for w in self.committed if (w.start + w.end) / 2 >= opened])
         return self.force()
+
+    def _without_restart(self, said: list[Word]) -> list[Word]:
+        """The pending words less a tail that repeats, from its first word, the utterance whose final words so far are `said`."""
+        keys = [w.key for w in said + self.pending]
+        for n in range(min(len(self.pending), len(keys) // 2), 1, -1):
+            if keys[-n:] == keys[:n]:
+                return self.pending[:-n]
+        return self.pending
 
     def force(self) -> list[Word]:
         """Make every pending word final (the buffer is full and must be cut)."""

@@ -331,6 +331,7 @@ class _Transcriber:
         self.received = 0  # samples of the stream so far: the buffer ends there
         self.speaking = False
         self.decoded_at = 0.0  # stream time of the buffer's end at its last transcription
+        self.opened = 0.0  # stream time where the current (or last) utterance began
         self.skip = Skip(0)  # chunks made again that the client already has (going on from a saved state)
         self.last_decode: DecodeTiming | None = None
         self.audio: _Audio | None = None  # for the arrival times of its samples
@@ -409,7 +410,7 @@ class _Transcriber:
         for boundary in endpointer.feed(new):
             if boundary.kind == "start":
                 self._cut(boundary.at / SAMPLE_RATE)
-                self.speaking, self.decoded_at = True, self.offset
+                self.speaking, self.decoded_at, self.opened = True, self.offset, self.offset
             elif boundary.kind == "pause" and self.decoded_at < boundary.at / SAMPLE_RATE:
                 # transcribe the utterance up to the pause now: if the pause ends it, its final needs no decoding then
                 chunks += await self._transcribe_until(boundary.at / SAMPLE_RATE)
@@ -441,6 +442,7 @@ class _Transcriber:
             "offset": self.offset,
             "speaking": self.speaking,
             "decoded_at": self.decoded_at,
+            "opened": self.opened,
             "language": self.language,
             "finals": self.finals,
             "windows": self.windows,
@@ -460,6 +462,7 @@ class _Transcriber:
             raise ValueError("its buffer is not within the stream")
         self.received, self.offset = received, float(state["offset"])
         self.speaking, self.decoded_at = bool(state["speaking"]), float(state["decoded_at"])
+        self.opened = float(state.get("opened", self.offset))  # a state saved before `opened` was kept
         language = state["language"]
         self.language = language if isinstance(language, str) or language is None else str(language)
         self.finals, self.windows = int(state["finals"]), int(state["windows"])
@@ -493,7 +496,7 @@ class _Transcriber:
         final: list[Word] = []
         if len(self.buffer) and decoded_at < end - 0.01:
             chunks, final = await self._advance("end")
-        final += self.agreement.finish(end)
+        final += self.agreement.finish(end, self.opened)
         if final:
             chunks.append(self._final(final, "end"))
         self.buffer, self.offset = rest, end

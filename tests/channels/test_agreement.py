@@ -73,3 +73,32 @@ def test_a_looping_hypothesis_is_recognised() -> None:
 
     assert looping([Segment(0, 9, " He for train to the city" + " for train to the city" * 20)])
     assert not looping([Segment(0, 9, " The weather today is sunny with a light breeze from the west. Please send the report to my office.")])
+
+
+def test_an_utterance_started_over_at_its_end_is_not_final() -> None:
+    la = LocalAgreement()
+    said = [Segment(0, 2, " Please send the report before noon on Friday.")]
+    la.update(said, 10.0)
+    la.update(said, 10.0)
+    la.update([*said, Segment(2, 2.6, " Please send")], 10.0)
+    assert text_of(la.pending) == "Please send"
+    assert text_of(la.finish(speech_end=13.0, opened=10.0)) == ""  # Whisper began the utterance again in its trailing silence
+    assert text_of(la.committed) == "Please send the report before noon on Friday."
+
+
+def test_only_a_restart_of_this_utterance_is_dropped_at_its_end() -> None:
+    def ended(before: str, utterance: str, tail: str, opened: float | None = 10.0) -> str:
+        la = LocalAgreement()
+        first = [Segment(0, 2, before)]
+        la.update(first, 0.0)
+        la.update(first, 0.0)
+        said = [Segment(0, 2, utterance)]
+        la.update(said, 10.0)
+        la.update(said, 10.0)
+        la.update([*said, Segment(2, 2.6, tail)], 10.0)
+        return text_of(la.finish(speech_end=13.0, opened=opened))
+
+    assert ended(" We walked to the market.", " She bought bread at the market", " today") == "today"
+    assert ended(" Please send it.", " She bought bread.", " Please send") == "Please send"  # the earlier utterance's words are not this one's start
+    assert ended(" Hello.", " Please send the report.", " Please") == "Please"  # one word is too few to call a restart
+    assert ended(" Hello.", " Please send the report.", " Please send", opened=None) == "Please send"  # the end of input, not of an utterance
