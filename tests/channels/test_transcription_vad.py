@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import re
 from typing import Any
@@ -18,6 +19,7 @@ from streamplex.server.config import Settings
 from streamplex.server.engine import Engine
 from streamplex.server.engine.asr import SAMPLE_RATE
 from streamplex.server.engine.engine import Stream
+from streamplex.server.engine.vad import FRAME
 from streamplex.server.hub import Hub
 from streamplex.server.logbuffer import RingLogHandler
 from tests.asrmodel import ENGLISH, bundled_whisper, engine_with, speech, wer
@@ -139,7 +141,7 @@ async def test_the_utterances_final_goes_first_and_its_log_adds_up(monkeypatch: 
             return submit(runner, prompt_len, max_new, payload, priority)
 
         monkeypatch.setattr(engine, "submit", watched)
-        live = Live(engine)
+        live = Live(engine, step_ms=1000)  # at a 1 s step, the sentence's last words are left to the pause's transcription
         sentence = speech(ENGLISH[3])
         with caplog.at_level(logging.DEBUG, logger=transcription.log.name):
             live.push(np.concatenate([silence(0.3), sentence, silence(0.8)]))
@@ -156,3 +158,24 @@ async def test_the_utterances_final_goes_first_and_its_log_adds_up(monkeypatch: 
             assert abs(sum(phases[k] for k in ("after_word", "wait", "queue", "prefill", "steps", "hold")) - phases["total"]) < 0.01, line
         transcript = await live.end()
         assert transcript["text"] == text, live.chunks
+
+
+async def test_steps_come_every_half_second_after_an_utterances_first_second(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With `vad`, `step_ms` defaults to 500, but an utterance is not transcribed before 1 s of it (shorter audio makes hypotheses up)."""
+    async with engine_with(bundled_whisper()) as engine:
+        sizes: list[int] = []
+        submit = engine.submit
+
+        def watched(runner: str, prompt_len: int, max_new: int, payload: Any, priority: int = 0) -> Stream:
+            if priority == 0:
+                sizes.append(len(payload.audio))
+            return submit(runner, prompt_len, max_new, payload, priority)
+
+        monkeypatch.setattr(engine, "submit", watched)
+        live = Live(engine)
+        live.push(np.concatenate([silence(0.3), speech(ENGLISH[3]), silence(0.8)]))
+        text = await live.final_text(ENGLISH[3])
+        assert wer(ENGLISH[3], text) <= 0.2
+        assert sizes and sizes[0] >= transcription.FIRST_STEP_SECONDS * SAMPLE_RATE - FRAME, sizes
+        assert len(sizes) >= 3 and any(abs(b - a - SAMPLE_RATE // 2) <= FRAME for a, b in itertools.pairwise(sizes)), sizes
+        await live.end()
