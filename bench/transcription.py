@@ -48,7 +48,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from streamplex.channels.agreement import LocalAgreement, text_of  # noqa: E402
-from streamplex.channels.transcription import STEP_MS, TRIM_SECONDS  # noqa: E402
+from streamplex.channels.transcription import TRIM_SECONDS, TranscriptionParams  # noqa: E402
 from streamplex.server.config import Settings  # noqa: E402
 from streamplex.server.engine.asr import SAMPLE_RATE  # noqa: E402
 from tests.asrmodel import speech, wer  # noqa: E402
@@ -197,7 +197,7 @@ def naive_run(k: int, audios: list[tuple[np.ndarray, str]], folder: Path, thread
 # streamplex over WebSockets
 
 
-async def server_run(k: int, audios: list[tuple[np.ndarray, str]], server: Any, step_ms: int | None, vad: bool) -> Run:
+async def server_run(k: int, audios: list[tuple[np.ndarray, str]], server: Any, step_ms: int, vad: bool) -> Run:
     """K WebSocket clients, one stream each, pushing in real time; latency measured per final segment."""
     from tests.serverproc import connect, send
 
@@ -496,8 +496,8 @@ def main() -> None:
     parser.add_argument(
         "--step-ms",
         type=int,
-        default=None,
-        help="the streams' `step_ms` (least new audio between two transcriptions of a buffer; default: the channel's, and 1000 for the naive reference)",
+        default=TranscriptionParams.model_fields["step_ms"].default,
+        help="the streams' `step_ms` (least new audio between two transcriptions of a buffer; default: the channel's)",
     )
     parser.add_argument(
         "--speech",
@@ -529,9 +529,7 @@ def main() -> None:
             from streamplex.server.engine.whisper_loading import model_folder
 
             folder = model_folder(args.model, Settings().cache_dir)
-            rows += sweep(
-                part, naive_ks, lambda k, folder=folder: naive_run(k, audios, folder, args.threads, args.step_ms or STEP_MS), args.target, args.keep_going
-            )
+            rows += sweep(part, naive_ks, lambda k, folder=folder: naive_run(k, audios, folder, args.threads, args.step_ms), args.target, args.keep_going)
         elif part == "server":
             import tempfile
 

@@ -59,9 +59,7 @@ MAX_COMPRESSION = 2.4  # Whisper's compression-ratio threshold for a looping tra
 MIN_SEGMENT_SECONDS = 0.05  # shorter segments are Whisper looping at the window's end
 KEEP_SECONDS = 5.0  # audio kept after such a forced cut
 MAX_PENDING_SECONDS = 30.0  # audio received but not yet transcribed; beyond it pushed input waits (the push queue fills)
-STEP_MS = 1000  # default `step_ms` without voice-activity detection (every step decoded, silence included)
-VAD_STEP_MS = 500  # default `step_ms` with it: half a second between hypotheses halves the wait for two agreeing ones
-FIRST_STEP_SECONDS = 1.0  # an utterance's first step waits for this much of it: two hypotheses of less agree on made-up words
+FIRST_STEP_SECONDS = 1.0  # an utterance's first step waits for this much of it (a `step_ms` under it): two hypotheses of less agree on made-up words
 TAIL_SECONDS = 0.3  # at the end of input, pending words starting this long after the last sound were made up, not heard
 PROMPT_CHARS = 200  # final text before the buffer given to Whisper as context
 BLOCK = SAMPLE_RATE // 10  # file audio is read in 100 ms blocks
@@ -77,11 +75,11 @@ class TranscriptionParams(ParamsModel):
     task: Literal["transcribe", "translate"] = Field("transcribe", description="`translate` gives English text from any language.")
     partials: bool = Field(True, description="Send partial segments (words not final yet) after each step.")
     model: str | None = Field(None, description="A configured transcription model (default: the first).")
-    step_ms: int | None = Field(
-        None,
+    step_ms: int = Field(
+        1000,
         ge=200,
         le=10_000,
-        description="Audio between re-transcriptions of the buffer. Default: 500 with `vad` (an utterance's first after 1 s of it), 1000 without.",
+        description="Audio between re-transcriptions of the buffer (with `vad`, an utterance's first after 1 s of it).",
     )
     realtime: bool = Field(False, description="Read a file source at its real pace (as if live); false reads it as fast as it is transcribed.")
     vad: bool | None = Field(
@@ -346,7 +344,7 @@ class _Transcriber:
 
     async def run(self, audio: _Audio) -> AsyncIterator[Any]:
         """Without voice-activity detection: every `step_ms` of audio the buffer is transcribed again."""
-        step = (self.params.step_ms or STEP_MS) * SAMPLE_RATE // 1000
+        step = self.params.step_ms * SAMPLE_RATE // 1000
         started = time.perf_counter()
         self.audio = audio
         if self.language is not None:
@@ -375,7 +373,7 @@ class _Transcriber:
         Audio is taken one frame at a time (and the state saved after each frame that made chunks, else every
         SAVE_SECONDS of audio), so that the chunks depend on the audio only.
         """
-        step = (self.params.step_ms or VAD_STEP_MS) * SAMPLE_RATE // 1000
+        step = self.params.step_ms * SAMPLE_RATE // 1000
         preroll = endpointer.pad + FRAME
         started = time.perf_counter()
         saved_at = self.received

@@ -161,7 +161,7 @@ async def test_the_utterances_final_goes_first_and_its_log_adds_up(monkeypatch: 
 
 
 async def test_steps_come_every_half_second_after_an_utterances_first_second(monkeypatch: pytest.MonkeyPatch) -> None:
-    """With `vad`, `step_ms` defaults to 500, but an utterance is not transcribed before 1 s of it (shorter audio makes hypotheses up)."""
+    """With `vad` and a `step_ms` of 500, an utterance is not transcribed before 1 s of it (shorter audio makes hypotheses up)."""
     async with engine_with(bundled_whisper()) as engine:
         sizes: list[int] = []
         submit = engine.submit
@@ -172,7 +172,7 @@ async def test_steps_come_every_half_second_after_an_utterances_first_second(mon
             return submit(runner, prompt_len, max_new, payload, priority)
 
         monkeypatch.setattr(engine, "submit", watched)
-        live = Live(engine)
+        live = Live(engine, step_ms=500)
         live.push(np.concatenate([silence(0.3), speech(ENGLISH[3]), silence(0.8)]))
         text = await live.final_text(ENGLISH[3])
         assert wer(ENGLISH[3], text) <= 0.2
