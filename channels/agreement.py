@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from itertools import takewhile
 
 from streamplex.server.engine.asr import Segment
 
@@ -107,8 +108,9 @@ class LocalAgreement:
         words at the end that repeat the utterance's first two or more words are dropped too.
         """
         self.pending = [w for w in self.pending if w.start < speech_end]
-        if opened is not None:
-            self.pending = self._without_restart([w for w in self.committed if (w.start + w.end) / 2 >= opened])
+        if opened is not None:  # the utterance's final words are the last ones: read back from the end, not the whole stream
+            said = list(takewhile(lambda w: (w.start + w.end) / 2 >= opened, reversed(self.committed)))[::-1]
+            self.pending = self._without_restart(said)
         return self.force()
 
     def _without_restart(self, said: list[Word]) -> list[Word]:

@@ -41,7 +41,7 @@ log = logging.getLogger("streamplex")
 
 
 def settle_collector(settings: Settings) -> None:
-    """Keep what start-up made out of the collector's full passes, and make those passes `gc_full_every` times rarer."""
+    """Keep what start-up made out of the collector's full passes, and run those passes at most every `gc_full_every` middle-generation collections."""
     # What start-up made (modules, schemas, channels) lives as long as the process: frozen, the full passes
     # (which hold the GIL over every tracked object) no longer walk it every time.
     gc.collect()
